@@ -1,0 +1,304 @@
+"""Dataset registry: ``digits`` (default, bundled with scikit-learn), ``mnist``, ``fashion-mnist``,
+``cifar10``, ``cifar100`` and ``tiny-imagenet``.
+
+Every dataset is held in memory as one uint8 (or float) image tensor of shape (N, C, H, W) and an
+int64 label tensor of shape (N,). Items are float32 images normalised with the dataset's channel
+mean/std, shape (C, H, W), and int64 labels. Training-set augmentation (random crop with padding 4
+and horizontal flip, the standard CIFAR recipe; paper-digest §5.3) is applied per sample with
+torchvision transforms and draws from torch's global RNG, so a seeded run is reproducible.
+
+The data root may be read-only and may hold only the original ``.gz`` files of MNIST /
+Fashion-MNIST (as ``../shared/data`` does): they are decompressed into a cache folder
+(``$LLFC_CACHE``, default ``~/.cache/llfc``), never into the data root.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from llfc.errors import ConfigError, DataNotFoundError, unknown_name
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a registered dataset.
+
+    Attributes:
+        name: registry name.
+        input_shape: (C, H, W) of one image.
+        num_classes: number of labels.
+        mean, std: per-channel normalisation constants (on the [0, 1] scale).
+        augment: whether training-set augmentation (crop + flip) is the default.
+        needs_files: False only for datasets bundled with a Python package.
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+    needs_files: bool = True
+
+
+class ArrayDataset(Dataset):
+    """Images and labels held as tensors, normalised on access.
+
+    Args:
+        images: (N, C, H, W) tensor, uint8 (divided by 255) or float (already on [0, 1]).
+        labels: (N,) int64 tensor.
+        mean, std: per-channel normalisation constants.
+        augment: if True, apply random crop (padding 4) and horizontal flip per sample.
+
+    Items: ``(x, y)`` with x float32 (C, H, W) and y an int64 scalar tensor. Batched access
+    (``__getitems__``, used by DataLoader) normalises a whole batch in one operation.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, augment: bool = False):
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        c = images.shape[1]
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+        self.augment = augment
+        self._aug: Callable | None = None
+        if augment:
+            from torchvision.transforms import v2
+
+            h = images.shape[-1]
+            self._aug = v2.Compose([v2.RandomCrop(h, padding=4), v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return (x - self._mean) / self._std
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, idx):
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        x = self.images[idx_t]
+        if self._aug is not None:
+            x = torch.stack([self._aug(xi) for xi in x])
+        x = self._to_float(x)
+        y = self.labels[idx_t]
+        return list(zip(x.unbind(0), y.unbind(0)))
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+_INFO: dict[str, DatasetInfo] = {}
+_LOADERS: dict[str, Callable[[str, Path | None, bool], tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def register_dataset(info: DatasetInfo):
+    """Decorator registering ``loader(split, root, download) -> (images, labels)`` for ``info``."""
+
+    def wrap(fn):
+        _INFO[info.name] = info
+        _LOADERS[info.name] = fn
+        return fn
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    """Sorted names of the registered datasets."""
+    return sorted(_INFO)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Facts about dataset ``name``.
+
+    Raises:
+        UnknownNameError: listing the valid names.
+    """
+    if name not in _INFO:
+        raise unknown_name("dataset", name, _INFO)
+    return _INFO[name]
+
+
+def default_data_root() -> Path:
+    """``$LLFC_DATA_ROOT`` if set, else ``./data``."""
+    return Path(os.environ.get("LLFC_DATA_ROOT", "data"))
+
+
+def cache_dir() -> Path:
+    """Writable cache for decompressed files: ``$LLFC_CACHE`` or ``~/.cache/llfc``."""
+    return Path(os.environ.get("LLFC_CACHE", Path.home() / ".cache" / "llfc"))
+
+
+def get_dataset(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    augment: bool | None = None,
+) -> ArrayDataset:
+    """Load ``split`` ("train" or "test") of dataset ``name``.
+
+    Args:
+        name: a registered dataset (see :func:`list_datasets`).
+        split: "train" or "test".
+        root: data folder in torchvision's layout; default :func:`default_data_root`.
+        download: let torchvision download missing files (needs internet).
+        augment: crop+flip augmentation; default the dataset's own default, train split only.
+
+    Raises:
+        UnknownNameError: unknown dataset.
+        ConfigError: unknown split.
+        DataNotFoundError: the files are not in ``root`` (names the folder and the two fixes).
+    """
+    info = dataset_info(name)
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    rootp = Path(root) if root is not None else default_data_root()
+    images, labels = _LOADERS[name](split, rootp, download)
+    if augment is None:
+        augment = info.augment and split == "train"
+    if tuple(images.shape[1:]) != info.input_shape:
+        raise DataNotFoundError(
+            f"{name} {split} images in {rootp} have shape {tuple(images.shape[1:])}, expected "
+            f"{info.input_shape}; the folder holds some other data."
+        )
+    return ArrayDataset(images, labels, info.mean, info.std, augment=augment)
+
+
+def _missing(name: str, folder: Path, what: str) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"{name} not found: looked for {what} in {folder.resolve()}. Either pass the folder that "
+        f"holds it with --data-root DIR (torchvision's layout, e.g. DIR/MNIST/raw/*.gz or "
+        f"DIR/cifar-10-batches-py/), or add --download to fetch it from the internet into the "
+        f"data root."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# digits (scikit-learn, bundled: no files needed)
+
+
+@register_dataset(
+    DatasetInfo("digits", (1, 8, 8), 10, mean=(0.3,), std=(0.4,), needs_files=False)
+)
+def _load_digits(split: str, root: Path | None, download: bool):
+    """scikit-learn's 1,797 8×8 digits; fixed stratified split (75% train / 25% test, seed 0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx = torch.arange(len(y)).numpy()
+    tr, te = train_test_split(idx, test_size=0.25, random_state=0, stratify=d.target)
+    sel = torch.as_tensor(tr if split == "train" else te)
+    return x[sel], y[sel]
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST (torchvision layout; reads the original .gz files read-only)
+
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _mnist_like(name: str, folder_name: str, split: str, root: Path, download: bool):
+    from torchvision.datasets import mnist as tvm
+
+    raw = root / folder_name / "raw"
+    files = _MNIST_FILES[split]
+    if not all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in files) and download:
+        cls = tvm.MNIST if folder_name == "MNIST" else tvm.FashionMNIST
+        cls(str(root), train=split == "train", download=True)
+    paths = []
+    for f in files:
+        if (raw / f).exists():
+            paths.append(raw / f)
+        elif (raw / (f + ".gz")).exists():
+            # decompress into the cache (the data root may be read-only)
+            dst = cache_dir() / "data" / folder_name / "raw" / f
+            src = raw / (f + ".gz")
+            if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_suffix(".tmp")
+                with gzip.open(src, "rb") as fi, open(tmp, "wb") as fo:
+                    shutil.copyfileobj(fi, fo)
+                os.replace(tmp, dst)
+            paths.append(dst)
+        else:
+            raise _missing(name, raw, f"{f}.gz (or {f})")
+    images = tvm.read_image_file(str(paths[0])).unsqueeze(1)
+    labels = tvm.read_label_file(str(paths[1])).long()
+    return images, labels
+
+
+@register_dataset(DatasetInfo("mnist", (1, 28, 28), 10, mean=(0.1307,), std=(0.3081,)))
+def _load_mnist(split, root, download):
+    """MNIST, normalised with (0.1307, 0.3081) as in the official LLFC code (paper-digest §5.3)."""
+    return _mnist_like("mnist", "MNIST", split, root, download)
+
+
+@register_dataset(DatasetInfo("fashion-mnist", (1, 28, 28), 10, mean=(0.2860,), std=(0.3530,)))
+def _load_fashion(split, root, download):
+    """Fashion-MNIST (Zalando), torchvision layout ``FashionMNIST/raw``."""
+    return _mnist_like("fashion-mnist", "FashionMNIST", split, root, download)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision's python-pickle layout, read by torchvision)
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def _cifar(name: str, cls_name: str, folder: str, split: str, root: Path, download: bool):
+    import torchvision.datasets as tvd
+
+    if not (root / folder).is_dir() and not download:
+        raise _missing(name, root, f"the folder {folder}/")
+    cls = getattr(tvd, cls_name)
+    try:
+        ds = cls(str(root), train=split == "train", download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataNotFoundError(
+            f"{name} in {(root / folder).resolve()} is incomplete or corrupted ({e}). Replace it "
+            f"with the original files (torchvision's layout) or pass --download."
+        ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(ds.targets, dtype=torch.long)
+
+
+@register_dataset(
+    DatasetInfo("cifar10", (3, 32, 32), 10, mean=_CIFAR_MEAN, std=_CIFAR_STD, augment=True)
+)
+def _load_cifar10(split, root, download):
+    """CIFAR-10, normalised as in the official LLFC code; crop+flip on the train split."""
+    return _cifar("cifar10", "CIFAR10", "cifar-10-batches-py", split, root, download)
+
+
+@register_dataset(
+    DatasetInfo(
+        "cifar100", (3, 32, 32), 100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        augment=True,
+    )
+)
+def _load_cifar100(split, root, download):
+    """CIFAR-100 (fine labels); crop+flip on the train split."""
+    return _cifar("cifar100", "CIFAR100", "cifar-100-python", split, root, download)

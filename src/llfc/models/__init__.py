@@ -1,0 +1,9 @@
+"""Architectures by name: ``create_model("mlp", input_shape=(1, 28, 28), num_classes=10)``.
+
+Importing this package registers every built-in architecture.
+"""
+
+from llfc.models.registry import create_model, list_models, model_factory, register_model
+from llfc.models import mlp  # noqa: F401  (registers)
+
+__all__ = ["create_model", "list_models", "model_factory", "register_model"]
