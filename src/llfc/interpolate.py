@@ -1,0 +1,194 @@
+"""The linear path between two state dicts, θ_α = α·θ_A + (1−α)·θ_B (α weights A; LLFC paper §2).
+
+Also the checks that make a pair measurable (same keys, shapes, dtypes; finite values) and the
+two BatchNorm modes along the path (DESIGN.md §1 "BatchNorm"):
+
+* ``interpolate``: running statistics are interpolated like weights (the official LLFC code);
+* ``reset``: the running statistics of every interior θ_α (0 < α < 1) are recomputed on training
+  batches before measuring (Jordan et al. 2023, REPAIR, show this matters); the endpoints keep
+  the statistics they were trained with.
+
+Integer buffers (``num_batches_tracked``) are never interpolated: θ_α takes A's value.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from llfc.errors import ConfigError, IncompatibleModelsError, NonFiniteWeightsError
+
+StateDict = dict[str, torch.Tensor]
+BN_MODES = ("interpolate", "reset")
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def strip_module_prefix(sd: StateDict) -> StateDict:
+    """Drop a leading ``module.`` (DataParallel / DDP) from every key, if all keys have it."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def check_compatible(sd_a: StateDict, sd_b: StateDict, names: tuple[str, str] = ("A", "B")) -> None:
+    """Raise :class:`IncompatibleModelsError` unless both state dicts have the same keys, and
+    each key the same shape and dtype. The message names the first difference."""
+    a, b = names
+    missing_b = [k for k in sd_a if k not in sd_b]
+    missing_a = [k for k in sd_b if k not in sd_a]
+    if missing_a or missing_b:
+        k, where, other = (missing_b[0], b, a) if missing_b else (missing_a[0], a, b)
+        raise IncompatibleModelsError(
+            f"models {a} and {b} are not the same architecture: parameter {k!r} of {other} is "
+            f"missing from {where} ({len(missing_a) + len(missing_b)} keys differ). Pair two "
+            f"checkpoints of the same architecture and arguments."
+        )
+    for k in sd_a:
+        ta, tb = sd_a[k], sd_b[k]
+        if ta.shape != tb.shape:
+            raise IncompatibleModelsError(
+                f"models {a} and {b} differ in shape at parameter {k!r}: {tuple(ta.shape)} vs "
+                f"{tuple(tb.shape)}. They were built with different architecture arguments "
+                f"(e.g. widths); pair two checkpoints of the same architecture and arguments."
+            )
+        if ta.dtype != tb.dtype:
+            raise IncompatibleModelsError(
+                f"models {a} and {b} differ in dtype at parameter {k!r}: {ta.dtype} vs {tb.dtype}."
+                f" Convert both to one dtype first."
+            )
+
+
+def check_finite(sd: StateDict, where: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first key of ``sd`` holding NaN or Inf."""
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            bad = (~torch.isfinite(v)).sum().item()
+            if bad:
+                raise NonFiniteWeightsError(
+                    f"{where} holds non-finite values: {bad} NaN/Inf entries in {k!r}. The "
+                    f"training diverged or the file is damaged; retrain (e.g. with a lower "
+                    f"learning rate) or use an earlier checkpoint."
+                )
+
+
+def lerp_state_dict(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict:
+    """θ_α = α·θ_A + (1−α)·θ_B for every floating tensor (α weights A). Integer tensors take A's
+    value. ``alpha`` = 1 returns A's tensors and 0 returns B's (exactly, not recomputed)."""
+    if alpha == 1.0:
+        return dict(sd_a)
+    if alpha == 0.0:
+        return dict(sd_b)
+    out: StateDict = {}
+    for k, ta in sd_a.items():
+        tb = sd_b[k]
+        out[k] = torch.lerp(tb, ta, alpha) if ta.is_floating_point() else ta.clone()
+    return out
+
+
+def check_alphas(alphas: Iterable[float], allow_extrapolation: bool = False) -> list[float]:
+    """Validate and sort an α grid; 0 and 1 are always added (the endpoints).
+
+    Raises:
+        ConfigError: a non-finite α, or one outside [0, 1] without ``allow_extrapolation``.
+    """
+    vals = sorted({float(a) for a in alphas} | {0.0, 1.0})
+    for a in vals:
+        if a != a or a in (float("inf"), float("-inf")):
+            raise ConfigError(f"α must be finite, got {a}")
+        if not allow_extrapolation and not 0.0 <= a <= 1.0:
+            raise ConfigError(
+                f"α = {a} is outside [0, 1]: that extrapolates beyond the two models rather than "
+                f"interpolating between them. Pass --allow-extrapolation (allow_extrapolation="
+                f"True) if that is what you want."
+            )
+    return vals
+
+
+def default_alphas(n: int = 11) -> list[float]:
+    """n evenly spaced α in [0, 1] plus 0.25, 0.5, 0.75 (always on the grid)."""
+    if n < 2:
+        raise ConfigError(f"the α grid needs at least 2 points, got {n}")
+    grid = {round(i / (n - 1), 10) for i in range(n)} | {0.25, 0.5, 0.75}
+    return sorted(grid)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` contains a BatchNorm layer with running statistics."""
+    return any(isinstance(m, _BN_TYPES) and m.track_running_stats for m in model.modules())
+
+
+_warned_bn = False
+
+
+def warn_bn_interpolation(model: nn.Module, bn_mode: str) -> None:
+    """Print (once per process) that BN statistics are interpolated rather than reset."""
+    global _warned_bn
+    if bn_mode == "interpolate" and has_batchnorm(model) and not _warned_bn:
+        _warned_bn = True
+        warnings.warn(
+            "this model has BatchNorm and its running statistics are interpolated along the path "
+            "(bn_mode='interpolate', as the official LLFC code does); interpolated networks often "
+            "have collapsed activation statistics. Use bn_mode='reset' (--bn-mode reset) to "
+            "recompute them on training batches (REPAIR, Jordan et al. 2023).",
+            stacklevel=2,
+        )
+
+
+@torch.no_grad()
+def reset_bn_stats(model: nn.Module, state_dict: StateDict, batches: Sequence[torch.Tensor],
+                   device: str | torch.device = "cpu") -> StateDict:
+    """Recompute BatchNorm running statistics of ``state_dict`` on ``batches`` of inputs.
+
+    Each BN layer's running mean/var become the exact average over all given batches of the batch
+    statistics (momentum = None, cumulative average), as REPAIR's ``reset_bn_stats`` does.
+
+    Args:
+        model: the architecture (not modified; a copy is used).
+        state_dict: weights θ_α.
+        batches: input tensors (N_i, C, H, W), e.g. a few training batches without augmentation.
+
+    Returns:
+        a new state dict with the recomputed running statistics.
+    """
+    m = copy.deepcopy(model).to(device)
+    m.load_state_dict(state_dict)
+    for mod in m.modules():
+        if isinstance(mod, _BN_TYPES):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    for x in batches:
+        m(x.to(device))
+    m.eval()
+    return {k: v.detach() for k, v in m.state_dict().items()}
+
+
+def path_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, alphas: Sequence[float],
+                bn_mode: str = "interpolate", bn_batches: Sequence[torch.Tensor] | None = None,
+                device: str | torch.device = "cpu") -> list[StateDict]:
+    """The state dicts θ_α for every α of the grid (``sd_a`` / ``sd_b`` themselves at α = 1 / 0).
+
+    Raises:
+        ConfigError: unknown ``bn_mode``, or ``reset`` without ``bn_batches``.
+    """
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    warn_bn_interpolation(model, bn_mode)
+    states = []
+    for a in alphas:
+        if a == 1.0:
+            states.append(sd_a)
+        elif a == 0.0:
+            states.append(sd_b)
+        else:
+            s = lerp_state_dict(sd_a, sd_b, a)
+            if bn_mode == "reset" and has_batchnorm(model):
+                if not bn_batches:
+                    raise ConfigError("bn_mode='reset' needs training batches (bn_batches)")
+                s = reset_bn_stats(model, s, bn_batches, device)
+            states.append(s)
+    return states

@@ -1,0 +1,48 @@
+"""Linear mode connectivity barriers (DESIGN.md §1).
+
+The curve is given on an α grid with α weighting model A (θ_α = α·θ_A + (1−α)·θ_B): the value
+at α = 1 is model A's, at α = 0 model B's; both endpoints must be on the grid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _endpoints(alphas: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
+    if len(alphas) != len(values):
+        raise ValueError(f"{len(alphas)} alphas but {len(values)} values")
+    try:
+        i_a, i_b = list(alphas).index(1.0), list(alphas).index(0.0)
+    except ValueError:
+        raise ValueError("the α grid must contain both endpoints 0 and 1") from None
+    return float(values[i_a]), float(values[i_b])
+
+
+def frankle_error_barrier(alphas: Sequence[float], errors: Sequence[float]) -> float:
+    """Frankle et al. (2020) instability: max_α Err(θ_α) − ½(Err(θ_A) + Err(θ_B)).
+
+    Units follow ``errors`` (fractions in [0, 1] in llfc's results). Frankle et al. call a pair
+    linearly connected when this is ≲ 2 percentage points.
+    """
+    e_a, e_b = _endpoints(alphas, errors)
+    return max(float(e) for e in errors) - 0.5 * (e_a + e_b)
+
+
+def entezari_barrier(alphas: Sequence[float], values: Sequence[float]) -> float:
+    """Entezari et al. (2022) barrier: max_α [v(θ_α) − (α·v(θ_A) + (1−α)·v(θ_B))].
+
+    Used for both loss (the "loss barrier") and error. Non-negative on any grid that contains the
+    endpoints (the term is 0 there).
+    """
+    v_a, v_b = _endpoints(alphas, values)
+    return max(float(v) - (a * v_a + (1 - a) * v_b) for a, v in zip(alphas, values))
+
+
+def barriers(alphas: Sequence[float], losses: Sequence[float], errors: Sequence[float]) -> dict:
+    """All three barriers of one curve, named for what they are."""
+    return {
+        "error_barrier_frankle": frankle_error_barrier(alphas, errors),
+        "error_barrier_entezari": entezari_barrier(alphas, errors),
+        "loss_barrier_entezari": entezari_barrier(alphas, losses),
+    }

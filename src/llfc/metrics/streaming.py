@@ -1,0 +1,73 @@
+"""Streaming (update/compute) accumulators in float64, in the style of torchmetrics.
+
+Every LLFC quantity is a sum over samples (paper-digest §7.1), so one pass over the data with
+these accumulators reproduces the all-in-memory numbers exactly (up to float64 rounding); memory
+does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RunningMoments:
+    """Mean and standard deviation over samples of a tensor-valued statistic.
+
+    ``update(values)`` takes a (B, *shape) tensor (one row per sample); ``compute()`` returns
+    ``(mean, std)``, each float64 of shape ``shape``. Batches are merged with Chan et al.'s
+    parallel algorithm (Chan, Golub & LeVeque 1979), which is exact for any batching and avoids
+    the cancellation of the naive Σx² − n·mean² formula. ``std`` is the population standard
+    deviation (ddof = 0) over all samples seen; NaN values are not allowed.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, values: torch.Tensor) -> None:
+        """Fold in a (B, *shape) batch of per-sample values."""
+        v = values.detach().to(torch.float64)
+        b = v.shape[0]
+        if b == 0:
+            return
+        bmean = v.mean(0)
+        bm2 = ((v - bmean) ** 2).sum(0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = b, bmean, bm2
+            return
+        n = self.n + b
+        delta = bmean - self.mean
+        self.mean = self.mean + delta * (b / n)
+        self.m2 = self.m2 + bm2 + delta**2 * (self.n * b / n)
+        self.n = n
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) over all samples seen.
+
+        Raises:
+            RuntimeError: if no sample was seen.
+        """
+        if self.mean is None:
+            raise RuntimeError("RunningMoments.compute() before any update()")
+        return self.mean.clone(), (self.m2 / self.n).sqrt()
+
+
+class RunningSum:
+    """A float64 running sum over samples of a tensor-valued statistic: ``update((B, *shape))``."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: torch.Tensor | None = None
+
+    def update(self, values: torch.Tensor) -> None:
+        """Add the (B, *shape) batch ``values`` summed over dim 0."""
+        s = values.detach().to(torch.float64).sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.n += values.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        """The float64 sum of everything seen (shape ``shape``)."""
+        if self.total is None:
+            raise RuntimeError("RunningSum.compute() before any update()")
+        return self.total.clone()

@@ -1,0 +1,300 @@
+"""Which feature maps to measure, for any traceable ``nn.Module`` (torch.fx).
+
+A *probe* is one node of the model's fx graph whose output is a feature map f^(ℓ)(θ; x)
+(LLFC paper §3: "feature map of layer ℓ", flattened to C·H·W per sample). Kinds:
+
+========== ==========================================================================
+kind       what is captured
+========== ==========================================================================
+pre        output of a Linear / Conv layer (pre-activation; pre-normalisation in BN nets)
+norm       output of a BatchNorm / LayerNorm / GroupNorm / InstanceNorm
+post       output of an elementwise activation (ReLU, GELU, ... module *or* function)
+residual   output of a residual addition of two feature maps
+logits     the model's output
+========== ==========================================================================
+
+Activations written as functions inside ``forward`` (``F.relu(x)``, ``x.relu()``) are found as
+well as modules, and in-place operations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``,
+``x.relu_()``) are rewritten out-of-place in the traced copy, so a captured pre-activation is never
+overwritten by the in-place ReLU that follows it. The user's model is not modified.
+
+:class:`FeatureExtractor` evaluates the traced graph with any state dict
+(``torch.func.functional_call``), so one traced graph serves θ_A, θ_B and every θ_α.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from llfc.errors import ConfigError, UnsupportedOperationError
+
+KINDS = ("pre", "norm", "post", "residual", "logits")
+
+_LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+                 nn.InstanceNorm1d, nn.InstanceNorm2d)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid,
+                nn.Softplus, nn.Hardtanh, nn.Mish, nn.Hardswish)
+_LAYER_FUNCS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+_NORM_FUNCS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm}
+_ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, torch.tanh,
+              torch.sigmoid, F.softplus, F.hardtanh, F.mish, F.hardswish, torch.nn.functional.relu_}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_ADD = {operator.add, operator.iadd, torch.add}
+_RELU_LIKE_MODULES = (nn.ReLU,)
+_RELU_FUNCS = {F.relu, torch.relu, torch.nn.functional.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured feature map.
+
+    Attributes:
+        name: human-readable, unique: the module path for modules (``layers.0``), else the
+            enclosing module's path plus the function (``layer1.0.relu_1``); ``logits`` output.
+        kind: one of :data:`KINDS`.
+        node: the fx node name.
+        op: the operation (``Linear``, ``Conv2d``, ``ReLU``, ``relu``, ``add`` ...).
+        input_node: fx node of the operation's (first) input: the layer input H^(ℓ−1) for
+            ``pre`` probes (and ``logits`` produced by a layer), the pre-activation g for
+            ``post`` probes, else None.
+        module: module path for module calls (layers: where the weight lives), else None.
+        is_relu: True for ReLU activations (weak additivity, Def. 3, is defined for ReLU).
+        from_input: True for ``pre`` probes whose input is the model input itself (reached
+            through reshapes only); commutativity is trivial there (H_A = H_B).
+    """
+
+    name: str
+    kind: str
+    node: str
+    op: str
+    input_node: str | None = None
+    module: str | None = None
+    is_relu: bool = False
+    from_input: bool = False
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    m = copy.deepcopy(model).eval()
+    for sub in m.modules():  # in-place ops would overwrite captured features
+        if hasattr(sub, "inplace") and isinstance(getattr(sub, "inplace"), bool):
+            sub.inplace = False
+    try:
+        gm = fx.symbolic_trace(m)
+    except Exception as e:  # noqa: BLE001 - re-raised with advice
+        raise UnsupportedOperationError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. llfc needs "
+            f"a traceable forward (no Python control flow that depends on tensor values); make "
+            f"such branches static (e.g. decide them in __init__) or wrap the untraceable part in "
+            f"a leaf module."
+        ) from None
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.kwargs.get("inplace"):
+            n.kwargs = {**n.kwargs, "inplace": False}
+        if n.op == "call_function" and n.target is torch.nn.functional.relu_:
+            n.target = F.relu
+        if n.op == "call_function" and n.target is operator.iadd:
+            n.target = operator.add
+        if n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
+                and not n.target.startswith("_") and n.target[:-1] in {"relu", "sigmoid", "tanh", "add", "mul", "clamp"}:
+            n.target = n.target[:-1]
+    gm.recompile()
+    return gm
+
+
+def _fname(target) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target)).lstrip("_")
+
+
+def _classify(gm: fx.GraphModule, n: fx.Node) -> tuple[str, str, bool] | None:
+    """(kind, op, is_relu) for probe-able nodes, else None."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        if isinstance(mod, _LAYER_MODULES):
+            return "pre", type(mod).__name__, False
+        if isinstance(mod, _NORM_MODULES):
+            return "norm", type(mod).__name__, False
+        if isinstance(mod, _ACT_MODULES):
+            return "post", type(mod).__name__, isinstance(mod, _RELU_LIKE_MODULES)
+        return None
+    if n.op == "call_function":
+        if n.target in _LAYER_FUNCS:
+            return "pre", _fname(n.target), False
+        if n.target in _NORM_FUNCS:
+            return "norm", _fname(n.target), False
+        if n.target in _ACT_FUNCS:
+            return "post", _fname(n.target), n.target in _RELU_FUNCS
+        if n.target in _ADD and len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2]):
+            return "residual", "add", False
+        return None
+    if n.op == "call_method" and n.target in _ACT_METHODS:
+        return "post", n.target, n.target in _RELU_METHODS
+    if n.op == "call_method" and n.target == "add" and len(n.args) >= 2 and isinstance(n.args[1], fx.Node):
+        return "residual", "add", False
+    return None
+
+
+_SHAPE_ONLY_FUNCS = {torch.flatten, torch.reshape}
+_SHAPE_ONLY_METHODS = {"view", "reshape", "flatten", "contiguous"}
+
+
+def _reaches_input(n: fx.Node) -> bool:
+    """Whether ``n`` is the model input up to reshapes (flatten, view, reshape)."""
+    while True:
+        if n.op == "placeholder":
+            return True
+        if (n.op == "call_function" and n.target in _SHAPE_ONLY_FUNCS) or (
+            n.op == "call_method" and n.target in _SHAPE_ONLY_METHODS
+        ) or (n.op == "call_module" and isinstance(n.graph.owning_module.get_submodule(n.target), (nn.Flatten, nn.Identity))):
+            if not n.args or not isinstance(n.args[0], fx.Node):
+                return False
+            n = n.args[0]
+            continue
+        return False
+
+
+def _probe_name(n: fx.Node, used: set[str]) -> str:
+    if n.op == "call_module":
+        name = str(n.target)
+    else:
+        stack = n.meta.get("nn_module_stack") or {}
+        path = list(stack.keys())[-1] if stack else ""
+        base = _fname(n.target).rstrip("_")
+        name = f"{path}.{base}" if path else base
+    if name in used:
+        k = 1
+        while f"{name}_{k}" in used:
+            k += 1
+        name = f"{name}_{k}"
+    used.add(name)
+    return name
+
+
+class FeatureExtractor:
+    """Evaluate a model and return its logits and chosen feature maps, for any state dict.
+
+    Args:
+        model: any fx-traceable ``nn.Module`` (it is deep-copied; the original is untouched).
+        kinds: which probe kinds to measure (default: all of :data:`KINDS`).
+        names: optional explicit probe names (see :meth:`probes`); overrides ``kinds``.
+
+    Attributes:
+        probes: the selected :class:`Probe` list, in graph order; the logits probe is last.
+        all_probes: every probe-able node.
+
+    Calling ``extractor(state_dict, x)`` returns ``{node_name: tensor}`` holding the output of
+    every selected probe and the inputs they need (``Probe.input_node``); shapes (N, ...), the
+    dtype of the model. ``state_dict`` maps the model's own state-dict keys to tensors.
+
+    Raises:
+        UnsupportedOperationError: the model cannot be traced (says why and what to do).
+        UnknownNameError / ConfigError: an unknown probe name or kind.
+    """
+
+    def __init__(self, model: nn.Module, kinds: Sequence[str] | None = None,
+                 names: Sequence[str] | None = None):
+        self.gm = _trace(model)
+        self.all_probes = self._discover()
+        self.probes = select_probes(self.all_probes, kinds=kinds, names=names)
+        self._keys = set(self.gm.state_dict().keys())
+        needed: list[str] = []
+        for p in self.probes:
+            for nn_name in (p.node, p.input_node):
+                if nn_name is not None and nn_name not in needed:
+                    needed.append(nn_name)
+        self.outputs = needed
+        self._install_outputs(needed)
+
+    def _discover(self) -> list[Probe]:
+        probes: list[Probe] = []
+        used: set[str] = set()
+        out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        out_arg = out_node.args[0]
+        if not isinstance(out_arg, fx.Node):
+            raise UnsupportedOperationError(
+                "llfc needs a model whose forward returns one tensor (the logits); this one returns "
+                f"{type(out_arg).__name__}. Wrap it in a module that returns the logits tensor."
+            )
+        for n in self.gm.graph.nodes:
+            c = _classify(self.gm, n)
+            if n is out_arg:
+                inp = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+                is_layer = c is not None and c[0] == "pre"
+                probes.append(Probe(
+                    "logits", "logits", n.name, c[1] if c else _fname(n.target),
+                    input_node=inp.name if (is_layer and inp is not None) else None,
+                    module=str(n.target) if n.op == "call_module" else None,
+                    from_input=bool(is_layer and inp is not None and _reaches_input(inp)),
+                ))
+                continue
+            if c is None:
+                continue
+            kind, op, is_relu = c
+            inp = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            name = _probe_name(n, used)
+            probes.append(Probe(
+                name=name, kind=kind, node=n.name, op=op,
+                input_node=inp.name if (inp is not None and kind in ("pre", "post")) else None,
+                module=str(n.target) if n.op == "call_module" else None,
+                is_relu=is_relu,
+                from_input=bool(kind == "pre" and inp is not None and _reaches_input(inp)),
+            ))
+        return probes
+
+    def _install_outputs(self, names: list[str]) -> None:
+        g = self.gm.graph
+        nodes = {n.name: n for n in g.nodes}
+        out_node = next(n for n in g.nodes if n.op == "output")
+        out_node.args = (tuple(nodes[k] for k in names),)
+        g.lint()
+        self.gm.recompile()
+
+    def __call__(self, state_dict: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        sd = {k: v for k, v in state_dict.items() if k in self._keys}
+        outs = functional_call(self.gm, sd, (x,))
+        return dict(zip(self.outputs, outs))
+
+    def module(self, path: str) -> nn.Module:
+        """The traced copy's submodule at ``path`` (e.g. to read a layer's stride/padding)."""
+        return self.gm.get_submodule(path)
+
+
+def select_probes(probes: Sequence[Probe], kinds: Iterable[str] | None = None,
+                  names: Iterable[str] | None = None) -> list[Probe]:
+    """Filter probes by name (exact) or by kind; the logits probe is always kept.
+
+    Raises:
+        UnknownNameError: a name that is not a probe (the message lists valid names).
+        ConfigError: an unknown kind.
+    """
+    from llfc.errors import unknown_name
+
+    if names:
+        by_name = {p.name: p for p in probes}
+        for n in names:
+            if n not in by_name:
+                raise unknown_name("probe", n, by_name)
+        keep = set(names) | {"logits"}
+        return [p for p in probes if p.name in keep]
+    kinds = tuple(kinds) if kinds else KINDS
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"unknown probe kind(s) {bad}; valid kinds: {', '.join(KINDS)}.")
+    return [p for p in probes if p.kind in kinds or p.kind == "logits"]
+
+
+def list_probes(model: nn.Module) -> list[Probe]:
+    """Every probe-able feature map of ``model`` in graph order (see module docstring)."""
+    return FeatureExtractor(model).all_probes
