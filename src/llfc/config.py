@@ -1,0 +1,207 @@
+"""Experiment description, separate from its execution (in the style of open_lth).
+
+An :class:`ExperimentConfig` says *what* to run: data, architecture, training recipe, which pairs,
+how to align, what to measure. It is read from YAML (``--config FILE``), overridden by CLI flags,
+and saved, resolved, next to the results (``config.yaml``). :func:`llfc.experiment.run_experiment`
+executes it.
+
+Unset fields take per-dataset defaults (:data:`DATASET_DEFAULTS`), so ``llfc run --dataset mnist``
+trains the paper's 784-512-512-512-10 MLP with a recipe that suits MNIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llfc.errors import ConfigError
+
+PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation")
+
+# Training recipes per dataset (keys of llfc.train.TrainConfig). The paper's own CIFAR recipes
+# live in configs/paper/; these are the defaults of `llfc run`.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 2,
+        "train": {"epochs": 30, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                  "weight_decay": 0.0, "schedule": "constant"},
+    },
+    "mnist": {
+        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
+        "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                  "weight_decay": 0.0, "schedule": "cosine"},
+    },
+    "fashion-mnist": {
+        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
+        "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                  "weight_decay": 0.0, "schedule": "cosine"},
+    },
+    "cifar10": {
+        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
+        "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9,
+                  "weight_decay": 5e-4, "schedule": "cosine", "augment": False},
+    },
+}
+_FALLBACK = DATASET_DEFAULTS["cifar10"]
+
+
+@dataclass
+class MeasureConfig:
+    """What the engine measures.
+
+    Attributes:
+        kinds: probe kinds (None: all of llfc.probe.KINDS).
+        probes: explicit probe names (overrides kinds).
+        absolute_cos: use the official code's 1 − |cos| instead of 1 − cos.
+        conditions: measure weak additivity and commutativity.
+        test_samples: use the first N test samples (None: all).
+        train_samples: size of the fixed random train subset for the train-set LMC curve (0: skip).
+        batch_size: evaluation batch size.
+        bn_mode: "interpolate" or "reset" (BatchNorm statistics along the path).
+        bn_batches: training batches used to reset BN statistics.
+    """
+
+    kinds: list[str] | None = None
+    probes: list[str] | None = None
+    absolute_cos: bool = False
+    conditions: bool = True
+    test_samples: int | None = None
+    train_samples: int = 1000
+    batch_size: int = 500
+    bn_mode: str = "interpolate"
+    bn_batches: int = 20
+
+
+@dataclass
+class AlignConfig:
+    """Permutation alignment (Git Re-Basin) settings for ``permutation-*`` pairs."""
+
+    restarts: int = 3
+    max_iter: int = 100
+    activation_samples: int = 10000
+    batch_size: int = 500
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: a dataset, an architecture, a recipe, some pairs, the measurements.
+
+    Attributes:
+        name: free-form label recorded in the results.
+        dataset: registry name (llfc.data.list_datasets()).
+        data_root: folder in torchvision's layout (None: $LLFC_DATA_ROOT or ./data).
+        download: let torchvision download missing data.
+        model, model_args: registry name and architecture arguments (None: dataset default).
+        pairs: pair kinds to build: spawn, independent, permutation-weight, permutation-activation.
+        spawn_epoch: k, the epoch at which the spawned pair forks (0 allowed).
+        seed: master seed; every other seed is derived from it and recorded.
+        alphas: the α grid: an int n (n evenly spaced points plus 0.25/0.5/0.75) or a list.
+        allow_extrapolation: accept α outside [0, 1].
+        train: training recipe (llfc.train.TrainConfig fields) overriding the dataset default.
+        measure, align: see :class:`MeasureConfig`, :class:`AlignConfig`.
+        device: "cpu", "cuda" or "auto".
+    """
+
+    name: str = "llfc-run"
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    model: str | None = None
+    model_args: dict[str, Any] | None = None
+    pairs: list[str] = field(default_factory=lambda: ["spawn", "independent"])
+    spawn_epoch: int | None = None
+    seed: int = 0
+    alphas: int | list[float] = 11
+    allow_extrapolation: bool = False
+    train: dict[str, Any] = field(default_factory=dict)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    device: str = "cpu"
+
+    # -------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "ExperimentConfig":
+        """Build from a plain dict. Raises ConfigError naming unknown keys and the valid ones."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(d).__name__}")
+        d = dict(d)
+        sub = {"measure": MeasureConfig, "align": AlignConfig}
+        kwargs = {}
+        for k, v in d.items():
+            if k in sub:
+                kwargs[k] = _sub(sub[k], v or {}, f"{where}: {k}")
+            else:
+                kwargs[k] = v
+        _check_keys(cls, kwargs, where)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        """Read a YAML file. Raises ConfigError for a missing file, bad YAML or unknown keys."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config.")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        return cls.from_dict(d, where=str(p))
+
+    def to_yaml(self) -> str:
+        """The config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -------------------------------------------------------------- resolution
+    def resolved(self) -> "ExperimentConfig":
+        """A copy with the dataset's defaults filled in and every field validated.
+
+        Raises:
+            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch.
+        """
+        from llfc.data import dataset_info
+
+        dataset_info(self.dataset)  # raises UnknownNameError listing the datasets
+        base = DATASET_DEFAULTS.get(self.dataset, _FALLBACK)
+        c = dataclasses.replace(self)
+        if c.model is None:
+            c.model = base["model"]
+            if c.model_args is None:
+                c.model_args = dict(base["model_args"])
+        if c.model_args is None:
+            c.model_args = {}
+        c.train = {**base["train"], **(self.train or {})}
+        if c.spawn_epoch is None:
+            c.spawn_epoch = base["spawn_epoch"]
+        bad = [p for p in c.pairs if p not in PAIR_KINDS]
+        if bad or not c.pairs:
+            raise ConfigError(f"unknown pair kind(s) {bad or c.pairs}; valid: {', '.join(PAIR_KINDS)}.")
+        epochs = int(c.train.get("epochs", 1))
+        if "spawn" in c.pairs and not 0 <= int(c.spawn_epoch) <= epochs:
+            raise ConfigError(f"spawn_epoch must be in [0, epochs={epochs}], got {c.spawn_epoch}.")
+        if c.measure.bn_mode not in ("interpolate", "reset"):
+            raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
+        return c
+
+
+def _check_keys(cls, d: dict, where: str) -> None:
+    valid = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - valid)
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(valid))}.")
+
+
+def _sub(cls, d, where):
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    _check_keys(cls, d, where)
+    return cls(**d)

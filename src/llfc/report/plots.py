@@ -1,0 +1,170 @@
+"""Figures of a run (matplotlib, Agg backend). Each function takes the ``pairs`` mapping of
+results.json (pair name → pair results, docs/results.md) and writes one PNG atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+LLFC_ALPHAS = (0.25, 0.5, 0.75)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _label(name: str, pair: dict) -> str:
+    return pair.get("label", name)
+
+
+def plot_lmc(pairs: dict, path: Path) -> Path:
+    """Loss and error along the path (α weights A) per pair: test solid, train dashed; the
+    straight line between the endpoints (the Entezari reference) dotted."""
+    n = len(pairs)
+    fig, axes = plt.subplots(n, 2, figsize=(9, 2.8 * n), squeeze=False)
+    for row, (name, pr) in enumerate(pairs.items()):
+        al = np.array(pr["alphas"])
+        for col, key in enumerate(("loss", "error")):
+            ax = axes[row, col]
+            for split, style, color in (("test", "-", _COLORS[0]), ("train", "--", _COLORS[1])):
+                lmc = pr["lmc"].get(split)
+                if not lmc:
+                    continue
+                v = np.array(lmc[key]) * (100 if key == "error" else 1)
+                ax.plot(al, v, style, marker="o", ms=3, color=color, label=split)
+                ax.plot([0, 1], [v[0], v[-1]], ":", color=color, lw=1)
+            ax.set_xlabel("α  (θ_α = α·θ_A + (1−α)·θ_B)")
+            ax.set_ylabel("error (%)" if key == "error" else "cross-entropy loss")
+            b = pr["lmc"]["test"]["barriers"]
+            title = (f"{_label(name, pr)}: test error barrier {100 * b['error_barrier_frankle']:.2f} pp"
+                     if key == "error" else
+                     f"{_label(name, pr)}: test loss barrier {b['loss_barrier_entezari']:.3f}")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("Linear mode connectivity along the path (dotted: endpoints' interpolation)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _alpha_index(alphas, a):
+    for i, v in enumerate(alphas):
+        if abs(v - a) < 1e-9:
+            return i
+    return None
+
+
+def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS) -> Path:
+    """Per layer, E[1 − cos(f(θ_α), α f_A + (1−α) f_B)] at α ∈ {0.25, 0.5, 0.75} next to the
+    baseline E[1 − cos(f_A, f_B)]; error bars: std over samples (LLFC paper Figs. 2–4)."""
+    pairs = {k: v for k, v in pairs.items() if v.get("llfc")}
+    n = len(pairs)
+    nl = max(len(p["llfc"]) for p in pairs.values())
+    fig, axes = plt.subplots(n, 1, figsize=(max(7, 0.55 * nl + 3), 3.0 * n), squeeze=False)
+    for row, (name, pr) in enumerate(pairs.items()):
+        ax = axes[row, 0]
+        layers = pr["llfc"]
+        x = np.arange(len(layers))
+        idx = [(a, _alpha_index(pr["alphas"], a)) for a in alphas]
+        idx = [(a, i) for a, i in idx if i is not None]
+        w = 0.8 / (len(idx) + 1)
+        for j, (a, i) in enumerate(idx):
+            m = [ly["distance"]["mean"][i] for ly in layers]
+            s = [ly["distance"]["std"][i] for ly in layers]
+            ax.bar(x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % 3 + 2], label=f"α = {a:g}",
+                   error_kw={"lw": 0.6})
+        m = [ly["baseline"]["mean"] for ly in layers]
+        s = [ly["baseline"]["std"] for ly in layers]
+        ax.bar(x + len(idx) * w, m, w, yerr=s, capsize=1.5, color="0.6", label="A vs B (baseline)",
+               error_kw={"lw": 0.6})
+        ax.set_xticks(x + w * len(idx) / 2)
+        ax.set_xticklabels([f"{ly['name']}\n({ly['kind']})" for ly in layers], rotation=60,
+                           ha="right", fontsize=7)
+        ax.set_ylabel("E[1 − cos]")
+        ax.set_title(f"{_label(name, pr)}: LLFC distance per layer", fontsize=9)
+        ax.legend(fontsize=7, ncol=4)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_weak_additivity(pairs: dict, path: Path, alpha: float = 0.5) -> Path:
+    """Per ReLU layer and pair: weak-additivity violation 1 − cos at α (mean ± std over samples)
+    and the sign-agreement rate P[g_A·g_B ≥ 0] (LLFC paper Def. 3, Figs. 5–6)."""
+    pairs = {k: v for k, v in pairs.items() if v.get("weak_additivity")}
+    names = [ly["name"] for ly in next(iter(pairs.values()))["weak_additivity"]]
+    x = np.arange(len(names))
+    w = 0.8 / max(len(pairs), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.2 * len(names) + 5), 3.4))
+    for j, (name, pr) in enumerate(pairs.items()):
+        i = _alpha_index(pr["alphas"], alpha)
+        m = [ly["distance"]["mean"][i] for ly in pr["weak_additivity"]]
+        s = [ly["distance"]["std"][i] for ly in pr["weak_additivity"]]
+        axes[0].bar(x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % len(_COLORS)],
+                    label=_label(name, pr), error_kw={"lw": 0.6})
+        sa = [ly["sign_agreement"]["mean"] for ly in pr["weak_additivity"]]
+        axes[1].bar(x + j * w, sa, w, color=_COLORS[j % len(_COLORS)], label=_label(name, pr))
+    axes[0].set_title(f"weak additivity violation at α = {alpha:g}: 1 − cos(σ(αg_A+(1−α)g_B), ασ(g_A)+(1−α)σ(g_B))",
+                      fontsize=8)
+    axes[1].set_title("sign agreement of pre-activations P[g_A·g_B ≥ 0]", fontsize=8)
+    axes[1].set_ylim(0, 1.02)
+    for ax in axes:
+        ax.set_xticks(x + w * (len(pairs) - 1) / 2)
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_commutativity(pairs: dict, path: Path) -> Path:
+    """Per layer and pair: Dist_com against Dist_W and Dist_H (log scale; LLFC paper Fig. 7)."""
+    pairs = {k: v for k, v in pairs.items() if v.get("commutativity")}
+    n = len(pairs)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.5 * n, 6), 3.6), squeeze=False)
+    for j, (name, pr) in enumerate(pairs.items()):
+        ax = axes[0, j]
+        layers = pr["commutativity"]
+        x = np.arange(len(layers))
+        for k, (key, lab) in enumerate((("dist_com", "Dist_com"), ("dist_W", "Dist_W"), ("dist_H", "Dist_H"))):
+            vals = [max(ly[key], 1e-12) for ly in layers]
+            ax.bar(x + k * 0.27, vals, 0.27, color=_COLORS[k], label=lab)
+        ax.set_yscale("log")
+        ax.set_xticks(x + 0.27)
+        ax.set_xticklabels([ly["name"] for ly in layers], rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{_label(name, pr)}: commutativity", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_all(pairs: dict, out_dir: Path) -> list[Path]:
+    """Write every figure that the results support into ``out_dir``; returns the paths."""
+    out_dir = Path(out_dir)
+    paths = [plot_lmc(pairs, out_dir / "lmc.png")]
+    if any(p.get("llfc") for p in pairs.values()):
+        paths.append(plot_llfc(pairs, out_dir / "llfc.png"))
+    if any(p.get("weak_additivity") for p in pairs.values()):
+        paths.append(plot_weak_additivity(pairs, out_dir / "weak_additivity.png"))
+    if any(p.get("commutativity") for p in pairs.values()):
+        paths.append(plot_commutativity(pairs, out_dir / "commutativity.png"))
+    return paths
