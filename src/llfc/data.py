@@ -302,3 +302,171 @@ def _load_cifar10(split, root, download):
 def _load_cifar100(split, root, download):
     """CIFAR-100 (fine labels); crop+flip on the train split."""
     return _cifar("cifar100", "CIFAR100", "cifar-100-python", split, root, download)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny-ImageNet (Stanford CS231n; folder layout of tiny-imagenet-200.zip, decoded with Pillow)
+
+_TINY_FOLDER = "tiny-imagenet-200"
+_TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def _tiny_file_list(split: str, base: Path) -> tuple[list[Path], list[int], list[Path]]:
+    """(image paths, labels, files whose timestamps fingerprint the cache) for ``split``.
+
+    Labels are indices into the sorted wnids (the order torchvision's ``ImageFolder`` gives the
+    class folders of ``train/``).
+    """
+    name = "tiny-imagenet"
+    wnids_file = base / "wnids.txt"
+    if not wnids_file.is_file():
+        raise DataNotFoundError(
+            f"{name}: {wnids_file.resolve()} is missing; the folder {base.resolve()} is not a "
+            f"complete copy of {_TINY_URL} (unzip it into the data root)."
+        )
+    wnids = sorted({w.strip() for w in wnids_file.read_text().split() if w.strip()})
+    index = {w: i for i, w in enumerate(wnids)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    if split == "train":
+        for w in wnids:
+            folder = base / "train" / w / "images"
+            if not folder.is_dir():
+                raise DataNotFoundError(
+                    f"{name}: the class folder {folder.resolve()} (listed in wnids.txt) is "
+                    f"missing; re-extract {_TINY_URL} into the data root."
+                )
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+            paths += files
+            labels += [index[w]] * len(files)
+        return paths, labels, [wnids_file, base / "train"]
+    # "test" is Tiny-ImageNet's labelled validation set (its test set has no labels)
+    ann = base / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise DataNotFoundError(
+            f"{name}: {ann.resolve()} is missing; it holds the labels of the validation images "
+            f"(llfc's test split). Re-extract {_TINY_URL} into the data root."
+        )
+    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1].strip() not in index:
+            raise DataNotFoundError(
+                f"{name}: line {lineno} of {ann.resolve()} does not name an image and a wnid "
+                f"listed in wnids.txt ({line.strip()!r}); the file is corrupted, re-extract "
+                f"{_TINY_URL}."
+            )
+        paths.append(base / "val" / "images" / fields[0].strip())
+        labels.append(index[fields[1].strip()])
+    return paths, labels, [wnids_file, ann]
+
+
+def _decode_rgb(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Decode one image file (format sniffed from its content) to a (3, H, W) uint8 tensor."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))  # grayscale images → 3 equal channels
+    except FileNotFoundError:
+        raise DataNotFoundError(
+            f"tiny-imagenet: image {path.resolve()} is missing; re-extract {_TINY_URL}."
+        ) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataNotFoundError(
+            f"tiny-imagenet: image {path.resolve()} cannot be decoded ({e}); the file is "
+            f"corrupted, re-extract {_TINY_URL}."
+        ) from None
+    if arr.shape[:2] != size:
+        raise DataNotFoundError(
+            f"tiny-imagenet: image {path.resolve()} is {arr.shape[0]}×{arr.shape[1]} pixels, "
+            f"expected {size[0]}×{size[1]}; the folder holds other data than {_TINY_URL}."
+        )
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _tiny_cache_path(base: Path, split: str) -> Path:
+    import hashlib
+
+    key = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "data" / "tiny-imagenet" / f"{key}-{split}.safetensors"
+
+
+def _tiny_fingerprint(paths: list[Path], stamp_files: list[Path]) -> str:
+    stamps = ",".join(str(p.stat().st_mtime_ns) for p in stamp_files)
+    return f"n={len(paths)};mtimes={stamps}"
+
+
+@register_dataset(
+    DatasetInfo(
+        "tiny-imagenet", (3, 64, 64), 200, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, augment=True
+    )
+)
+def _load_tiny_imagenet(split, root, download):
+    """Tiny-ImageNet: 200 classes, 64×64 RGB; 100,000 train and 10,000 validation images.
+
+    Reads ``root/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG,
+    val/val_annotations.txt}`` (the layout of the official zip). llfc's "test" split is the
+    labelled validation set. Labels index the sorted wnids (= ``ImageFolder`` order on train/).
+    Images are decoded with Pillow (format sniffed from content; grayscale → RGB) and the
+    decoded uint8 tensors are cached as ``<cache_dir()>/data/tiny-imagenet/<sha1(folder)>-<split>
+    .safetensors`` (rebuilt when the number of images or the timestamps of wnids.txt and of the
+    train folder / val annotations change), so only the first load decodes.
+    Normalisation: ImageNet mean/std; crop(pad 4)+flip augmentation on train by default.
+
+    Raises:
+        DataNotFoundError: missing folder, wnids.txt, class folder, val_annotations.txt or
+            image; an undecodable or wrongly sized image. ``download`` is not supported.
+    """
+    from safetensors.torch import load_file, save_file
+
+    base = root / _TINY_FOLDER
+    if not base.is_dir():
+        if download:
+            raise DataNotFoundError(
+                f"tiny-imagenet cannot be downloaded by llfc (torchvision has no downloader for "
+                f"it). Download {_TINY_URL}, unzip it into {root.resolve()} (giving "
+                f"{base.resolve()}), and pass that data root."
+            )
+        raise _missing("tiny-imagenet", root, f"the folder {_TINY_FOLDER}/ (from {_TINY_URL})")
+    paths, labels, stamp_files = _tiny_file_list(split, base)
+    if not paths:
+        raise DataNotFoundError(
+            f"tiny-imagenet: no images found for the {split} split in {base.resolve()}; "
+            f"re-extract {_TINY_URL}."
+        )
+    fingerprint = _tiny_fingerprint(paths, stamp_files)
+    cache = _tiny_cache_path(base, split)
+    if cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") == fingerprint and meta.get("source") == str(base.resolve()):
+            t = load_file(str(cache))
+            return t["images"], t["labels"]
+    from tqdm import tqdm
+
+    h, w = 64, 64
+    images = torch.empty((len(paths), 3, h, w), dtype=torch.uint8)
+    for i, p in enumerate(tqdm(paths, desc=f"decoding tiny-imagenet {split}", unit="img",
+                               disable=len(paths) < 1000)):
+        images[i] = _decode_rgb(p, (h, w))
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        save_file({"images": images, "labels": labels_t}, str(tmp),
+                  metadata={"fingerprint": fingerprint, "source": str(base.resolve())})
+        os.replace(tmp, cache)
+    except OSError:  # an unwritable cache only costs speed
+        try:
+            tmp.unlink(missing_ok=True)
+        except (OSError, NameError):
+            pass
+    return images, labels_t
