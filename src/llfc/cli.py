@@ -1,0 +1,279 @@
+"""The ``llfc`` command: a thin front end over the Python API.
+
+    llfc run [--config FILE] [--dataset NAME] ...      train pairs, measure, report (default: digits)
+    llfc analyze A B [--dataset NAME] ...              measure two existing checkpoints
+    llfc align A B --method weight|activation --out C  permute B's units onto A's (Git Re-Basin)
+    llfc probes MODEL [--dataset NAME]                 list the feature maps llfc can measure
+    llfc reproduce --list | NAME                       the paper's experiments, one command each
+    llfc list                                          registered datasets and models
+
+Bad input (unknown names, missing data, incompatible checkpoints, ...) prints one paragraph that
+says what is wrong and how to fix it, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from llfc.errors import ConfigError, LLFCError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _alphas(text: str):
+    """``11`` (grid size) or ``0,0.25,0.5,0.75,1`` (explicit values)."""
+    if "," not in text and "." not in text:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    return _floats(text)
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--alphas", type=str, help="α grid: a count (default 11) or comma-separated values; "
+                   "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included")
+    g.add_argument("--allow-extrapolation", action="store_true", help="accept α outside [0, 1]")
+    g.add_argument("--abs-cos", action="store_true", help="use the official code's 1−|cos| instead of 1−cos")
+    g.add_argument("--kinds", type=str, help="probe kinds to measure, comma-separated (pre,norm,post,residual,logits)")
+    g.add_argument("--probes", type=str, help="probe names to measure, comma-separated (see `llfc probes`)")
+    g.add_argument("--test-samples", type=int, help="measure on the first N test samples (default: all)")
+    g.add_argument("--train-samples", type=int, help="train subset size for the train-set LMC curve")
+    g.add_argument("--bn-mode", choices=["interpolate", "reset"],
+                   help="BatchNorm statistics along the path (default interpolate)")
+    g.add_argument("--no-conditions", action="store_true", help="skip weak additivity and commutativity")
+
+
+def _measure_overrides(args) -> dict:
+    m = {}
+    if args.abs_cos:
+        m["absolute_cos"] = True
+    if args.kinds:
+        m["kinds"] = args.kinds.split(",")
+    if args.probes:
+        m["probes"] = args.probes.split(",")
+    if args.test_samples is not None:
+        m["test_samples"] = args.test_samples
+    if args.train_samples is not None:
+        m["train_samples"] = args.train_samples
+    if args.bn_mode:
+        m["bn_mode"] = args.bn_mode
+    if args.no_conditions:
+        m["conditions"] = False
+    return m
+
+
+def _default_out(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args) -> int:
+    from llfc.config import ExperimentConfig
+    from llfc.experiment import run_experiment
+
+    cfg = ExperimentConfig.from_yaml(args.config) if args.config else ExperimentConfig()
+    d = cfg.to_dict()
+    for key, val in (("dataset", args.dataset), ("data_root", args.data_root), ("model", args.model),
+                     ("spawn_epoch", args.spawn_epoch), ("seed", args.seed), ("device", args.device)):
+        if val is not None:
+            d[key] = val
+    if args.dataset is not None and args.model is None and not args.config:
+        d["model"] = None  # take the dataset's default architecture
+    if args.download:
+        d["download"] = True
+    if args.pairs:
+        d["pairs"] = args.pairs.split(",")
+    if args.widths:
+        d["model_args"] = {**(d.get("model_args") or {}), "widths": [int(w) for w in args.widths.split(",")]}
+    if args.alphas:
+        d["alphas"] = _alphas(args.alphas)
+    if args.allow_extrapolation:
+        d["allow_extrapolation"] = True
+    train = dict(d.get("train") or {})
+    for key, val in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)):
+        if val is not None:
+            train[key] = val
+    d["train"] = train
+    d["measure"] = {**d["measure"], **_measure_overrides(args)}
+    cfg = ExperimentConfig.from_dict(d)
+    out = Path(args.out) if args.out else _default_out(cfg.dataset)
+    run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from llfc.config import MeasureConfig
+    from llfc.experiment import analyze_checkpoints
+
+    measure = MeasureConfig(**_measure_overrides(args))
+    out = Path(args.out) if args.out else _default_out("analyze")
+    analyze_checkpoints(args.a, args.b, out, dataset=args.dataset, data_root=args.data_root,
+                        download=args.download, alphas=_alphas(args.alphas) if args.alphas else 11,
+                        allow_extrapolation=args.allow_extrapolation, measure=measure,
+                        device=args.device or "cpu", overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    return 0
+
+
+def cmd_align(args) -> int:
+    from llfc.experiment import align_checkpoints
+
+    align_checkpoints(args.a, args.b, args.out, method=args.method, dataset=args.dataset,
+                      data_root=args.data_root, seed=args.seed or 0, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_probes(args) -> int:
+    import torch
+
+    from llfc.data import dataset_info
+    from llfc.models import create_model
+    from llfc.probe import FeatureExtractor, select_probes
+
+    info = dataset_info(args.dataset)
+    kwargs = json.loads(args.model_args) if args.model_args else {}
+    model = create_model(args.model, input_shape=list(info.input_shape), num_classes=info.num_classes, **kwargs)
+    fe = FeatureExtractor(model)
+    probes = select_probes(fe.all_probes, kinds=args.kinds.split(",") if args.kinds else None)
+    feats = fe.__class__(model, names=[p.name for p in probes if p.kind != "logits"])
+    x = torch.zeros(1, *info.input_shape)
+    shapes = {k: tuple(v.shape[1:]) for k, v in feats(model.state_dict(), x).items()}
+    print(f"{'name':<32} {'kind':<9} {'op':<14} {'feature shape':<18} conditions")
+    for p in probes:
+        cond = []
+        if p.is_relu:
+            cond.append("weak additivity")
+        if p.kind in ("pre", "logits") and p.input_node and not p.from_input:
+            cond.append("commutativity")
+        print(f"{p.name:<32} {p.kind:<9} {p.op:<14} {str(shapes.get(p.node, '')):<18} {', '.join(cond)}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from llfc.data import dataset_info, list_datasets
+    from llfc.models import list_models
+
+    print("datasets:")
+    for n in list_datasets():
+        i = dataset_info(n)
+        print(f"  {n:<15} input {i.input_shape}, {i.num_classes} classes"
+              + ("" if i.needs_files else " (bundled, no files needed)"))
+    print("models:")
+    print("  " + ", ".join(list_models()))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from llfc import reproduce
+
+    if args.list or not args.name:
+        print(reproduce.format_list(args.scale))
+        return 0
+    out = Path(args.out) if args.out else _default_out(args.name)
+    reproduce.run(args.name, out, scale=args.scale, data_root=args.data_root, device=args.device or "auto",
+                  dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llfc import __version__
+
+    p = argparse.ArgumentParser(prog="llfc", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"llfc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(q, data=True):
+        if data:
+            q.add_argument("--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)")
+            q.add_argument("--download", action="store_true", help="download missing data (needs internet)")
+        q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
+        q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        q.add_argument("--device", help="cpu, cuda or auto")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("run", help="train pairs, measure LMC/LLFC, write results and figures")
+    r.add_argument("--config", help="YAML experiment description (CLI flags override it)")
+    r.add_argument("--dataset", help="dataset name (default digits; see `llfc list`)")
+    r.add_argument("--model", help="architecture name (default: the dataset's)")
+    r.add_argument("--widths", help="MLP hidden widths, comma-separated (e.g. 512,512,512)")
+    r.add_argument("--pairs", help="comma-separated: spawn, independent, permutation-weight, permutation-activation")
+    r.add_argument("--spawn-epoch", type=int, help="epoch k at which the spawned pair forks (0 allowed)")
+    r.add_argument("--epochs", type=int, help="training epochs")
+    r.add_argument("--lr", type=float, help="learning rate")
+    r.add_argument("--batch-size", type=int, help="training batch size")
+    r.add_argument("--seed", type=int, help="master seed (every other seed derives from it)")
+    common(r)
+    _add_measure_args(r)
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("analyze", help="measure two existing checkpoints")
+    a.add_argument("a", help="checkpoint of model A (.safetensors with its .json sidecar)")
+    a.add_argument("b", help="checkpoint of model B")
+    a.add_argument("--dataset", help="dataset (default: recorded in the checkpoint)")
+    common(a)
+    _add_measure_args(a)
+    a.set_defaults(func=cmd_analyze)
+
+    al = sub.add_parser("align", help="permute B's hidden units onto A's (Git Re-Basin)")
+    al.add_argument("a")
+    al.add_argument("b")
+    al.add_argument("--method", choices=["weight", "activation"], default="weight")
+    al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
+    al.add_argument("--seed", type=int)
+    common(al)
+    al.set_defaults(func=cmd_align)
+
+    pr = sub.add_parser("probes", help="list the feature maps llfc measures for a model")
+    pr.add_argument("model")
+    pr.add_argument("--dataset", default="digits", help="sets the input shape and classes (default digits)")
+    pr.add_argument("--model-args", help='architecture arguments as JSON, e.g. \'{"widths": [64]}\'')
+    pr.add_argument("--kinds", help="only these kinds, comma-separated")
+    pr.set_defaults(func=cmd_probes)
+
+    rp = sub.add_parser("reproduce", help="run one of the paper's experiments")
+    rp.add_argument("name", nargs="?")
+    rp.add_argument("--list", action="store_true", help="list the experiments with their cost")
+    rp.add_argument("--scale", choices=["paper", "cpu"], default="cpu",
+                    help="paper: published settings (GPU); cpu: reduced, finishes on 2 cores (default)")
+    rp.add_argument("--dry-run", action="store_true", help="run a few batches of each stage only")
+    common(rp)
+    rp.set_defaults(func=cmd_reproduce)
+
+    ls = sub.add_parser("list", help="registered datasets and models")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``llfc`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    warnings.filterwarnings("once")
+    try:
+        return args.func(args)
+    except LLFCError as e:
+        print(f"llfc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llfc: interrupted. Run the same command again to resume from the last checkpoint.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
