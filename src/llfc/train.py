@@ -1,0 +1,775 @@
+"""Seeded training, resumable runs, and the two ways of making a pair of networks.
+
+* :func:`train` trains one model with a :class:`TrainConfig` recipe. Randomness is a function of
+  ``(data_seed, epoch)`` only: before epoch ``e`` (0-based: the epoch that takes the run from
+  ``e`` to ``e+1`` completed epochs) the data order is ``torch.randperm`` with a generator seeded
+  by ``derive_seed(data_seed, "epoch", e)``, and the global generators (augmentation, dropout)
+  are reseeded with ``derive_seed(data_seed, "rng", e)``. So an interrupted run resumed from its
+  last per-epoch checkpoint gives bit-identical weights, and two runs that share a state at epoch
+  ``k`` but use different data seeds differ only in SGD noise after ``k``.
+* :func:`independent_pair`: two models, different initialisation and data-order seeds, same
+  recipe (the negative control of LMC: no linear connectivity without alignment).
+* :func:`spawn_pair`: spawning (Frankle et al. 2020, "Linear Mode Connectivity and the Lottery
+  Ticket Hypothesis"; LLFC paper §3 / App. B.1): one model is trained for ``k`` epochs, its full
+  training state (weights, optimizer, LR scheduler, RNG, epoch) is saved, and two children load
+  it and continue to ``cfg.epochs`` with different data-order seeds on the same, not restarted,
+  LR schedule. (The official LLFC code replays the shared prefix instead of forking a saved state;
+  forking is exact on any hardware.)
+
+LR schedules are a multiplicative factor f on ``cfg.lr`` (``torch.optim.lr_scheduler.LambdaLR``),
+evaluated at t = completed epochs (``schedule_step="epoch"``: the scheduler steps once after each
+epoch, the open_lth / LLFC-paper convention) or at t = iterations / iterations-per-epoch
+(``schedule_step="iteration"``: steps after every batch, the Git Re-Basin convention):
+
+* constant: f = 1;
+* multistep: f = gamma ** #{m in milestones : t >= m} (milestones in epochs; PyTorch MultiStepLR);
+* cosine: f = min + (1 − min)·½(1 + cos(π·(t − w)/(E − w))) for t ≥ w (Loshchilov & Hutter 2017),
+  with w = warmup_epochs, E = epochs, min = min_lr_factor;
+* any schedule with ``warmup_epochs = w > 0`` is multiplied by the linear warmup
+  start + (1 − start)·t/w for t < w (start = warmup_start_factor; Goyal et al. 2017).
+
+Outputs in ``out_dir`` (all written atomically): ``last.safetensors/.json`` (full training state,
+overwritten every epoch), ``final.safetensors/.json`` (weights at the end of the run),
+``<log_name>.csv`` and ``<log_name>.json`` (per-epoch log).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from llfc.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_exists,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
+from llfc.errors import ConfigError, NonFiniteWeightsError, OutputExistsError
+from llfc.seeding import derive_seed, environment, rng_state, seed_everything, set_deterministic, \
+    set_rng_state
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "ModelSpec",
+    "LRFactor",
+    "build_optimizer",
+    "build_scheduler",
+    "steps_per_epoch",
+    "evaluate",
+    "train",
+    "independent_pair",
+    "spawn_pair",
+    "LOG_COLUMNS",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "multistep", "cosine")
+SCHEDULE_STEPS = ("epoch", "iteration")
+# fields that do not change the trained weights (may differ when resuming / spawning)
+_NON_RECIPE = ("device", "eval_every", "eval_batch_size", "deterministic")
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_err",
+               "seconds", "data_seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe.
+
+    Attributes:
+        epochs: total epochs E of the schedule (a spawned child continues to E).
+        batch_size: training batch size (the last, smaller batch of an epoch is kept).
+        optimizer: "sgd" (momentum, nesterov, weight_decay as L2 in the gradient), "adam" or
+            "adamw" (decoupled weight decay); ``betas`` for the Adam family.
+        lr: peak learning rate.
+        schedule: "constant", "multistep" (``milestones`` in epochs, factor ``gamma``) or
+            "cosine" (to ``min_lr_factor``·lr at E); ``warmup_epochs`` (may be fractional with
+            ``schedule_step="iteration"``) of linear warmup from ``warmup_start_factor``·lr.
+        schedule_step: "epoch" (scheduler steps after each epoch; the LR is constant within an
+            epoch) or "iteration" (after each batch). See the module docstring for formulas.
+        label_smoothing: of the training cross-entropy (evaluation uses plain cross-entropy).
+        augment: None keeps the training set as built; True/False switches the dataset's
+            crop+flip augmentation (``llfc.data.ArrayDataset`` only).
+        num_workers: DataLoader workers (worker RNGs are seeded from the data seed and epoch;
+            results differ from ``num_workers=0`` when augmentation is on).
+        device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when available).
+        max_batches_per_epoch: cut every epoch after this many batches (dry runs, tests).
+        eval_every: evaluate on the test set every this many epochs (and always after the last).
+        eval_batch_size: batch size of evaluation.
+        deterministic: request deterministic kernels (:func:`llfc.seeding.set_deterministic`).
+
+    Defaults are the paper's CIFAR recipe (SGD, momentum 0.9, lr 0.1, wd 1e-4, batch 128;
+    paper-digest §5.4) with a constant schedule.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 1e-3
+    min_lr_factor: float = 0.0
+    schedule_step: str = "epoch"
+    label_smoothing: float = 0.0
+    augment: bool | None = None
+    num_workers: int = 0
+    device: str = "cpu"
+    max_batches_per_epoch: int | None = None
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(int(m) for m in self.milestones)
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        problems = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be an int >= 0, got {self.epochs!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(not (self.nesterov and (self.optimizer != "sgd" or self.momentum == 0)),
+             "nesterov needs optimizer 'sgd' with momentum > 0")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(list(self.milestones) == sorted(set(self.milestones)) and all(m > 0 for m in self.milestones),
+             f"milestones must be increasing positive epochs, got {list(self.milestones)}")
+        need(not (self.schedule == "multistep" and not self.milestones), "schedule 'multistep' needs milestones")
+        need(0 < self.gamma <= 1 or self.schedule != "multistep", f"gamma must be in (0, 1], got {self.gamma!r}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        need(not (self.schedule == "cosine" and self.epochs > 0 and self.warmup_epochs >= self.epochs),
+             f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}) for the cosine schedule")
+        need(0 <= self.warmup_start_factor <= 1, f"warmup_start_factor must be in [0, 1], got {self.warmup_start_factor!r}")
+        need(0 <= self.min_lr_factor <= 1, f"min_lr_factor must be in [0, 1], got {self.min_lr_factor!r}")
+        need(self.schedule_step in SCHEDULE_STEPS, f"schedule_step must be one of {', '.join(SCHEDULE_STEPS)}, got {self.schedule_step!r}")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        need(self.augment in (None, True, False), f"augment must be null, true or false, got {self.augment!r}")
+        need(isinstance(self.num_workers, int) and self.num_workers >= 0, f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        need(self.max_batches_per_epoch is None or (isinstance(self.max_batches_per_epoch, int) and self.max_batches_per_epoch >= 1),
+             f"max_batches_per_epoch must be null or an int >= 1, got {self.max_batches_per_epoch!r}")
+        need(isinstance(self.eval_every, int) and self.eval_every >= 1, f"eval_every must be an int >= 1, got {self.eval_every!r}")
+        need(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, f"eval_batch_size must be an int >= 1, got {self.eval_batch_size!r}")
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a dict (e.g. a YAML section).
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid keys) or an invalid value.
+        """
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"unknown training option(s) {', '.join(map(repr, unknown))}. Valid options: "
+                f"{', '.join(valid)}."
+            )
+        return cls(**dict(d))
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that determine the trained weights (all but device and evaluation
+        options); compared when resuming or spawning."""
+        return {k: v for k, v in self.to_dict().items() if k not in _NON_RECIPE}
+
+
+@dataclass
+class ModelSpec:
+    """A zero-argument model factory that remembers its registry name and arguments.
+
+    ``ModelSpec("mlp", {"input_shape": (1, 8, 8), "num_classes": 10, "widths": [32]})()``
+    returns a fresh model; when passed as ``model_fn`` the name and arguments are written into
+    every checkpoint so that :func:`llfc.checkpoint.build_model` can rebuild it.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> nn.Module:
+        from llfc.models import create_model
+
+        return create_model(self.name, **self.kwargs)
+
+    def to_meta(self) -> dict[str, Any]:
+        """``{"name", "kwargs"}`` with tuples as lists (JSON)."""
+        def plain(v):
+            if isinstance(v, (tuple, list)):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return {"name": self.name, "kwargs": plain(self.kwargs)}
+
+
+def _model_meta(model_fn: Any) -> dict[str, Any] | None:
+    return model_fn.to_meta() if isinstance(model_fn, ModelSpec) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+class LRFactor:
+    """The LR multiplier f(step) of a :class:`TrainConfig` (formulas in the module docstring).
+
+    Callable for ``LambdaLR``; it holds only numbers, so ``LambdaLR.state_dict()`` stays JSON-able.
+
+    Args:
+        cfg: the recipe.
+        steps_per_epoch: scheduler steps per epoch (1 when ``cfg.schedule_step == "epoch"``).
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+        self.schedule = cfg.schedule
+        self.epochs = cfg.epochs
+        self.milestones = list(cfg.milestones)
+        self.gamma = cfg.gamma
+        self.warmup_epochs = cfg.warmup_epochs
+        self.warmup_start_factor = cfg.warmup_start_factor
+        self.min_lr_factor = cfg.min_lr_factor
+        self.steps_per_epoch = int(steps_per_epoch)
+
+    def __call__(self, step: int) -> float:
+        spe = self.steps_per_epoch
+        t = step / spe  # epochs (fractional in iteration mode)
+        f = 1.0
+        if self.schedule == "multistep":
+            f = self.gamma ** sum(1 for m in self.milestones if step >= m * spe)
+        elif self.schedule == "cosine":
+            w, e = self.warmup_epochs, self.epochs
+            p = min(max((t - w) / (e - w), 0.0), 1.0) if e > w else 1.0
+            f = self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * p))
+        if self.warmup_epochs > 0 and t < self.warmup_epochs:
+            s = self.warmup_start_factor
+            f *= s + (1 - s) * t / self.warmup_epochs
+        return f
+
+
+def steps_per_epoch(n_samples: int, cfg: TrainConfig) -> int:
+    """Batches per epoch: ceil(n / batch_size), capped by ``max_batches_per_epoch``."""
+    n = math.ceil(n_samples / cfg.batch_size)
+    if cfg.max_batches_per_epoch is not None:
+        n = min(n, cfg.max_batches_per_epoch)
+    return n
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg`` over all parameters of ``model`` (one param group)."""
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :class:`LRFactor`; step it once per epoch or once per batch according
+    to ``cfg.schedule_step``."""
+    spe = batches_per_epoch if cfg.schedule_step == "iteration" else 1
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, max(spe, 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was requested but CUDA is not available; use "
+                          f"device 'cpu' or 'auto'.")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000,
+             device: str | torch.device | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and error rate of ``model`` on ``dataset`` (eval mode, no grad).
+
+    Args:
+        model: classifier returning logits (N, num_classes).
+        dataset: items (x, y) with int64 labels.
+        batch_size: evaluation batch size (does not change the result beyond float rounding).
+        device: default: the device of the model's first parameter (CPU if it has none).
+
+    Returns:
+        (loss, err): loss = (1/N) Σ CE(logits, y) in nats, accumulated in float64; err = fraction
+        of samples whose arg-max logit is not the label, in [0, 1]. The model's train/eval mode is
+        restored afterwards.
+    """
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+            wrong += (out.argmax(1) != y).sum()
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ConfigError("cannot evaluate on an empty dataset.")
+    return float(loss_sum) / n, int(wrong) / n
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained model (on the training device, train mode).
+        log: one dict per completed epoch (columns :data:`LOG_COLUMNS`; ``lr`` is the learning
+            rate at the start of the epoch; test values are None in epochs without evaluation;
+            ``seconds`` is wall-clock time). A spawned child's log starts with its parent's rows.
+        epoch: completed epochs.
+        optimizer, scheduler: their final states.
+        out_dir: output folder or None.
+    """
+
+    model: nn.Module
+    log: list[dict[str, Any]]
+    epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    out_dir: Path | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last log row (empty dict when no epoch was trained)."""
+        return self.log[-1] if self.log else {}
+
+
+def _with_augment(ds: Dataset, augment: bool | None) -> Dataset:
+    if augment is None or getattr(ds, "augment", None) == augment:
+        return ds
+    from llfc.data import ArrayDataset
+
+    if isinstance(ds, ArrayDataset):
+        return ArrayDataset(ds.images, ds.labels, ds._mean.flatten().tolist(),
+                            ds._std.flatten().tolist(), augment=bool(augment))
+    raise ConfigError(
+        f"augment={augment} was requested but the training set is a {type(ds).__name__}, whose "
+        f"augmentation llfc cannot switch; build the dataset with the augmentation you want and "
+        f"leave augment unset (null)."
+    )
+
+
+def _write_log(out_dir: Path, name: str, log: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(LOG_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in log:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
+    atomic_write_text(out_dir / f"{name}.csv", buf.getvalue())
+    atomic_write_json(out_dir / f"{name}.json", log)
+
+
+def _check_recipe(saved: Mapping[str, Any] | None, cfg: TrainConfig, what: str) -> None:
+    if saved is None:
+        return
+    try:
+        saved_recipe = TrainConfig.from_dict(saved).recipe()
+    except ConfigError:
+        saved_recipe = dict(saved)
+    diff = sorted(k for k, v in cfg.recipe().items() if saved_recipe.get(k) != v)
+    if diff:
+        details = ", ".join(f"{k}: {saved_recipe.get(k)!r} there vs {cfg.recipe()[k]!r} now"
+                            for k in diff)
+        raise ConfigError(
+            f"{what} was made with a different training recipe ({details}). Use the same "
+            f"configuration, or start a fresh run (another out_dir, or resume=False with "
+            f"overwrite=True)."
+        )
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    test_set: Dataset | None,
+    cfg: TrainConfig,
+    *,
+    data_seed: int,
+    start_state: str | os.PathLike | None = None,
+    stop_epoch: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    log_name: str = "log",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    seeds: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` with recipe ``cfg``; randomness depends only on ``data_seed`` and epoch.
+
+    Initialise (and seed) the model before calling: see :func:`independent_pair`.
+
+    Args:
+        model: the network (moved to ``cfg.device``).
+        train_set, test_set: datasets of (float32 image, int64 label); ``test_set`` may be None.
+        cfg: the recipe (a dict is accepted and checked with :meth:`TrainConfig.from_dict`).
+        data_seed: seed of the data order (``derive_seed(data_seed, "epoch", e)`` for 0-based
+            epoch e) and of augmentation/dropout (global RNGs reseeded with
+            ``derive_seed(data_seed, "rng", e)`` at the start of epoch e).
+        start_state: a training state (:func:`llfc.checkpoint.save_training_state`, e.g. a
+            spawn parent's ``parent/last``) to continue from: weights, optimizer, scheduler and
+            epoch are loaded; its recipe must equal ``cfg``'s. Its log rows are kept.
+        stop_epoch: stop after this many completed epochs (default ``cfg.epochs``); the schedule
+            is still that of ``cfg.epochs`` (used for the spawn parent).
+        out_dir: where to write ``last`` (full state, every epoch), ``final`` (weights) and the
+            log; None writes nothing.
+        log_name: file name (no suffix) of the CSV/JSON log.
+        resume: continue from ``out_dir/last`` when it exists (same recipe and data seed
+            required); the result is bit-identical to an uninterrupted run on the same hardware
+            and thread count.
+        overwrite: start afresh even though ``out_dir/last`` exists.
+        progress: show a tqdm bar (epoch, running loss and accuracy).
+        seeds: further seeds to record in the checkpoints (e.g. ``{"init": 0}``);
+            ``data`` is added.
+        meta: further JSON-able metadata for the checkpoints (``model``: ``{"name", "kwargs"}``
+            makes them loadable with :func:`llfc.checkpoint.build_model`; ``dataset``...).
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        ConfigError: invalid config, stop_epoch out of range, or a resume/start state with
+            another recipe (or data seed, for resume).
+        OutputExistsError: ``out_dir`` already holds a run and neither resume nor overwrite.
+        NonFiniteWeightsError: the training loss became NaN/Inf (diverged).
+        CheckpointError / IncompatibleModelsError: unreadable or non-matching start state.
+    """
+    if isinstance(cfg, Mapping):
+        cfg = TrainConfig.from_dict(cfg)
+    device = _resolve_device(cfg.device)
+    if cfg.deterministic:
+        set_deterministic(True)
+    stop = cfg.epochs if stop_epoch is None else int(stop_epoch)
+    if not 0 <= stop <= cfg.epochs:
+        raise ConfigError(f"stop_epoch must be in [0, epochs={cfg.epochs}], got {stop_epoch}.")
+    model.to(device)
+    train_set = _with_augment(train_set, cfg.augment)
+    n = len(train_set)
+    if n == 0:
+        raise ConfigError("the training set is empty.")
+    spe = steps_per_epoch(n, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, spe)
+
+    base_meta: dict[str, Any] = dict(meta or {})
+    base_meta["seeds"] = {**dict(seeds or {}), "data": int(data_seed)}
+    base_meta["train_config"] = cfg.to_dict()
+    base_meta["environment"] = environment(device)
+
+    out = Path(out_dir) if out_dir is not None else None
+    last = out / "last" if out is not None else None
+    log: list[dict[str, Any]] = []
+    start = 0
+    resumed = False
+    if last is not None and checkpoint_exists(last):
+        if resume:
+            epoch, rng, smeta = load_training_state(last, model, optimizer, scheduler)
+            _check_recipe(smeta.get("train_config"), cfg, f"the run in {out}")
+            saved_seed = (smeta.get("seeds") or {}).get("data")
+            if saved_seed is not None and int(saved_seed) != int(data_seed):
+                raise ConfigError(
+                    f"the run in {out} used data_seed {saved_seed}, not {data_seed}; resume with "
+                    f"the same seed or start a fresh run."
+                )
+            if rng is not None:
+                set_rng_state(rng)
+            start, log, resumed = epoch, list(smeta.get("log") or []), True
+            for k in ("spawned_from",):
+                if k in smeta:
+                    base_meta[k] = smeta[k]
+        elif not overwrite:
+            raise OutputExistsError(
+                f"{out} already holds a training run ({last}.safetensors). Pass resume=True to "
+                f"continue it, overwrite=True to start afresh, or choose another output folder."
+            )
+    if not resumed and start_state is not None:
+        epoch, rng, smeta = load_training_state(start_state, model, optimizer, scheduler)
+        _check_recipe(smeta.get("train_config"), cfg, f"the start state {start_state}")
+        start, log = epoch, list(smeta.get("log") or [])
+        base_meta["spawned_from"] = {"path": os.fspath(start_state), "epoch": epoch,
+                                     "seeds": smeta.get("seeds")}
+    if start > stop:
+        raise ConfigError(f"the run is already at epoch {start}, past stop_epoch {stop}.")
+
+    def state_meta() -> dict[str, Any]:
+        return {**base_meta, "log": log}
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if start == stop and not resumed:  # nothing to train (e.g. spawn at k=0): still save
+            save_training_state(last, model, optimizer, scheduler, start, rng_state(), state_meta())
+            _write_log(out, log_name, log)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=(stop - start) * spe, desc=log_name, disable=not progress,
+               dynamic_ncols=True, leave=True)
+    try:
+        for e in range(start, stop):
+            t0 = time.perf_counter()
+            seed_everything(derive_seed(data_seed, "rng", e))
+            g = torch.Generator().manual_seed(derive_seed(data_seed, "epoch", e))
+            order = torch.randperm(n, generator=g)
+            batches = [b.tolist() for b in order.split(cfg.batch_size)][:spe]
+            loader = DataLoader(
+                train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+                generator=torch.Generator().manual_seed(derive_seed(data_seed, "workers", e)),
+                pin_memory=device.type == "cuda",
+            )
+            lr0 = float(optimizer.param_groups[0]["lr"])
+            model.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            for i, (x, y) in enumerate(loader):
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                out_logits = model(x)
+                loss = F.cross_entropy(out_logits, y, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if cfg.schedule_step == "iteration":
+                    scheduler.step()
+                loss_sum += loss.detach().double() * len(y)
+                correct += (out_logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                bar.update(1)
+                if progress and (i % 20 == 0 or i == spe - 1):
+                    bar.set_postfix(epoch=f"{e + 1}/{stop}", loss=f"{float(loss_sum) / seen:.4f}",
+                                    acc=f"{int(correct) / seen:.4f}")
+            if cfg.schedule_step == "epoch":
+                scheduler.step()
+            train_loss = float(loss_sum) / seen
+            if not math.isfinite(train_loss):
+                raise NonFiniteWeightsError(
+                    f"training diverged: the mean training loss of epoch {e + 1} is {train_loss} "
+                    f"(lr {lr0}). Lower the learning rate or add warmup."
+                )
+            row: dict[str, Any] = {"epoch": e + 1, "lr": lr0, "train_loss": train_loss,
+                                   "train_acc": int(correct) / seen, "test_loss": None,
+                                   "test_acc": None, "test_err": None}
+            if test_set is not None and ((e + 1) % cfg.eval_every == 0 or e + 1 == stop):
+                tl, te = evaluate(model, test_set, cfg.eval_batch_size, device)
+                row.update(test_loss=tl, test_acc=1.0 - te, test_err=te)
+            row["seconds"] = time.perf_counter() - t0
+            row["data_seed"] = int(data_seed)
+            log.append(row)
+            if out is not None:
+                save_training_state(last, model, optimizer, scheduler, e + 1, rng_state(),
+                                    state_meta())
+                _write_log(out, log_name, log)
+    finally:
+        bar.close()
+
+    if out is not None:
+        final_meta = {k: v for k, v in base_meta.items()}
+        final_meta.update(epoch=stop, final=log[-1] if log else None)
+        save_checkpoint(out / "final", model.state_dict(), final_meta)
+    return TrainResult(model=model, log=log, epoch=stop, optimizer=optimizer, scheduler=scheduler,
+                       out_dir=out)
+
+
+# ----------------------------------------------------------------------------------------------
+# pairs
+
+
+def _check_seeds(seeds: Sequence[int], n: int, names: str) -> tuple[int, ...]:
+    if len(seeds) != n or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ConfigError(f"seeds must be {n} ints ({names}), got {seeds!r}.")
+    return tuple(int(s) for s in seeds)
+
+
+def _init_model(model_fn: Callable[[], nn.Module], init_seed: int) -> nn.Module:
+    seed_everything(init_seed)
+    model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model_fn must return an nn.Module, got {type(model).__name__}.")
+    return model
+
+
+def independent_pair(
+    model_fn: Callable[[], nn.Module],
+    train_set: Dataset,
+    test_set: Dataset | None,
+    cfg: TrainConfig,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, nn.Module, dict[str, list[dict[str, Any]]]]:
+    """Two models of one architecture trained independently with the same recipe.
+
+    Model A: ``seed_everything(init_a)`` then ``model_fn()``, trained with data seed ``data_a``;
+    model B likewise with ``init_b``, ``data_b``. Pairs like this are not linearly mode-connected
+    (the LMC negative control; Frankle et al. 2020, Entezari et al. 2022) until B is aligned.
+
+    Args:
+        model_fn: zero-argument callable returning a fresh model (a :class:`ModelSpec` also
+            records the architecture in the checkpoints).
+        seeds: (init_a, data_a, init_b, data_b).
+        out_dir: runs go to ``out_dir/a`` and ``out_dir/b`` (see :func:`train`).
+        resume, overwrite, progress, meta: passed to :func:`train`.
+
+    Returns:
+        (model_a, model_b, {"a": log_a, "b": log_b}).
+    """
+    init_a, data_a, init_b, data_b = _check_seeds(seeds, 4, "init_a, data_a, init_b, data_b")
+    if (init_a, data_a) == (init_b, data_b):
+        warnings.warn("independent_pair: both models use the same seeds; they will be identical.",
+                      stacklevel=2)
+    out = Path(out_dir) if out_dir is not None else None
+    base = {**({"model": _model_meta(model_fn)} if _model_meta(model_fn) else {}), **dict(meta or {})}
+    models, logs = [], {}
+    for name, init, data in (("a", init_a, data_a), ("b", init_b, data_b)):
+        model = _init_model(model_fn, init)
+        res = train(model, train_set, test_set, cfg, data_seed=data,
+                    out_dir=None if out is None else out / name, log_name="log", resume=resume,
+                    overwrite=overwrite, progress=progress, seeds={"init": init},
+                    meta={**base, "pair": "independent", "member": name})
+        models.append(res.model)
+        logs[name] = res.log
+    return models[0], models[1], logs
+
+
+def spawn_pair(
+    model_fn: Callable[[], nn.Module],
+    train_set: Dataset,
+    test_set: Dataset | None,
+    cfg: TrainConfig,
+    spawn_epoch: int,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, nn.Module, dict[str, list[dict[str, Any]]]]:
+    """Spawning (Frankle et al. 2020; LLFC paper §3, App. B.1): a shared start, then two
+    children that differ only in SGD noise.
+
+    The parent (``seed_everything(init)``, ``model_fn()``) is trained for ``k = spawn_epoch``
+    epochs of the ``cfg.epochs`` schedule with data seed ``data_parent``; its full state (weights,
+    optimizer incl. momentum buffers, LR scheduler, RNG states, epoch) is saved to
+    ``out_dir/parent/last``. Each child loads that state and continues to ``cfg.epochs`` with its
+    own data seed (data order of epoch e ≥ k from ``derive_seed(data_a, "epoch", e)``) on the same
+    schedule, not restarted. ``k = 0``: the children share only the initialisation. ``k =
+    cfg.epochs``: both children equal the parent.
+
+    Args:
+        model_fn: zero-argument callable returning a fresh model (:class:`ModelSpec` records the
+            architecture in the checkpoints).
+        spawn_epoch: k in [0, cfg.epochs].
+        seeds: (init, data_parent, data_a, data_b).
+        out_dir: runs go to ``out_dir/parent``, ``out_dir/a``, ``out_dir/b``; None uses a
+            temporary folder for the parent state and writes nothing else.
+        resume, overwrite, progress, meta: passed to :func:`train` for all three runs.
+
+    Returns:
+        (model_a, model_b, {"parent": log, "a": log, "b": log}); a child's log starts with the
+        parent's k rows.
+
+    Raises:
+        ConfigError: spawn_epoch outside [0, cfg.epochs] or bad seeds.
+    """
+    init, data_p, data_a, data_b = _check_seeds(seeds, 4, "init, data_parent, data_a, data_b")
+    if isinstance(cfg, Mapping):
+        cfg = TrainConfig.from_dict(cfg)
+    if isinstance(spawn_epoch, bool) or not isinstance(spawn_epoch, int) \
+            or not 0 <= spawn_epoch <= cfg.epochs:
+        raise ConfigError(f"spawn_epoch must be an int in [0, epochs={cfg.epochs}], got "
+                          f"{spawn_epoch!r}.")
+    if data_a == data_b and spawn_epoch < cfg.epochs:
+        warnings.warn("spawn_pair: both children use the same data seed; they will be identical.",
+                      stacklevel=2)
+    base = {**({"model": _model_meta(model_fn)} if _model_meta(model_fn) else {}), **dict(meta or {})}
+    base.update(pair="spawn", spawn_epoch=spawn_epoch)
+    tmp = tempfile.TemporaryDirectory(prefix="llfc-spawn-") if out_dir is None else None
+    try:
+        root = Path(tmp.name if tmp is not None else out_dir)
+        parent = _init_model(model_fn, init)
+        res_p = train(parent, train_set, test_set, cfg, data_seed=data_p, stop_epoch=spawn_epoch,
+                      out_dir=root / "parent", resume=resume, overwrite=overwrite,
+                      progress=progress, seeds={"init": init},
+                      meta={**base, "member": "parent"})
+        state = root / "parent" / "last"
+        models, logs = [], {"parent": res_p.log}
+        for name, data in (("a", data_a), ("b", data_b)):
+            child = _init_model(model_fn, init)  # weights are replaced by the parent's
+            res = train(child, train_set, test_set, cfg, data_seed=data, start_state=state,
+                        out_dir=None if tmp is not None else root / name, resume=resume,
+                        overwrite=overwrite, progress=progress,
+                        seeds={"init": init, "data_parent": data_p},
+                        meta={**base, "member": name})
+            models.append(res.model)
+            logs[name] = res.log
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return models[0], models[1], logs
