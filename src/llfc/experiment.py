@@ -31,14 +31,8 @@ from llfc.config import ExperimentConfig
 from llfc.data import dataset_info, get_dataset
 from llfc.engine import measure_pair
 from llfc.errors import ConfigError, IncompatibleModelsError, OutputExistsError
-from llfc.interpolate import (
-    check_alphas,
-    check_compatible,
-    check_finite,
-    default_alphas,
-    path_states,
-    strip_module_prefix,
-)
+from llfc.checkpoint import check_finite, strip_prefix
+from llfc.interpolate import check_alphas, check_compatible, default_alphas, path_states
 from llfc.report import plot_all, summary_table, write_tables
 from llfc.seeding import derive_seed, environment, seed_everything
 from llfc.train import ModelSpec, TrainConfig, independent_pair, spawn_pair
@@ -329,7 +323,7 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     prepare_out_dir(out, overwrite)
     sd_a, meta_a = load_checkpoint(path_a)
     sd_b, meta_b = load_checkpoint(path_b)
-    sd_a, sd_b = strip_module_prefix(sd_a), strip_module_prefix(sd_b)
+    sd_a, sd_b = strip_prefix(sd_a), strip_prefix(sd_b)
     ma, mb = meta_a.get("model"), meta_b.get("model")
     if not ma:
         raise IncompatibleModelsError(f"{path_a}: its JSON sidecar does not record the architecture "

@@ -20,18 +20,11 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from llfc.errors import ConfigError, IncompatibleModelsError, NonFiniteWeightsError
+from llfc.errors import ConfigError, IncompatibleModelsError
 
 StateDict = dict[str, torch.Tensor]
 BN_MODES = ("interpolate", "reset")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def strip_module_prefix(sd: StateDict) -> StateDict:
-    """Drop a leading ``module.`` (DataParallel / DDP) from every key, if all keys have it."""
-    if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return dict(sd)
 
 
 def check_compatible(sd_a: StateDict, sd_b: StateDict, names: tuple[str, str] = ("A", "B")) -> None:
@@ -60,19 +53,6 @@ def check_compatible(sd_a: StateDict, sd_b: StateDict, names: tuple[str, str] = 
                 f"models {a} and {b} differ in dtype at parameter {k!r}: {ta.dtype} vs {tb.dtype}."
                 f" Convert both to one dtype first."
             )
-
-
-def check_finite(sd: StateDict, where: str) -> None:
-    """Raise :class:`NonFiniteWeightsError` naming the first key of ``sd`` holding NaN or Inf."""
-    for k, v in sd.items():
-        if v.is_floating_point() or v.is_complex():
-            bad = (~torch.isfinite(v)).sum().item()
-            if bad:
-                raise NonFiniteWeightsError(
-                    f"{where} holds non-finite values: {bad} NaN/Inf entries in {k!r}. The "
-                    f"training diverged or the file is damaged; retrain (e.g. with a lower "
-                    f"learning rate) or use an earlier checkpoint."
-                )
 
 
 def lerp_state_dict(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict:
@@ -109,11 +89,21 @@ def check_alphas(alphas: Iterable[float], allow_extrapolation: bool = False) -> 
 
 
 def default_alphas(n: int = 11) -> list[float]:
-    """n evenly spaced α in [0, 1] plus 0.25, 0.5, 0.75 (always on the grid)."""
-    if n < 2:
-        raise ConfigError(f"the α grid needs at least 2 points, got {n}")
-    grid = {round(i / (n - 1), 10) for i in range(n)} | {0.25, 0.5, 0.75}
-    return sorted(grid)
+    """An α grid of exactly ``n`` points (n ≥ 5) that always contains 0, 0.25, 0.5, 0.75 and 1.
+
+    The points are linspace(0, 1, n), with the points nearest to 0.25, 0.5 and 0.75 moved onto
+    them; n = 11 gives 0, .1, .2, .25, .4, .5, .6, .75, .8, .9, 1.
+
+    Raises:
+        ConfigError: n < 5.
+    """
+    if n < 5:
+        raise ConfigError(f"the α grid needs at least 5 points (0, .25, .5, .75, 1), got {n}")
+    grid = [i / (n - 1) for i in range(n)]
+    for q in (0.25, 0.5, 0.75):
+        j = min(range(1, n - 1), key=lambda i: (abs(grid[i] - q), -grid[i] if q < 0.5 else grid[i]))
+        grid[j] = q
+    return sorted(round(g, 10) for g in set(grid))
 
 
 def has_batchnorm(model: nn.Module) -> bool:
