@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llfc.checkpoint import build_model, load_checkpoint, load_training_state
 from llfc.data import get_dataset
-from llfc.errors import ConfigError, OutputExistsError
+from llfc.errors import ConfigError, NonFiniteWeightsError, OutputExistsError
 from llfc.seeding import seed_everything
 from llfc.train import (
     LRFactor,
@@ -245,3 +245,11 @@ def test_digits_reaches_low_test_error(data):
     loss, err = evaluate(res.model, te)
     assert err == res.final["test_err"] and err < 0.10
     assert math.isfinite(loss) and loss < res.log[0]["train_loss"]
+
+
+def test_divergence_is_reported(data, tmp_path):
+    tr, _ = data
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e4, max_batches_per_epoch=8)
+    with pytest.raises(NonFiniteWeightsError, match="diverged"):
+        train(_fresh(0), tr, None, cfg, data_seed=0, out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "final.safetensors").exists()
