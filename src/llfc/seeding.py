@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import random
 import sys
@@ -65,9 +66,12 @@ def set_deterministic(flag: bool = True) -> None:
 
     Uses ``torch.use_deterministic_algorithms(flag, warn_only=True)``, so an operation without a
     deterministic implementation warns instead of failing. On CUDA, full determinism of cuBLAS
-    additionally needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment before CUDA starts.
+    needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` before cuBLAS starts; with ``flag`` true it is set
+    here unless the environment already defines it.
     CPU training in llfc is deterministic for a fixed number of threads without this.
     """
+    if flag:  # cuBLAS reads this when its first handle is created; harmless if CUDA is unused
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = bool(flag)
     torch.backends.cudnn.benchmark = not flag
     torch.use_deterministic_algorithms(bool(flag), warn_only=True)
