@@ -49,6 +49,13 @@ class DatasetInfo:
     needs_files: bool = True
 
 
+def _crop_flip(size: int):
+    """The standard CIFAR augmentation: random crop with padding 4, horizontal flip."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()])
+
+
 class ArrayDataset(Dataset):
     """Images and labels held as tensors, normalised on access.
 
@@ -73,15 +80,20 @@ class ArrayDataset(Dataset):
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
         self.augment = augment
-        self._aug: Callable | None = None
-        if augment:
-            from torchvision.transforms import v2
-
-            h = images.shape[-1]
-            self._aug = v2.Compose([v2.RandomCrop(h, padding=4), v2.RandomHorizontalFlip()])
+        self._aug: Callable | None = _crop_flip(images.shape[-1]) if augment else None
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def with_augment(self, augment: bool) -> "ArrayDataset":
+        """The same images (shared, not copied) with augmentation switched on or off."""
+        if augment == self.augment:
+            return self
+        ds = ArrayDataset.__new__(ArrayDataset)
+        ds.__dict__.update(self.__dict__)
+        ds.augment = bool(augment)
+        ds._aug = _crop_flip(self.images.shape[-1]) if augment else None
+        return ds
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

@@ -403,8 +403,7 @@ def _with_augment(ds: Dataset, augment: bool | None) -> Dataset:
     from llfc.data import ArrayDataset
 
     if isinstance(ds, ArrayDataset):
-        return ArrayDataset(ds.images, ds.labels, ds._mean.flatten().tolist(),
-                            ds._std.flatten().tolist(), augment=bool(augment))
+        return ds.with_augment(bool(augment))
     raise ConfigError(
         f"augment={augment} was requested but the training set is a {type(ds).__name__}, whose "
         f"augmentation llfc cannot switch; build the dataset with the augmentation you want and "
