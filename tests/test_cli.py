@@ -1,0 +1,127 @@
+"""The CLI as a user meets it: a tiny end-to-end run on digits, and every bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from llfc.checkpoint import save_checkpoint
+from llfc.cli import main
+from llfc.models import create_model
+
+TINY = ["--epochs", "2", "--widths", "32,32", "--train-samples", "100", "--no-progress"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["run", "--out", str(out), "--spawn-epoch", "1", *TINY]) == 0
+    return out
+
+
+def test_tiny_end_to_end_run_on_digits(tiny_run):
+    res = json.loads((tiny_run / "results.json").read_text())
+    assert res["schema_version"] == 1
+    assert set(res["pairs"]) == {"spawn", "independent"}
+    for name in ("lmc.png", "llfc.png", "weak_additivity.png", "commutativity.png", "llfc.csv",
+                 "lmc.csv", "config.yaml", "environment.json", "summary.txt",
+                 "pairs/spawn/a/final.safetensors", "pairs/independent/b/final.json"):
+        assert (tiny_run / name).exists(), name
+    sp = res["pairs"]["spawn"]
+    assert sp["alphas"] == [0.0, 0.1, 0.2, 0.25, 0.4, 0.5, 0.6, 0.75, 0.8, 0.9, 1.0]
+    assert sp["n_samples"] == 450  # digits test split
+    # endpoints of the curve are the two trained models: their logged test error must agree
+    log_a = sp["train_logs"]["a"][-1]
+    assert sp["lmc"]["test"]["error"][-1] == pytest.approx(log_a["test_err"], abs=1e-9)
+    # the first Linear layer is exactly linear in the weights (LLFC holds trivially there)
+    assert max(sp["llfc"][0]["distance"]["mean"]) < 1e-9
+    assert sp["lmc"]["train"]["error"][0] >= 0
+    assert all(math.isfinite(c["dist_com"]) for c in sp["commutativity"])
+
+
+def test_existing_results_are_refused_and_kept(tiny_run, capsys):
+    before = (tiny_run / "results.json").read_bytes()
+    code, out, err = _run(["run", "--out", str(tiny_run), *TINY], capsys)
+    assert code == 2
+    assert "already holds results" in err and "--overwrite" in err
+    assert (tiny_run / "results.json").read_bytes() == before
+
+
+def test_unknown_dataset_lists_valid_names(tmp_path, capsys):
+    code, _, err = _run(["run", "--dataset", "imagenet-22k", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "unknown dataset 'imagenet-22k'" in err and "digits" in err and "mnist" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_lists_valid_names(tmp_path, capsys):
+    code, _, err = _run(["run", "--model", "transformer9000", "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2
+    assert "unknown model 'transformer9000'" in err and "mlp" in err
+
+
+def test_missing_data_names_the_folder_and_both_fixes(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(["run", "--dataset", "mnist", "--data-root", str(empty),
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert str(empty.resolve()) in err and "--data-root" in err and "--download" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_alpha_outside_unit_interval_needs_explicit_flag(tmp_path, capsys):
+    code, _, err = _run(["run", "--alphas", "0,0.5,1.5", "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2
+    assert "--allow-extrapolation" in err
+
+
+def _ckpt(path, widths, seed=0, nan=False):
+    torch.manual_seed(seed)
+    kwargs = {"input_shape": [1, 8, 8], "num_classes": 10, "widths": widths}
+    sd = create_model("mlp", **kwargs).state_dict()
+    if nan:
+        sd["layers.2.weight"][0, 0] = float("nan")
+    save_checkpoint(path, sd, {"model": {"name": "mlp", "kwargs": kwargs}, "dataset": "digits"})
+    return str(path)
+
+
+def test_analyze_two_checkpoints(tmp_path, capsys):
+    a, b = _ckpt(tmp_path / "a", [16, 16]), _ckpt(tmp_path / "b", [16, 16], seed=1)
+    code, out, _ = _run(["analyze", a, b, "--out", str(tmp_path / "o"), "--alphas", "5",
+                         "--no-progress"], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["pairs"]["pair"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert "err barrier" in out
+
+
+def test_analyze_refuses_different_shapes_naming_the_parameter(tmp_path, capsys):
+    a, b = _ckpt(tmp_path / "a", [16, 16]), _ckpt(tmp_path / "b", [16, 8])
+    code, _, err = _run(["analyze", a, b, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    # safetensors stores keys sorted, so the first difference found is layers.2's bias
+    assert "'layers.2.bias'" in err and "(16,)" in err and "(8,)" in err
+
+
+def test_analyze_refuses_nan_weights(tmp_path, capsys):
+    a, b = _ckpt(tmp_path / "a", [16, 16]), _ckpt(tmp_path / "b", [16, 16], nan=True)
+    code, _, err = _run(["analyze", a, b, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "layers.2.weight" in err and "NaN" in err
+
+
+def test_analyze_refuses_corrupted_checkpoint(tmp_path, capsys):
+    a, b = _ckpt(tmp_path / "a", [16, 16]), _ckpt(tmp_path / "b", [16, 16])
+    data = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = _run(["analyze", a, b, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "b.safetensors" in err
