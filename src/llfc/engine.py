@@ -47,7 +47,9 @@ def _flat64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vecdot(a, b)
+    """Per-row inner products of two (B, D) tensors, shape (B,). A batched matrix product: on
+    CPU it is an order of magnitude faster than (a * b).sum(1) or linalg.vecdot."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _cos(inner, sq_a, sq_b, absolute: bool) -> torch.Tensor:
@@ -119,6 +121,7 @@ class PairMeter:
         self.acc = {p.name: _LLFCAcc() for p in self.llfc_probes}
         self.wa = {p.name: _WAAcc() for p in self.wa_probes}
         self.com = {p.name: torch.zeros(6, dtype=torch.float64) for p in self.com_probes}
+        self._fa = self._fb = self._cache = None  # per-batch state of update()
 
     def _commutable(self, p: Probe) -> bool:
         if p.kind not in ("pre", "logits") or p.module is None or p.input_node is None or p.from_input:
@@ -134,40 +137,58 @@ class PairMeter:
         feats = []
         for s in self.states:
             feats.append(fa if s is self.sd_a else fb if s is self.sd_b else self.fx(s, x))
-        B = x.shape[0]
-        self.n += B
+        self.n += x.shape[0]
         for k, f in enumerate(feats):
             logits = f[self.logits.node].to(torch.float64)
             self.loss[k] += F.cross_entropy(logits, y, reduction="sum")
             self.wrong[k] += (logits.argmax(1) != y).sum()
-        cache: dict[str, tuple] = {}
-        for p in self.llfc_probes:
-            cache[p.node] = self._update_llfc(p, fa, fb, feats)
-        for p in self.wa_probes:
-            self._update_wa(p, fa, fb, cache.get(p.node))
-        for p in self.com_probes:
-            self._update_com(p, fa, fb)
+        self._fa, self._fb, self._cache = fa, fb, {}
+        try:
+            for p in self.llfc_probes:
+                self._update_llfc(p, feats)
+            for p in self.wa_probes:
+                self._update_wa(p)
+            for p in self.com_probes:
+                self._update_com(p)
+        finally:
+            self._fa = self._fb = self._cache = None
 
-    def _endpoint_stats(self, fa_t, fb_t):
-        A, Bm = _flat64(fa_t), _flat64(fb_t)
-        return A, Bm, _rowdot(A, A), _rowdot(Bm, Bm), _rowdot(A, Bm)
+    def _a64(self, node: str) -> torch.Tensor:
+        """A's feature map at ``node`` as (B, D) float64, converted once per batch."""
+        key = ("A", node)
+        if key not in self._cache:
+            self._cache[key] = _flat64(self._fa[node])
+        return self._cache[key]
 
-    def _update_llfc(self, p: Probe, fa, fb, feats):
+    def _b64(self, node: str) -> torch.Tensor:
+        key = ("B", node)
+        if key not in self._cache:
+            self._cache[key] = _flat64(self._fb[node])
+        return self._cache[key]
+
+    def _endpoint_stats(self, node: str):
+        """(‖f_A‖², ‖f_B‖², ⟨f_A, f_B⟩) per sample at ``node``, computed once per batch."""
+        key = ("stats", node)
+        if key not in self._cache:
+            A, Bm = self._a64(node), self._b64(node)
+            self._cache[key] = (_rowdot(A, A), _rowdot(Bm, Bm), _rowdot(A, Bm))
+        return self._cache[key]
+
+    def _update_llfc(self, p: Probe, feats) -> None:
         acc = self.acc[p.name]
-        A, Bm, sqa, sqb, ab = self._endpoint_stats(fa[p.node], fb[p.node])
+        A, Bm = self._a64(p.node), self._b64(p.node)
+        sqa, sqb, ab = self._endpoint_stats(p.node)
         acc.dim = A.shape[1]
         al = self._alpha_t
-        AB = torch.stack([A, Bm], 1)                      # (B, 2, D)
         rows = []
-        for k, f in enumerate(feats):
-            if f is fa:
+        for f in feats:
+            if f is self._fa:
                 ia, ib, sq = sqa, ab, sqa
-            elif f is fb:
+            elif f is self._fb:
                 ia, ib, sq = ab, sqb, sqb
             else:
                 X = _flat64(f[p.node])
-                iab = torch.bmm(AB, X.unsqueeze(2)).squeeze(2)   # (B, 2)
-                ia, ib, sq = iab[:, 0], iab[:, 1], _rowdot(X, X)
+                ia, ib, sq = _rowdot(X, A), _rowdot(X, Bm), _rowdot(X, X)
             rows.append(torch.stack([ia, ib, sq], 1))
         R = torch.stack(rows, 1)                          # (B, K, 3)
         inner = al * R[..., 0] + (1 - al) * R[..., 1]
@@ -178,54 +199,54 @@ class PairMeter:
         acc.sums.update(torch.stack([inner, sq_int, sq_al], 2))
         acc.base.update(1.0 - _cos(ab, sqa, sqb, self.absolute))
         acc.base_sums.update(torch.stack([ab, sqa, sqb], 1))
-        return A, Bm, sqa, sqb, ab
 
-    def _update_wa(self, p: Probe, fa, fb, post_stats) -> None:
+    def _update_wa(self, p: Probe) -> None:
         acc = self.wa[p.name]
-        gA, gB = _flat64(fa[p.input_node]), _flat64(fb[p.input_node])
-        if post_stats is None:
-            post_stats = self._endpoint_stats(fa[p.node], fb[p.node])
-        rA, rB, sqa, sqb, ab = post_stats
-        rAB = torch.stack([rA, rB], 1)
+        gA, gB = self._a64(p.input_node), self._b64(p.input_node)
+        rA, rB = self._a64(p.node), self._b64(p.node)
+        sqa, sqb, ab = self._endpoint_stats(p.node)
         al = self._alpha_t
         rows = []
         for a in self.alphas:
-            u = torch.relu(a * gA + (1 - a) * gB)
-            iab = torch.bmm(rAB, u.unsqueeze(2)).squeeze(2)
-            rows.append(torch.stack([a * iab[:, 0] + (1 - a) * iab[:, 1], _rowdot(u, u)], 1))
-        R = torch.stack(rows, 1)                          # (B, K, 2)
+            if a == 1.0:    # u = σ(g_A) = v exactly
+                rows.append(torch.stack([sqa, sqa], 1))
+            elif a == 0.0:
+                rows.append(torch.stack([sqb, sqb], 1))
+            else:
+                u = torch.relu(torch.lerp(gB, gA, a))
+                rows.append(torch.stack([a * _rowdot(u, rA) + (1 - a) * _rowdot(u, rB), _rowdot(u, u)], 1))
+        R = torch.stack(rows, 1)                          # (B, K, 2): ⟨u, v⟩, ‖u‖²
         sq_v = al**2 * sqa[:, None] + (1 - al) ** 2 * sqb[:, None] + 2 * al * (1 - al) * ab[:, None]
         acc.dist.update(1.0 - _cos(R[..., 0], R[..., 1], sq_v, self.absolute))
         acc.sums.update(torch.stack([R[..., 0], R[..., 1], sq_v], 2))
         acc.sign.update(((gA * gB) >= 0).to(torch.float64).mean(1))
 
-    def _update_com(self, p: Probe, fa, fb) -> None:
+    def _update_com(self, p: Probe) -> None:
         mod = self.fx.module(p.module)
+        fa, fb = self._fa, self._fb
         wa, wb = self.sd_a[p.module + ".weight"], self.sd_b[p.module + ".weight"]
         HA, HB = fa[p.input_node], fb[p.input_node]
 
-        def no_bias(out, key_sd):
-            b = key_sd.get(p.module + ".bias")
+        def no_bias(out, sd):
+            b = sd.get(p.module + ".bias")
             if b is None:
                 return out
-            if isinstance(mod, nn.Linear):
-                return out - b
-            return out - b.view(1, -1, *([1] * (out.ndim - 2)))
+            return out - (b if isinstance(mod, nn.Linear) else b.view(1, -1, *([1] * (out.ndim - 2))))
 
-        def apply(w, h):
+        def apply(w, h):  # the layer with weight w and no bias, on input h
             params = {"weight": w}
             if getattr(mod, "bias", None) is not None:
                 params["bias"] = torch.zeros_like(mod.bias)
             return functional_call(mod, params, (h,))
 
-        waha = no_bias(fa[p.node], self.sd_a)
-        wbhb = no_bias(fb[p.node], self.sd_b)
-        left = _flat64(waha + wbhb)
-        right = _flat64(apply(wa, HB) + apply(wb, HA))
-        ha, hb = _flat64(HA), _flat64(HB)
+        left = (no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b)).reshape(-1).double()
+        right = (apply(wa, HB) + apply(wb, HA)).reshape(-1).double()
+        d = left - right
+        ha, hb = self._a64(p.input_node).reshape(-1), self._b64(p.input_node).reshape(-1)
+        dh = ha - hb
         self.com[p.name] += torch.stack([
-            ((left - right) ** 2).sum(), (left * left).sum(), (right * right).sum(),
-            ((ha - hb) ** 2).sum(), (ha * ha).sum(), (hb * hb).sum(),
+            torch.dot(d, d), torch.dot(left, left), torch.dot(right, right),
+            torch.dot(dh, dh), torch.dot(ha, ha), torch.dot(hb, hb),
         ])
 
     # ---------------------------------------------------------------- results
