@@ -125,3 +125,10 @@ def test_analyze_refuses_corrupted_checkpoint(tmp_path, capsys):
     code, _, err = _run(["analyze", a, b, "--out", str(tmp_path / "o")], capsys)
     assert code == 2
     assert "b.safetensors" in err
+
+
+def test_analyze_refuses_images_of_the_wrong_shape(tmp_path, capsys):
+    a, b = _ckpt(tmp_path / "a", [16, 16]), _ckpt(tmp_path / "b", [16, 16], seed=1)
+    code, _, err = _run(["analyze", a, b, "--dataset", "mnist", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "(1, 8, 8)" in err and "(1, 28, 28)" in err and "--dataset" in err

@@ -106,6 +106,25 @@ def _train_subset(train_eval, n: int, seed: int):
     return Subset(train_eval, idx)
 
 
+def check_input_shape(model: nn.Module, dataset, model_desc: str, dataset_name: str) -> None:
+    """Run ``model`` on one sample of ``dataset``; a shape error becomes a clear ConfigError.
+
+    Raises:
+        ConfigError: the images' size or channel count does not fit the model (says which).
+    """
+    x = dataset[0][0].unsqueeze(0)
+    declared = getattr(model, "input_shape", None)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"{dataset_name} images have shape {tuple(x.shape[1:])} (channels, height, width), "
+            f"which {model_desc} cannot take ({str(e).splitlines()[0]}). Build the model for this "
+            f"dataset's input shape and number of classes, or use the dataset it was trained on."
+        ) from None
+
+
 class Measurer:
     """Measures pairs of one architecture on fixed data (test set + train subset).
 
@@ -121,6 +140,7 @@ class Measurer:
     def __init__(self, model: nn.Module, test_set, train_subset, alphas: Sequence[float], measure,
                  device: torch.device, bn_train=None, progress: bool = True, seed: int = 0):
         self.model, self.alphas, self.m, self.device, self.progress = model, list(alphas), measure, device, progress
+        check_input_shape(model, test_set, f"model {type(model).__name__}", "the test")
         self.test = _loader(test_set, measure.batch_size)
         self.train = _loader(train_subset, measure.batch_size) if train_subset is not None else None
         self.bn_batches = None
@@ -338,6 +358,14 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
         raise ConfigError("the checkpoints do not record their dataset; pass --dataset NAME.")
     dev = resolve_device(device)
     arch = create_model(ma["name"], **ma.get("kwargs", {}))
+    info = dataset_info(dataset)
+    shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
+    if shape != tuple(info.input_shape):
+        raise ConfigError(
+            f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
+            f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
+            f"--dataset the models were trained on."
+        )
     train_eval = get_dataset(dataset, "train", data_root, download, augment=False)
     test_set = get_dataset(dataset, "test", data_root, False)
     if measure.test_samples:
