@@ -132,3 +132,45 @@ def test_analyze_refuses_images_of_the_wrong_shape(tmp_path, capsys):
     code, _, err = _run(["analyze", a, b, "--dataset", "mnist", "--out", str(tmp_path / "o")], capsys)
     assert code == 2
     assert "(1, 8, 8)" in err and "(1, 28, 28)" in err and "--dataset" in err
+
+
+def test_yaml_config_with_cli_override(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        "name: from-yaml\n"
+        "pairs: [independent]\n"
+        "model_args: {widths: [8]}\n"
+        "alphas: [0.0, 0.5, 1.0]\n"
+        "train: {epochs: 3, batch_size: 128}\n"
+        "measure: {train_samples: 50, conditions: false}\n"
+    )
+    out = tmp_path / "o"
+    code, _, err = _run(["run", "--config", str(cfg), "--epochs", "1", "--out", str(out),
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["name"] == "from-yaml" and saved["train"]["epochs"] == 1  # the flag wins
+    assert saved["model_args"] == {"widths": [8]}
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["pairs"]["independent"]["train_logs"]["a"]) == 1
+    assert res["pairs"]["independent"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]  # quarters added
+    assert "commutativity" not in res["pairs"]["independent"]
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("datset: mnist\n")
+    code, _, err = _run(["run", "--config", str(cfg), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "datset" in err and "dataset" in err
+
+
+def test_analyze_refuses_different_architectures(tmp_path, capsys):
+    a = _ckpt(tmp_path / "a", [16, 16])
+    torch.manual_seed(0)
+    kwargs = {"input_shape": [1, 8, 8], "num_classes": 10}
+    save_checkpoint(tmp_path / "b", create_model("lenet", **{**kwargs, "input_shape": [1, 28, 28]}).state_dict(),
+                    {"model": {"name": "lenet", "kwargs": kwargs}, "dataset": "digits"})
+    code, _, err = _run(["analyze", a, str(tmp_path / "b"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "'mlp'" in err and "'lenet'" in err

@@ -70,12 +70,13 @@ def lerp_state_dict(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict
 
 
 def check_alphas(alphas: Iterable[float], allow_extrapolation: bool = False) -> list[float]:
-    """Validate and sort an α grid; 0 and 1 are always added (the endpoints).
+    """Validate and sort an α grid; 0, 0.25, 0.5, 0.75 and 1 are always added (the endpoints and
+    the α values of the paper's LLFC figures, §3).
 
     Raises:
         ConfigError: a non-finite α, or one outside [0, 1] without ``allow_extrapolation``.
     """
-    vals = sorted({float(a) for a in alphas} | {0.0, 1.0})
+    vals = sorted({float(a) for a in alphas} | {0.0, 0.25, 0.5, 0.75, 1.0})
     for a in vals:
         if a != a or a in (float("inf"), float("-inf")):
             raise ConfigError(f"α must be finite, got {a}")
