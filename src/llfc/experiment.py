@@ -385,3 +385,63 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results
+
+
+def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
+                      dataset: str | None = None, data_root: str | None = None, seed: int = 0,
+                      overwrite: bool = False, activation_samples: int = 10000, batch_size: int = 500,
+                      log: Callable[[str], None] = print) -> dict:
+    """``llfc align A B --method weight|activation --out C``: permute B's hidden units onto A's
+    (Git Re-Basin; LLFC paper §5.2) and write ``C.safetensors`` + ``C.json`` (the aligned B, same
+    architecture metadata as B) and ``C.report.json`` (objective, per-group movement, per-layer
+    Eq. 9 factors before / after).
+
+    Raises:
+        OutputExistsError: C exists and not ``overwrite``; CheckpointError,
+        IncompatibleModelsError, NonFiniteWeightsError, UnsupportedOperationError as for
+        :func:`llfc.permutation.align`.
+    """
+    from llfc.checkpoint import checkpoint_exists
+    from llfc.models import create_model
+    from llfc.permutation import align
+
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        out = out.with_suffix("")
+    if checkpoint_exists(out) and not overwrite:
+        raise OutputExistsError(f"{out}.safetensors already exists; choose another --out or pass --overwrite.")
+    sd_a, meta_a = load_checkpoint(path_a)
+    sd_b, meta_b = load_checkpoint(path_b)
+    ma = meta_a.get("model") or meta_b.get("model")
+    if not ma:
+        raise IncompatibleModelsError(f"{path_a}: its JSON sidecar does not record the architecture; "
+                                      f"save it with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}}).")
+    check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
+    check_finite(sd_a, str(path_a))
+    check_finite(sd_b, str(path_b))
+    arch = create_model(ma["name"], **ma.get("kwargs", {}))
+    dataset = dataset or meta_a.get("dataset") or meta_b.get("dataset")
+    shape = ma.get("kwargs", {}).get("input_shape")
+    loader = None
+    if method == "activation":
+        if not dataset:
+            raise ConfigError("activation matching needs training data: pass --dataset NAME.")
+        train_eval = get_dataset(dataset, "train", data_root, False, augment=False)
+        n = min(activation_samples, len(train_eval))
+        loader = _loader(Subset(train_eval, list(range(n))), batch_size)
+        example = torch.stack([train_eval[i][0] for i in range(4)])
+    else:
+        if shape is None:
+            shape = list(dataset_info(dataset).input_shape) if dataset else None
+        if shape is None:
+            raise ConfigError("cannot tell the input shape: the checkpoint records neither the model's "
+                              "input_shape nor a dataset; pass --dataset NAME.")
+        example = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))
+    res = align(_model_with(arch, sd_a), _model_with(arch, sd_b), example, method=method,
+                loader=loader, seed=seed)
+    meta = {**meta_b, "aligned_to": str(path_a), "alignment_method": method, "llfc_version": __version__}
+    save_checkpoint(out, {k: v.detach().cpu() for k, v in res.state_dict.items()}, meta)
+    atomic_write_json(Path(str(out) + ".report.json"), res.report)
+    log(f"aligned {path_b} onto {path_a} by {method} matching → {out}.safetensors "
+        f"(report: {out}.report.json)")
+    return res.report
