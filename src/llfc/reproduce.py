@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from llfc.config import ExperimentConfig
-from llfc.errors import ConfigError, unknown_name
+from llfc.errors import ConfigError, UnknownNameError
 
 __all__ = ["SCALES", "Experiment", "list_experiments", "format_list", "load", "dry_run_config",
            "run"]
@@ -126,7 +126,12 @@ def load(name: str, scale: str = "cpu") -> ExperimentConfig:
     """
     exps = {e.name: e for e in list_experiments(scale)}
     if name not in exps:
-        raise unknown_name(f"experiment (scale {scale})", name, exps)
+        other = [e.name for e in list_experiments("cpu" if scale == "paper" else "paper")]
+        hint = (f" ('{name}' exists at scale {'cpu' if scale == 'paper' else 'paper'}: pass "
+                f"--scale {'cpu' if scale == 'paper' else 'paper'})" if name in other else "")
+        raise UnknownNameError(
+            f"unknown experiment {name!r} at scale {scale!r}{hint}. Valid names: "
+            f"{', '.join(sorted(exps))}; `llfc reproduce --list --scale {scale}` describes them.")
     return ExperimentConfig.from_yaml(exps[name].path)
 
 
