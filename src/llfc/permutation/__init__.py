@@ -33,10 +33,21 @@ from llfc.permutation.apply import (
     random_permutation,
     strip_module_prefix,
 )
+from llfc.permutation.weight_matching import WeightMatchingReport, moved_fraction, weight_distances, weight_matching
+from llfc.permutation.activation_matching import (
+    ActivationMatchingReport,
+    CrossMoments,
+    FeatureExtractor,
+    activation_matching,
+)
+from llfc.permutation.align import AlignResult, align
 
 __all__ = [
     "DEFAULT_RTOL", "AxisRef", "FeatAxis", "NodeRef", "PermutationSpec", "SpecCheckError", "TraceContext",
     "check_spec", "derive_spec", "register_handler",
     "apply_permutation", "axis_index", "check_compatible", "compose", "identity_permutation", "invert",
     "random_permutation", "strip_module_prefix",
+    "WeightMatchingReport", "moved_fraction", "weight_distances", "weight_matching",
+    "ActivationMatchingReport", "CrossMoments", "FeatureExtractor", "activation_matching",
+    "AlignResult", "align",
 ]
