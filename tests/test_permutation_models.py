@@ -166,14 +166,38 @@ def make(name: str, **kw) -> nn.Module:
     return create_model(name, **kw)
 
 
-def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BN running stats and norm affine params non-trivial values, so a missing axis is detectable."""
+def randomize_norm_stats(model: nn.Module, seed: int = 0, input_shape=None) -> nn.Module:
+    """Make normalisation layers non-trivial so that a missing axis is detectable by the self-test.
+
+    Conv/Linear weights are re-drawn with He (Kaiming normal) init and small random biases; affine
+    parameters get random values; BatchNorm running statistics are calibrated on random inputs
+    (so that a deep narrow net does not die in eval mode) and then shifted by random offsets;
+    ``num_batches_tracked`` is set to 7. Returns the model in eval mode.
+    """
     g = torch.Generator().manual_seed(seed)
+    for m in model.modules():  # He init keeps the signal alive through deep ReLU stacks without BN
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            with torch.no_grad():
+                nn.init.kaiming_normal_(m.weight, generator=g)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns and input_shape is not None:
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = None  # cumulative average
+            m.reset_running_stats()
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn((16, *input_shape), generator=g))
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+    for m in bns:
+        m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+        m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        m.num_batches_tracked.fill_(7)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.num_batches_tracked.fill_(7)
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)

@@ -20,8 +20,8 @@ several parts follow one another after ``torch.cat`` along the feature axis.
 
 from __future__ import annotations
 
-import copy
 import math
+import warnings
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -1073,6 +1073,32 @@ def relative_output_change(
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def _warn_if_insensitive(model: nn.Module, sd, example_input: Any, rtol: float) -> None:
+    """Warn when the outputs of the batch's samples barely differ: the self-test is then weak."""
+    inputs = _as_tuple(example_input)
+    if not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[0] < 2:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, dict(sd), _clone_inputs(inputs), strict=False)
+    finally:
+        model.train(was_training)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not leaves or leaves[0].dim() == 0 or leaves[0].shape[0] != inputs[0].shape[0]:
+        return
+    o = leaves[0].detach().double().reshape(leaves[0].shape[0], -1)
+    spread = float((o - o.mean(0)).norm() / o.norm().clamp_min(1e-30))
+    if spread < 100 * rtol:
+        warnings.warn(
+            f"check_spec: the model's output barely depends on its input (relative spread {spread:.2g} across the "
+            "example batch), e.g. dead ReLUs of a deep untrained network; a wrong spec may then pass the self-test. "
+            "Check the spec on trained weights or a better-conditioned initialisation.",
+            stacklevel=3,
+        )
+
+
 def check_spec(
     model: nn.Module,
     spec: PermutationSpec,
@@ -1100,6 +1126,7 @@ def check_spec(
 
     sd = model.state_dict()
     spec.resolve_sizes(sd)
+    _warn_if_insensitive(model, sd, example_input, rtol)
     gen = torch.Generator().manual_seed(seed)
     perms = random_permutation(spec, gen, derange=True)
     rel = relative_output_change(model, sd, apply_permutation(spec, perms, sd), example_input)
