@@ -182,10 +182,22 @@ def weight_matching(
                 dyn.append((r, a_mat.contiguous(), b_mov))
         static[g], dynamic[g] = S0, dyn
 
+    # Groups a dynamic term depends on (those permuting the entry's other axes). A term's product is
+    # cached and recomputed only when one of those permutations changed since (late sweeps are cheap).
+    deps = {g: [sorted({h for h, refs in spec.groups.items() for q in refs if q.key == r.key and q.axis != r.axis})
+                for r, _, _ in dynamic[g]] for g in spec.groups}
+    version = {g: 0 for g in spec.groups}
+    cache: dict[tuple[str, int], tuple[tuple, torch.Tensor]] = {}
+
     def similarity(g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
         n = spec.sizes[g]
         S = static[g].clone()
-        for r, a_mat, b_mov in dynamic[g]:
+        for ti, (r, a_mat, b_mov) in enumerate(dynamic[g]):
+            stamp = tuple(version[h] for h in deps[g][ti])
+            hit = cache.get((g, ti))
+            if hit is not None and hit[0] == stamp:
+                S += hit[1]
+                continue
             t = b_mov
             shape = B[r.key].shape
             for ax in axes_of_key[r.key]:
@@ -194,7 +206,9 @@ def weight_matching(
                 idx = axis_index(spec, perms, r.key, ax, shape[ax])
                 moved = ax + 1 if ax < r.axis else ax  # position of axis `ax` after movedim(r.axis, 0)
                 t = t.index_select(moved, idx.to(t.device))
-            S += a_mat @ t.reshape(n, -1).T
+            prod = a_mat @ t.reshape(n, -1).T
+            cache[(g, ti)] = (stamp, prod)
+            S += prod
         return S
 
     A64 = {k: sd_a[k].detach().double() for k in keys}
@@ -209,6 +223,8 @@ def weight_matching(
             perms = identity_permutation(spec)
         else:
             perms = random_permutation(spec, gen)
+        for g in version:  # a new start invalidates every cached product
+            version[g] += 1
         history: list[float] = []
         converged = False
         sweeps = 0
@@ -225,8 +241,12 @@ def weight_matching(
                 new = S[rows, ci].sum()
                 if new > old + tol * max(1.0, abs(old)):
                     perms[g] = torch.as_tensor(ci, dtype=torch.long)
+                    version[g] += 1
                     progress = True
-            history.append(_objective(A64, apply_permutation(spec, perms, B64), keys))
+            if progress or not history:
+                history.append(_objective(A64, apply_permutation(spec, perms, B64), keys))
+            else:
+                history.append(history[-1])
             if not progress:
                 converged = True
                 break
