@@ -1,0 +1,185 @@
+"""Applying, drawing and inverting permutations; state-dict helpers.
+
+Convention (Git Re-Basin, Ainsworth et al. 2023): ``perms[g]`` is a LongTensor of length
+``spec.sizes[g]`` and ``perms[g][i]`` is the index in B of the unit that goes to position ``i``.
+On an axis where each unit occupies ``block`` positions starting at ``offset``, position
+``offset + i·block + k`` of the result takes position ``offset + perms[g][i]·block + k`` of the input
+(so a Linear's weight becomes ``W[perm]`` on its output axis and ``W[:, perm]`` on its input axis:
+W' = P W P'ᵀ, LLFC paper §5.2).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from llfc.errors import IncompatibleModelsError
+from llfc.permutation.spec import PermutationSpec, SpecCheckError
+
+__all__ = [
+    "apply_permutation",
+    "random_permutation",
+    "identity_permutation",
+    "invert",
+    "compose",
+    "axis_index",
+    "strip_module_prefix",
+    "check_compatible",
+]
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix.
+
+    The prefix is removed only when *every* key carries it (repeatedly, e.g. ``module._orig_mod.``).
+    Returns a new dict (tensors are shared, not copied).
+    """
+    sd = dict(state_dict)
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def check_compatible(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`~llfc.errors.IncompatibleModelsError` unless both state dicts have the same keys and shapes.
+
+    The message names the first differing key (in A's order) or shape.
+    """
+    keys_a, keys_b = list(sd_a), list(sd_b)
+    set_b = set(keys_b)
+    for k in keys_a:
+        if k not in set_b:
+            raise IncompatibleModelsError(
+                f"the two models have different architectures: key {k!r} of model A is missing from model B. "
+                "Pair two models of the same architecture (a 'module.' prefix is removed automatically)."
+            )
+        if tuple(sd_a[k].shape) != tuple(sd_b[k].shape):
+            raise IncompatibleModelsError(
+                f"the two models have different architectures: {k!r} has shape {tuple(sd_a[k].shape)} in model A "
+                f"and {tuple(sd_b[k].shape)} in model B. Pair two models of the same architecture and widths."
+            )
+    extra = [k for k in keys_b if k not in set(keys_a)]
+    if extra:
+        raise IncompatibleModelsError(
+            f"the two models have different architectures: key {extra[0]!r} of model B is missing from model A. "
+            "Pair two models of the same architecture."
+        )
+
+
+def _check_perm(g: str, p: torch.Tensor, n: int) -> torch.Tensor:
+    p = torch.as_tensor(p, dtype=torch.long)
+    if p.shape != (n,) or not torch.equal(torch.sort(p).values, torch.arange(n)):
+        raise SpecCheckError(f"perms[{g!r}] is not a permutation of range({n}) (shape {tuple(p.shape)}).")
+    return p
+
+
+def axis_index(
+    spec: PermutationSpec, perms: Mapping[str, torch.Tensor], key: str, axis: int, length: int
+) -> torch.Tensor | None:
+    """Index vector ``idx`` such that the permuted entry is ``t.index_select(axis, idx)``.
+
+    Composes every group segment on (key, axis); positions outside all segments stay in place.
+    Returns ``None`` if no group in ``perms`` touches that axis.
+    """
+    idx = None
+    for g, refs in spec.groups.items():
+        if g not in perms:
+            continue
+        for r in refs:
+            if r.key != key or r.axis != axis:
+                continue
+            if idx is None:
+                idx = torch.arange(length)
+            p = perms[g]
+            n = p.numel()
+            seg = (p[:, None] * r.block + torch.arange(r.block)[None, :]).reshape(-1) + r.offset
+            idx[r.offset: r.offset + n * r.block] = seg
+    return idx
+
+
+def apply_permutation(
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Permute a state dict: returns π(θ) as a new dict; the input is not modified.
+
+    Args:
+        spec: the permutation spec.
+        perms: group -> LongTensor permutation (groups missing from ``perms`` stay as they are).
+        state_dict: the weights (e.g. model B's). Entries not named by the spec (including integer
+            buffers such as ``num_batches_tracked``) are returned as the same tensor objects;
+            BatchNorm running statistics named by the spec are permuted like the weights.
+
+    Raises:
+        SpecCheckError: a permutation of the wrong length / not a permutation, or a spec that does not
+            fit the state dict.
+    """
+    spec.resolve_sizes(state_dict)
+    unknown = [g for g in perms if g not in spec.groups]
+    if unknown:
+        raise SpecCheckError(f"perms names group {unknown[0]!r}, which the spec does not have "
+                             f"(groups: {', '.join(spec.groups)}).")
+    ps = {g: _check_perm(g, p, spec.sizes[g]) for g, p in perms.items()}
+    out = dict(state_dict)
+    axes: dict[str, set[int]] = {}
+    for g, refs in spec.groups.items():
+        if g in ps:
+            for r in refs:
+                axes.setdefault(r.key, set()).add(r.axis)
+    for key, ax_set in axes.items():
+        t = state_dict[key]
+        for ax in sorted(ax_set):
+            idx = axis_index(spec, ps, key, ax, t.shape[ax])
+            t = t.index_select(ax, idx.to(t.device))
+        out[key] = t
+    return out
+
+
+def random_permutation(
+    spec: PermutationSpec, generator: torch.Generator | None = None, *, derange: bool = False
+) -> dict[str, torch.Tensor]:
+    """One uniformly random permutation per group (``torch.randperm`` with ``generator``).
+
+    With ``derange=True`` an identity draw (possible for small groups) is replaced by a cyclic shift,
+    so every group of ≥ 2 units really moves. Sizes must be known (see ``spec.resolve_sizes``).
+    """
+    out = {}
+    for g in spec.groups:
+        n = spec.sizes[g]
+        p = torch.randperm(n, generator=generator)
+        if derange and n > 1 and torch.equal(p, torch.arange(n)):
+            p = torch.roll(p, 1)
+        out[g] = p
+    return out
+
+
+def identity_permutation(spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """The identity permutation of every group."""
+    return {g: torch.arange(spec.sizes[g]) for g in spec.groups}
+
+
+def invert(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse permutations: ``apply(invert(p), apply(p, sd)) == sd``."""
+    return {g: torch.argsort(torch.as_tensor(p)) for g, p in perms.items()}
+
+
+def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Permutations equal to applying ``first`` and then ``second``: ``result[g] = first[g][second[g]]``."""
+    return {g: torch.as_tensor(first[g])[torch.as_tensor(second[g])] for g in first}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The wrapped module of ``nn.DataParallel`` / ``DistributedDataParallel`` (else the model itself)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return getattr(model, "_orig_mod", model)

@@ -1,0 +1,200 @@
+"""Weight matching, activation matching and align(): planted permutations, exact formulas, streaming stats."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from llfc.errors import IncompatibleModelsError
+from llfc.permutation import (
+    CrossMoments,
+    FeatureExtractor,
+    activation_matching,
+    align,
+    apply_permutation,
+    derive_spec,
+    invert,
+    random_permutation,
+    weight_matching,
+)
+from llfc.permutation.activation_matching import accumulate_moments
+from llfc.permutation.spec import relative_output_change
+from test_permutation_models import make, randomize_norm_stats
+
+torch.set_num_threads(1)
+
+
+def mlp(seed, widths=(48, 40, 32)):
+    torch.manual_seed(seed)
+    m = make("mlp", input_shape=(1, 8, 8), widths=widths).eval()
+    with torch.no_grad():  # keep every ReLU alive on random inputs (dead units have no identity to recover)
+        for layer in m.layers:
+            if isinstance(layer, nn.Linear):
+                layer.bias.add_(0.5)
+    return m
+
+
+def planted(model, spec, seed=3):
+    p = random_permutation(spec, torch.Generator().manual_seed(seed), derange=True)
+    return p, apply_permutation(spec, p, model.state_dict())
+
+
+def test_weight_matching_recovers_planted_mlp():
+    a = mlp(0)
+    spec = derive_spec(a, torch.randn(2, 1, 8, 8))
+    p, sd_b = planted(a, spec)
+    perms, rep = weight_matching(spec, a.state_dict(), sd_b)
+    assert all(torch.equal(perms[g], invert(p)[g]) for g in spec.groups)
+    rec = apply_permutation(spec, perms, sd_b)
+    assert all(torch.equal(rec[k], v) for k, v in a.state_dict().items())
+    assert rep.converged and rep.objective_per_sweep[-1] == rep.objective
+    assert all(d == 0.0 for d in rep.distance_after.values())
+    assert rep.moved_fraction == {g: float((p[g] != torch.arange(len(p[g]))).double().mean()) for g in p}
+
+
+def test_weight_matching_recovers_planted_vgg16_bn():
+    torch.manual_seed(0)
+    a = randomize_norm_stats(make("vgg16_bn", width=0.125), 0, (3, 32, 32))
+    spec = derive_spec(a, torch.randn(2, 3, 32, 32))
+    p, sd_b = planted(a, spec)
+    perms, rep = weight_matching(spec, a.state_dict(), sd_b)
+    rec = apply_permutation(spec, perms, sd_b)
+    assert all(torch.equal(rec[k], v) for k, v in a.state_dict().items())
+    assert rep.objective == pytest.approx(sum(float((v.double() ** 2).sum()) for k, v in a.state_dict().items()
+                                              if k in spec.keys()), rel=1e-12)
+
+
+def test_weight_matching_objective_identities_on_independent_models():
+    a, b = mlp(0), mlp(1)
+    spec = derive_spec(a, torch.randn(2, 1, 8, 8))
+    sa, sb = a.state_dict(), b.state_dict()
+    perms, rep = weight_matching(spec, sa, sb, restarts=3, seed=0, dtype=torch.float64)
+    # coordinate descent only accepts improvements: monotone sweeps, better than no alignment
+    h = rep.objective_per_sweep
+    assert all(y >= x - 1e-9 for x, y in zip(h, h[1:]))
+    assert rep.objective > rep.objective_identity
+    assert len(rep.restart_objectives) == 3 and rep.objective == max(rep.restart_objectives)
+    # Σ_k ‖A − π(B)‖² = Σ‖A‖² + Σ‖B‖² − 2 J (independent formula for the reported numbers)
+    keys = spec.keys()
+    na = sum(float((sa[k].double() ** 2).sum()) for k in keys)
+    nb = sum(float((sb[k].double() ** 2).sum()) for k in keys)
+    after = sum(d ** 2 for d in rep.distance_after.values())
+    before = sum(d ** 2 for d in rep.distance_before.values())
+    assert after == pytest.approx(na + nb - 2 * rep.objective, rel=1e-9)
+    assert before == pytest.approx(na + nb - 2 * rep.objective_identity, rel=1e-9)
+    assert after < before
+    # the aligned B computes B's function
+    x = torch.randn(5, 1, 8, 8)
+    assert relative_output_change(b, sb, apply_permutation(spec, perms, sb), x) < 1e-5
+
+
+def test_weight_matching_single_group_equals_brute_force():
+    """One hidden layer = one group: the optimum over all 5! permutations, found by enumeration."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    b = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    spec = derive_spec(a, torch.randn(2, 3))
+    (g,) = spec.groups
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def J(p):
+        return (sa["0.weight"].double() * sb["0.weight"].double()[p]).sum() + \
+            (sa["0.bias"].double() * sb["0.bias"].double()[p]).sum() + \
+            (sa["2.weight"].double() * sb["2.weight"].double()[:, p]).sum()
+
+    best = max(itertools.permutations(range(5)), key=lambda p: float(J(list(p))))
+    perms, rep = weight_matching(spec, sa, sb, dtype=torch.float64)
+    assert perms[g].tolist() == list(best)
+    const = sum(float((sa[k].double() * sb[k].double()).sum()) for k in ["2.bias"])  # not in the spec
+    assert rep.objective == pytest.approx(float(J(list(best))), rel=1e-12)
+    assert "2.bias" not in spec.keys() and const != 0
+
+
+def test_activation_matching_recovers_planted_mlp():
+    a = mlp(0)
+    spec = derive_spec(a, torch.randn(2, 1, 8, 8))
+    p, sd_b = planted(a, spec)
+    b = mlp(5)
+    b.load_state_dict(sd_b)
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(64, 1, 8, 8, generator=g), torch.zeros(64)) for _ in range(3)]
+    for corr in (False, True):
+        perms, rep = activation_matching(a, b, spec, loader, correlation=corr)
+        assert all(torch.equal(perms[k], invert(p)[k]) for k in spec.groups)
+        assert rep.n_inputs == 192 and set(rep.n_samples.values()) == {192}
+    assert rep.statistic == "correlation"
+    # each unit's correlation with its own copy is 1 (0 for a unit that is constant on the data)
+    stats, _ = accumulate_moments(a, b, spec, loader)
+    for k, v in rep.objective.items():
+        alive = float((stats[k].m_aa > 0).double().mean())
+        assert v == pytest.approx(alive, abs=1e-9)
+
+
+def test_cross_moments_match_in_memory_formulas():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, 6, generator=g, dtype=torch.float64) * 3 + 5
+    b = a[:, [2, 0, 1, 5, 3, 4]] * 0.5 + torch.randn(1000, 6, generator=g, dtype=torch.float64) + 2
+    st = CrossMoments(6, 6)
+    for lo, hi in [(0, 1), (1, 300), (300, 301), (301, 1000)]:  # uneven batches, incl. single samples
+        st.update(a[lo:hi], b[lo:hi])
+    assert st.count == 1000
+    torch.testing.assert_close(st.cross(), a.T @ b / 1000, rtol=1e-12, atol=1e-12)
+    corr = np.corrcoef(a.numpy().T, b.numpy().T)[:6, 6:]
+    torch.testing.assert_close(st.correlation(), torch.from_numpy(corr), rtol=1e-10, atol=1e-12)
+
+
+def test_streaming_conv_features_equal_all_in_memory():
+    torch.manual_seed(0)
+    a = randomize_norm_stats(make("resnet20", width=1), 0, (3, 16, 16))
+    torch.manual_seed(1)
+    b = randomize_norm_stats(make("resnet20", width=1), 1, (3, 16, 16))
+    spec = derive_spec(a, torch.randn(2, 3, 16, 16))
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 3, 16, 16, generator=g) for n in (7, 16, 1, 9)]
+    stats, seen = accumulate_moments(a, b, spec, xs)
+    assert seen == 33
+    nodes = {grp: spec.feature_nodes(grp)[0] for grp in spec.groups}
+    fa = FeatureExtractor(a, [r.node for r in nodes.values()]).eval()
+    fb = FeatureExtractor(b, [r.node for r in nodes.values()]).eval()
+    with torch.no_grad():  # same batches as the streaming pass (float32 convs depend on the batch size)
+        outs_a, outs_b = [fa(x) for x in xs], [fb(x) for x in xs]
+    full_a = {k: torch.cat([o[k] for o in outs_a]) for k in outs_a[0]}
+    full_b = {k: torch.cat([o[k] for o in outs_b]) for k in outs_b[0]}
+    for grp, r in nodes.items():
+        n = spec.sizes[grp]
+        ma = full_a[r.node].double().movedim(1, -1).reshape(-1, n)  # every spatial position is a sample
+        mb = full_b[r.node].double().movedim(1, -1).reshape(-1, n)
+        assert stats[grp].count == ma.shape[0]
+        torch.testing.assert_close(stats[grp].cross(), ma.T @ mb / ma.shape[0], rtol=1e-10, atol=1e-12)
+        corr = torch.from_numpy(np.corrcoef(ma.numpy().T, mb.numpy().T)[:n, n:])
+        ok = (ma.std(0) > 0)[:, None] & (mb.std(0) > 0)[None, :]
+        torch.testing.assert_close(stats[grp].correlation()[ok], corr[ok], rtol=1e-8, atol=1e-10)
+
+
+def test_align_weight_and_activation_with_prefix_and_report():
+    a, b = mlp(0), mlp(1)
+    x = torch.randn(4, 1, 8, 8)
+    prefixed = {"module." + k: v for k, v in b.state_dict().items()}
+    res = align(a, prefixed, x, method="weight", seed=0)
+    json.dumps(res.report)
+    assert res.report["method"] == "weight" and res.report["function_check"]["relative_change"] < 1e-4
+    assert set(res.state_dict) == set(a.state_dict())
+    assert relative_output_change(b, b.state_dict(), res.state_dict, torch.randn(6, 1, 8, 8)) < 1e-5
+    assert sum(res.report["distance_after"].values()) < sum(res.report["distance_before"].values())
+    loader = [torch.randn(32, 1, 8, 8) for _ in range(2)]
+    res2 = align(a, b, x, method="activation", loader=loader)
+    json.dumps(res2.report)
+    assert res2.report["method"] == "activation"
+    assert relative_output_change(b, b.state_dict(), res2.state_dict, x) < 1e-5
+
+
+def test_align_refuses_different_architectures():
+    a = mlp(0, widths=(48, 40, 32))
+    b = mlp(1, widths=(48, 41, 32))
+    with pytest.raises(IncompatibleModelsError, match=r"layers\.2\.weight"):
+        align(a, b, torch.randn(2, 1, 8, 8))
