@@ -187,14 +187,14 @@ def test_layernorm2d_normalises_channels_per_pixel():
     torch.manual_seed(0)
     ln = LayerNorm2d(5)
     with torch.no_grad():
-        ln.weight.uniform_(0.5, 2.0)
-        ln.bias.normal_()
+        ln.ln.weight.uniform_(0.5, 2.0)
+        ln.ln.bias.normal_()
     x = torch.randn(3, 5, 4, 4) * 3 + 1
     y = ln(x)
     # independent formula
     mu = x.mean(1, keepdim=True)
     var = x.var(1, unbiased=False, keepdim=True)
-    ref = (x - mu) / torch.sqrt(var + 1e-6) * ln.weight.view(1, 5, 1, 1) + ln.bias.view(1, 5, 1, 1)
+    ref = (x - mu) / torch.sqrt(var + 1e-6) * ln.ln.weight.view(1, 5, 1, 1) + ln.ln.bias.view(1, 5, 1, 1)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -39,7 +39,7 @@ _META_KEYS = ("description", "reference", "cost-cpu", "cost-gpu")
 DRY_RUN = {"epochs": 2, "spawn_epoch": 1, "max_batches_per_epoch": 2, "test_samples": 64,
            "train_samples": 64, "measure_batch_size": 32, "bn_batches": 2,
            "activation_samples": 128, "align_batch_size": 64, "restarts": 1, "max_iter": 5,
-           "eval_batch_size": 256, "alphas": 3}
+           "eval_batch_size": 256, "alphas": 5}
 
 
 @dataclass(frozen=True)

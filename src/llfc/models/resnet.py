@@ -181,24 +181,18 @@ class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis at every pixel, as Flax's ``nn.LayerNorm()`` on NHWC maps.
 
     y[n, :, h, w] = (x[n, :, h, w] − mean_c) / sqrt(var_c + eps) · weight + bias, with weight and
-    bias of shape (C,). Implemented by permuting to (N, H, W, C), applying ``F.layer_norm`` over
-    the last axis and permuting back. eps = 1e-6 (Flax's default).
+    bias of shape (C,) (parameters ``ln.weight``, ``ln.bias``). Implemented as an ``nn.LayerNorm``
+    over the last axis between two permutes, so that torch.fx sees a standard LayerNorm module
+    (the permutation-spec derivation handles it). eps = 1e-6 (Flax's default).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
         self.num_channels = int(num_channels)
-        self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.ln = nn.LayerNorm(self.num_channels, eps=float(eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (self.num_channels,), self.weight, self.bias,
-                         self.eps)
-        return y.permute(0, 3, 1, 2)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}"
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 NORMS = ("groupnorm", "layernorm")
