@@ -13,7 +13,7 @@ import torch.nn as nn
 from llfc.errors import IncompatibleModelsError
 from llfc.permutation import (
     CrossMoments,
-    FeatureExtractor,
+    NodeOutputs,
     activation_matching,
     align,
     apply_permutation,
@@ -159,8 +159,8 @@ def test_streaming_conv_features_equal_all_in_memory():
     stats, seen = accumulate_moments(a, b, spec, xs)
     assert seen == 33
     nodes = {grp: spec.feature_nodes(grp)[0] for grp in spec.groups}
-    fa = FeatureExtractor(a, [r.node for r in nodes.values()]).eval()
-    fb = FeatureExtractor(b, [r.node for r in nodes.values()]).eval()
+    fa = NodeOutputs(a, [r.node for r in nodes.values()]).eval()
+    fb = NodeOutputs(b, [r.node for r in nodes.values()]).eval()
     with torch.no_grad():  # same batches as the streaming pass (float32 convs depend on the batch size)
         outs_a, outs_b = [fa(x) for x in xs], [fb(x) for x in xs]
     full_a = {k: torch.cat([o[k] for o in outs_a]) for k in outs_a[0]}

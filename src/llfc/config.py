@@ -35,17 +35,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
                   "weight_decay": 0.0, "schedule": "cosine"},
     },
-    "fashion-mnist": {
-        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
-        "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                  "weight_decay": 0.0, "schedule": "cosine"},
-    },
     "cifar10": {
         "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
         "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9,
                   "weight_decay": 5e-4, "schedule": "cosine", "augment": False},
     },
 }
+DATASET_DEFAULTS["fashion-mnist"] = DATASET_DEFAULTS["mnist"]
 _FALLBACK = DATASET_DEFAULTS["cifar10"]
 
 

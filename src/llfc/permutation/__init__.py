@@ -37,7 +37,7 @@ from llfc.permutation.weight_matching import WeightMatchingReport, moved_fractio
 from llfc.permutation.activation_matching import (
     ActivationMatchingReport,
     CrossMoments,
-    FeatureExtractor,
+    NodeOutputs,
     activation_matching,
 )
 from llfc.permutation.align import AlignResult, align
@@ -48,6 +48,6 @@ __all__ = [
     "apply_permutation", "axis_index", "check_compatible", "compose", "identity_permutation", "invert",
     "random_permutation", "strip_module_prefix",
     "WeightMatchingReport", "moved_fraction", "weight_distances", "weight_matching",
-    "ActivationMatchingReport", "CrossMoments", "FeatureExtractor", "activation_matching",
+    "ActivationMatchingReport", "CrossMoments", "NodeOutputs", "activation_matching",
     "AlignResult", "align",
 ]

@@ -29,7 +29,7 @@ from llfc.errors import ConfigError
 from llfc.permutation.spec import NodeRef, PermutationSpec, trace
 from llfc.permutation.weight_matching import moved_fraction
 
-__all__ = ["CrossMoments", "FeatureExtractor", "ActivationMatchingReport", "activation_matching"]
+__all__ = ["CrossMoments", "NodeOutputs", "ActivationMatchingReport", "activation_matching"]
 
 
 class CrossMoments:
@@ -89,7 +89,7 @@ class CrossMoments:
         return self.covariance() / torch.outer(sa, sb)
 
 
-class FeatureExtractor(nn.Module):
+class NodeOutputs(nn.Module):
     """Wraps a model's fx graph so that ``forward(x)`` returns the outputs of the named nodes.
 
     Each requested output is cloned right after its node runs, so later in-place operations
@@ -195,8 +195,8 @@ def accumulate_moments(
             )
         groups[g] = refs
     names = sorted({r.node for refs in groups.values() for r in refs})
-    ext_a = FeatureExtractor(model_a, names).to(device).eval()
-    ext_b = FeatureExtractor(model_b, names).to(device).eval()
+    ext_a = NodeOutputs(model_a, names).to(device).eval()
+    ext_b = NodeOutputs(model_b, names).to(device).eval()
     stats = {g: CrossMoments(spec.sizes[g], spec.sizes[g], device) for g in spec.groups}
     seen = 0
     with torch.no_grad():

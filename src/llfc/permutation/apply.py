@@ -15,7 +15,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from llfc.errors import IncompatibleModelsError
+from llfc.checkpoint import strip_prefix as strip_module_prefix  # noqa: F401 (re-exported)
+from llfc.interpolate import check_compatible  # noqa: F401 (re-exported)
 from llfc.permutation.spec import PermutationSpec, SpecCheckError
 
 __all__ = [
@@ -28,52 +29,6 @@ __all__ = [
     "strip_module_prefix",
     "check_compatible",
 ]
-
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix.
-
-    The prefix is removed only when *every* key carries it (repeatedly, e.g. ``module._orig_mod.``).
-    Returns a new dict (tensors are shared, not copied).
-    """
-    sd = dict(state_dict)
-    changed = True
-    while changed and sd:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
-                changed = True
-    return sd
-
-
-def check_compatible(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> None:
-    """Raise :class:`~llfc.errors.IncompatibleModelsError` unless both state dicts have the same keys and shapes.
-
-    The message names the first differing key (in A's order) or shape.
-    """
-    keys_a, keys_b = list(sd_a), list(sd_b)
-    set_b = set(keys_b)
-    for k in keys_a:
-        if k not in set_b:
-            raise IncompatibleModelsError(
-                f"the two models have different architectures: key {k!r} of model A is missing from model B. "
-                "Pair two models of the same architecture (a 'module.' prefix is removed automatically)."
-            )
-        if tuple(sd_a[k].shape) != tuple(sd_b[k].shape):
-            raise IncompatibleModelsError(
-                f"the two models have different architectures: {k!r} has shape {tuple(sd_a[k].shape)} in model A "
-                f"and {tuple(sd_b[k].shape)} in model B. Pair two models of the same architecture and widths."
-            )
-    extra = [k for k in keys_b if k not in set(keys_a)]
-    if extra:
-        raise IncompatibleModelsError(
-            f"the two models have different architectures: key {extra[0]!r} of model B is missing from model A. "
-            "Pair two models of the same architecture."
-        )
-
 
 def _check_perm(g: str, p: torch.Tensor, n: int) -> torch.Tensor:
     p = torch.as_tensor(p, dtype=torch.long)
