@@ -59,6 +59,9 @@ class MeasureConfig:
         batch_size: evaluation batch size.
         bn_mode: "interpolate" or "reset" (BatchNorm statistics along the path).
         bn_batches: training batches used to reset BN statistics.
+        stitching: identity model stitching per Linear/Conv layer (paper App. B.4, Tables 2–3).
+        angles_k: principal angles between the top-k singular subspaces of W_A and W_B per layer
+            (official code's ``principal_angle.py``); 0 disables.
     """
 
     kinds: list[str] | None = None
@@ -70,6 +73,8 @@ class MeasureConfig:
     batch_size: int = 500
     bn_mode: str = "interpolate"
     bn_batches: int = 20
+    stitching: bool = True
+    angles_k: int = 5
 
 
 @dataclass

@@ -33,7 +33,9 @@ from llfc.engine import measure_pair
 from llfc.errors import ConfigError, IncompatibleModelsError, OutputExistsError
 from llfc.checkpoint import check_finite, strip_prefix
 from llfc.interpolate import check_alphas, check_compatible, default_alphas, path_states
+from llfc.metrics.angles import principal_angles_per_layer
 from llfc.report import plot_all, summary_table, write_tables
+from llfc.stitching import stitching_errors
 from llfc.seeding import derive_seed, environment, seed_everything
 from llfc.train import ModelSpec, TrainConfig, independent_pair, spawn_pair
 
@@ -167,6 +169,13 @@ class Measurer:
                               progress=self.progress, desc=f"measure {name} (train subset)")
             lmc["train"] = tr["lmc"]
         res["lmc"] = lmc
+        if self.m.stitching:
+            res["stitching"] = stitching_errors(self.model, sd_a, sd_b, self.test, device=self.device,
+                                                progress=self.progress)
+        if self.m.angles_k:
+            res["principal_angles"] = [
+                {"name": k, "k": int(v["k"]), "left": v["left"].tolist(), "right": v["right"].tolist()}
+                for k, v in principal_angles_per_layer(sd_a, sd_b, self.m.angles_k).items()]
         res["bn_mode"] = self.m.bn_mode
         res["cosine"] = "1-|cos| (official code)" if self.m.absolute_cos else "1-cos (signed)"
         res["seconds"] = time.perf_counter() - t0

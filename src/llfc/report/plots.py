@@ -166,6 +166,31 @@ def plot_commutativity(pairs: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_stitching(pairs: dict, path: Path) -> Path:
+    """Test error of B with layer ℓ's output replaced by A's (identity stitching, LLFC paper
+    App. B.4, Tables 2–3), per layer and pair, against the two endpoints' errors."""
+    pairs = {k: v for k, v in pairs.items() if v.get("stitching")}
+    nl = max(len(p["stitching"]) for p in pairs.values())
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * nl + 3), 3.6))
+    for j, (name, pr) in enumerate(pairs.items()):
+        rows = pr["stitching"]
+        ends = {r["layer"]: r["error"] for r in rows if r["role"] == "endpoint"}
+        st = [r for r in rows if r["role"] == "stitched"]
+        c = _COLORS[j % len(_COLORS)]
+        ax.plot(range(len(st)), [100 * r["error"] for r in st], "-o", ms=3, color=c,
+                label=f"{_label(name, pr)} (A {100 * ends['A']:.2f}%, B {100 * ends['B']:.2f}%)")
+        ax.axhline(100 * max(ends.values()), color=c, ls=":", lw=1)
+        names = [r["layer"] for r in st]
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("test error of stitched B (%)")
+    ax.set_title("identity stitching: B with layer ℓ's output taken from A (dotted: worse endpoint)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_all(pairs: dict, out_dir: Path) -> list[Path]:
     """Write every figure that the results support into ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
@@ -176,4 +201,6 @@ def plot_all(pairs: dict, out_dir: Path) -> list[Path]:
         paths.append(plot_weak_additivity(pairs, out_dir / "weak_additivity.png"))
     if any(p.get("commutativity") for p in pairs.values()):
         paths.append(plot_commutativity(pairs, out_dir / "commutativity.png"))
+    if any(p.get("stitching") for p in pairs.values()):
+        paths.append(plot_stitching(pairs, out_dir / "stitching.png"))
     return paths

@@ -37,6 +37,14 @@ def summary_table(pairs: dict) -> str:
                 f"(×{w['ratio']:.3f})" if w else "-")
         lines.append(f"{name:<22} {100 * t['error'][i1]:6.2f}% {100 * t['error'][i0]:6.2f}% "
                      f"{100 * b['error_barrier_frankle']:9.2f} pp {b['loss_barrier_entezari']:13.4f}  {wtxt}")
+    for name, pr in pairs.items():
+        st = [r for r in pr.get("stitching", []) if r["role"] == "stitched"]
+        if st:
+            ends = [r["error"] for r in pr["stitching"] if r["role"] == "endpoint"]
+            worst = max(st, key=lambda r: r["error"])
+            lines.append(f"{name:<22} identity stitching: stitched error {100 * min(r['error'] for r in st):.2f}–"
+                         f"{100 * worst['error']:.2f}% (worst at {worst['layer']}); endpoints "
+                         f"{100 * ends[0]:.2f}% / {100 * ends[1]:.2f}%")
     lines.append("err barrier: Frankle et al. 2020, max_α Err(θ_α) − mean of endpoints (test set); "
                  "loss barrier: Entezari et al. 2022.")
     return "\n".join(lines)

@@ -64,5 +64,12 @@ def write_tables(pairs: dict, out_dir: Path) -> list[Path]:
         _write(out / "commutativity.csv", ["pair", "layer", "dist_com", "dist_W", "dist_H"],
                [[n, ly["name"], ly["dist_com"], ly["dist_W"], ly["dist_H"]]
                 for n, pr in pairs.items() for ly in pr.get("commutativity", [])]),
+        _write(out / "stitching.csv", ["pair", "layer", "role", "kind", "error", "loss"],
+               [[n, r["layer"], r["role"], r.get("kind"), r["error"], r["loss"]]
+                for n, pr in pairs.items() for r in pr.get("stitching", [])]),
+        _write(out / "principal_angles.csv", ["pair", "parameter", "subspace", "rank", "angle_deg"],
+               [[n, r["name"], side, i + 1, a]
+                for n, pr in pairs.items() for r in pr.get("principal_angles", [])
+                for side in ("left", "right") for i, a in enumerate(r[side])]),
     ]
     return paths
