@@ -174,3 +174,27 @@ def test_analyze_refuses_different_architectures(tmp_path, capsys):
                     {"model": {"name": "lenet", "kwargs": kwargs}, "dataset": "digits"})
     code, _, err = _run(["analyze", a, str(tmp_path / "b"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "'mlp'" in err and "'lenet'" in err
+
+
+def test_align_writes_a_function_preserving_checkpoint_closer_to_a(tmp_path, capsys):
+    from llfc.checkpoint import load_checkpoint
+
+    a, b = _ckpt(tmp_path / "a", [16, 16]), _ckpt(tmp_path / "b", [16, 16], seed=1)
+    out = tmp_path / "b_aligned"
+    code, stdout, err = _run(["align", a, b, "--method", "weight", "--out", str(out)], capsys)
+    assert code == 0, err
+    sd_a, _ = load_checkpoint(a)
+    sd_b, meta_b = load_checkpoint(b)
+    sd_c, meta_c = load_checkpoint(out)
+    assert meta_c["model"] == meta_b["model"] and meta_c["alignment_method"] == "weight"
+    x = torch.randn(5, 1, 8, 8)
+    mb, mc = create_model("mlp", **meta_b["model"]["kwargs"]), create_model("mlp", **meta_b["model"]["kwargs"])
+    mb.load_state_dict(sd_b)
+    mc.load_state_dict(sd_c)
+    assert torch.allclose(mb(x), mc(x), atol=1e-5)  # same function
+    dist = lambda sd: sum(((sd_a[k] - sd[k]) ** 2).sum().item() for k in sd_a)
+    assert dist(sd_c) < dist(sd_b)  # closer to A in weight space
+    report = json.loads((tmp_path / "b_aligned.report.json").read_text())
+    assert report["method"] == "weight"
+    code, _, err = _run(["align", a, b, "--out", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err
