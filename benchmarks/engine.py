@@ -3,9 +3,9 @@
 For K α values and N samples it measures
   * the engine's wall time against the compute floor: the time of (K + 2) plain forward passes
     (θ_A, θ_B and every θ_α) over the same batches, without any metric;
-  * the engine's peak memory (resident set size growth, measured in a fresh child process per
-    configuration) for N = 1,000 and N = 10,000: it must be flat, since nothing that grows with N
-    is kept.
+  * the engine's memory: the largest resident set size sampled after every batch of the pass,
+    minus the size before the pass (a fresh child process per configuration), for N = 1,000 and
+    N = 10,000: it must be flat, since nothing that grows with N is kept.
 
 Batches are synthetic (drawn per batch from a seeded generator) so that the data set itself does
 not occupy memory. Prints a table and writes JSON (default benchmarks/results/engine.json).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -42,6 +41,18 @@ def _batches(shape, n, batch, seed=0):
         done += b
 
 
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _sampled(batches, samples: list):
+    for b in batches:
+        yield b
+        samples.append(_rss_mb())  # after the previous batch was folded in
+
+
 def child(model_key: str, n: int, k: int, batch: int, conditions: bool) -> dict:
     from llfc.engine import measure_pair
     from llfc.interpolate import default_alphas, lerp_state_dict
@@ -57,11 +68,12 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool) -> dict:
     shape = kwargs["input_shape"]
     # warm-up (allocator, fx tracing) on a small batch
     measure_pair(m, sd_a, sd_b, _batches(shape, batch, batch), alphas, conditions=conditions)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _rss_mb()
+    samples: list[float] = []
     t0 = time.perf_counter()
-    measure_pair(m, sd_a, sd_b, _batches(shape, n, batch), alphas, conditions=conditions)
+    measure_pair(m, sd_a, sd_b, _sampled(_batches(shape, n, batch), samples), alphas,
+                 conditions=conditions)
     t_engine = time.perf_counter() - t0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # the floor: (K + 2) plain forward passes over the same batches
     states = [sd_a, sd_b] + [lerp_state_dict(sd_a, sd_b, a) for a in alphas]
     t0 = time.perf_counter()
@@ -72,7 +84,8 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool) -> dict:
     t_floor = time.perf_counter() - t0
     return {"model": model_key, "N": n, "K": len(alphas), "batch": batch, "conditions": conditions,
             "engine_s": t_engine, "floor_s": t_floor, "ratio": t_engine / t_floor,
-            "peak_rss_growth_mb": (rss1 - rss0) / 1024.0}
+            "rss_before_mb": rss0, "peak_rss_during_mb": max(samples),
+            "peak_rss_growth_mb": max(samples) - rss0}
 
 
 def main() -> None:

@@ -47,9 +47,9 @@ def _flat64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row inner products of two (B, D) tensors, shape (B,). A batched matrix product: on
-    CPU it is an order of magnitude faster than (a * b).sum(1) or linalg.vecdot."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Per-row inner products of two (B, D) tensors, shape (B,) (one fused kernel, no (B, D)
+    temporary)."""
+    return torch.linalg.vecdot(a, b)
 
 
 def _cos(inner, sq_a, sq_b, absolute: bool) -> torch.Tensor:
