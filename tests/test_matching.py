@@ -198,3 +198,37 @@ def test_align_refuses_different_architectures():
     b = mlp(1, widths=(48, 41, 32))
     with pytest.raises(IncompatibleModelsError, match=r"layers\.2\.weight"):
         align(a, b, torch.randn(2, 1, 8, 8))
+
+
+def test_ste_lowers_the_midpoint_loss_of_an_independent_pair():
+    """STE (Git Re-Basin Alg. 3) must find a permutation whose midpoint loss is lower than the
+    unpermuted pair's, and the permuted B must compute B's function."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from llfc.models import create_model
+    from llfc.permutation import align, apply_permutation, derive_spec, ste_matching
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 6, 6, generator=g)
+    y = (x.flatten(1)[:, :4].argmax(1))  # a learnable rule
+    kw = dict(input_shape=[1, 6, 6], num_classes=4, widths=[24, 24])
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = create_model("mlp", **kw)
+        opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+        for _ in range(150):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        models.append(m.eval())
+    sd_a, sd_b = models[0].state_dict(), models[1].state_dict()
+    spec = derive_spec(models[0], x[:4])
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    perms, rep = ste_matching(models[0], spec, sd_a, sd_b, batches, epochs=3, lr=0.05)
+    mid = lambda sd: F.cross_entropy(functional_call(models[0], {k: 0.5 * (sd_a[k] + sd[k]) for k in sd_a}, (x,)), y)
+    assert mid(apply_permutation(spec, perms, sd_b)) < mid(sd_b)
+    assert rep.steps == 12 and len(rep.losses) == 12
+    res = align(models[0], models[1], x[:8], method="ste", loader=batches, epochs=1)
+    assert res.report["method"] == "ste"

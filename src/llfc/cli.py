@@ -2,7 +2,7 @@
 
     llfc run [--config FILE] [--dataset NAME] ...      train pairs, measure, report (default: digits)
     llfc analyze A B [--dataset NAME] ...              measure two existing checkpoints
-    llfc align A B --method weight|activation --out C  permute B's units onto A's (Git Re-Basin)
+    llfc align A B --method weight|activation|ste --out C  permute B's units onto A's (Git Re-Basin)
     llfc probes MODEL [--dataset NAME]                 list the feature maps llfc can measure
     llfc reproduce --list | NAME                       the paper's experiments, one command each
     llfc list                                          registered datasets and models
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", help="dataset name (default digits; see `llfc list`)")
     r.add_argument("--model", help="architecture name (default: the dataset's)")
     r.add_argument("--widths", help="MLP hidden widths, comma-separated (e.g. 512,512,512)")
-    r.add_argument("--pairs", help="comma-separated: spawn, independent, permutation-weight, permutation-activation")
+    r.add_argument("--pairs", help="comma-separated: spawn, independent, permutation-weight, "
+                   "permutation-activation, permutation-ste")
     r.add_argument("--spawn-epoch", type=int, help="epoch k at which the spawned pair forks (0 allowed)")
     r.add_argument("--epochs", type=int, help="training epochs")
     r.add_argument("--lr", type=float, help="learning rate")
@@ -229,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     al = sub.add_parser("align", help="permute B's hidden units onto A's (Git Re-Basin)")
     al.add_argument("a")
     al.add_argument("b")
-    al.add_argument("--method", choices=["weight", "activation"], default="weight")
+    al.add_argument("--method", choices=["weight", "activation", "ste"], default="weight",
+                    help="weight matching, activation matching, or the straight-through estimator")
     al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
     al.add_argument("--seed", type=int)
     common(al)

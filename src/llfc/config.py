@@ -20,7 +20,7 @@ import yaml
 
 from llfc.errors import ConfigError
 
-PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation")
+PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation", "permutation-ste")
 
 # Training recipes per dataset (keys of llfc.train.TrainConfig). The paper's own CIFAR recipes
 # live in configs/paper/; these are the defaults of `llfc run`.
@@ -79,12 +79,22 @@ class MeasureConfig:
 
 @dataclass
 class AlignConfig:
-    """Permutation alignment (Git Re-Basin) settings for ``permutation-*`` pairs."""
+    """Permutation alignment (Git Re-Basin) settings for ``permutation-*`` pairs.
 
-    restarts: int = 3
+    Attributes:
+        restarts, max_iter: weight matching's coordinate-descent restarts and sweeps.
+        activation_samples: training images whose features are correlated (activation matching)
+            or that the straight-through estimator trains on.
+        batch_size: batch size of both.
+        ste_epochs, ste_lr: epochs over ``activation_samples`` and SGD learning rate of the STE.
+    """
+
+    restarts: int = 1
     max_iter: int = 100
     activation_samples: int = 10000
     batch_size: int = 500
+    ste_epochs: int = 1
+    ste_lr: float = 0.01
 
 
 @dataclass
@@ -97,7 +107,8 @@ class ExperimentConfig:
         data_root: folder in torchvision's layout (None: $LLFC_DATA_ROOT or ./data).
         download: let torchvision download missing data.
         model, model_args: registry name and architecture arguments (None: dataset default).
-        pairs: pair kinds to build: spawn, independent, permutation-weight, permutation-activation.
+        pairs: pair kinds to build: spawn, independent, permutation-weight,
+            permutation-activation, permutation-ste.
         spawn_epoch: k, the epoch at which the spawned pair forks (0 allowed).
         seed: master seed; every other seed is derived from it and recorded.
         alphas: the α grid: an int n (n evenly spaced points plus 0.25/0.5/0.75) or a list.

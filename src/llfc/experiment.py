@@ -45,7 +45,9 @@ PAIR_LABELS = {
     "independent": "independent (no alignment)",
     "permutation-weight": "permuted: weight matching",
     "permutation-activation": "permuted: activation matching",
+    "permutation-ste": "permuted: straight-through estimator",
 }
+PERMUTATION_KINDS = ("permutation-weight", "permutation-activation", "permutation-ste")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -255,7 +257,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     pairs_dir = out / "pairs"
     states: dict[str, tuple[dict, dict]] = {}
     logs: dict[str, Any] = {}
-    wants_indep = any(p in cfg.pairs for p in ("independent", "permutation-weight", "permutation-activation"))
+    wants_indep = any(p in cfg.pairs for p in ("independent", *PERMUTATION_KINDS))
     if "spawn" in cfg.pairs:
         log(f"[spawn] training a parent for {cfg.spawn_epoch} epoch(s), then two children to epoch "
             f"{tcfg.epochs}")
@@ -269,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
                                     pairs_dir / "independent", resume=resume,
                                     overwrite=mode == "overwrite", progress=progress)
         states["independent"], logs["independent"] = (_cpu_sd(a), _cpu_sd(b)), lg
-    for kind in ("permutation-weight", "permutation-activation"):
+    for kind in PERMUTATION_KINDS:
         if kind in cfg.pairs:
             method = kind.split("-")[1]
             log(f"[{kind}] aligning the independent pair's B onto A by {method} matching")
@@ -280,8 +282,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
                              "method": method, "llfc_version": __version__})
             atomic_write_json(pairs_dir / kind / "alignment.json", report)
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
-    for name in [p for p in ("spawn", "independent", "permutation-weight", "permutation-activation")
-                 if p in cfg.pairs]:
+    for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
         log(f"[{name}] measuring LMC, LLFC and the conditions")
         sd_a, sd_b = states[name]
         pr = measurer(sd_a, sd_b, name)
@@ -312,11 +313,15 @@ def align_state_dicts(arch: nn.Module, sd_a: dict, sd_b: dict, method: str, trai
     ma = _model_with(arch, sd_a)
     mb = _model_with(arch, sd_b)
     example = torch.stack([train_eval[i][0] for i in range(min(8, len(train_eval)))])
-    loader = None
-    if method == "activation":
+    loader, kwargs = None, {}
+    if method in ("activation", "ste"):
         n = min(cfg.align.activation_samples, len(train_eval))
         loader = _loader(Subset(train_eval, list(range(n))), cfg.align.batch_size)
-    res = align(ma, mb, example, method=method, loader=loader, seed=cfg.seed)
+    if method == "weight":
+        kwargs = {"restarts": cfg.align.restarts, "max_iter": cfg.align.max_iter}
+    elif method == "ste":
+        kwargs = {"epochs": cfg.align.ste_epochs, "lr": cfg.align.ste_lr}
+    res = align(ma, mb, example, method=method, loader=loader, seed=cfg.seed, **kwargs)
     return {k: v.detach().cpu() for k, v in res.state_dict.items()}, res.report
 
 
@@ -432,9 +437,9 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     dataset = dataset or meta_a.get("dataset") or meta_b.get("dataset")
     shape = ma.get("kwargs", {}).get("input_shape")
     loader = None
-    if method == "activation":
+    if method in ("activation", "ste"):
         if not dataset:
-            raise ConfigError("activation matching needs training data: pass --dataset NAME.")
+            raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
         train_eval = get_dataset(dataset, "train", data_root, False, augment=False)
         n = min(activation_samples, len(train_eval))
         loader = _loader(Subset(train_eval, list(range(n))), batch_size)

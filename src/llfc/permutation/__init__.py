@@ -5,6 +5,7 @@
 - :func:`apply_permutation`, :func:`random_permutation`, :func:`invert` act on state dicts.
 - :func:`weight_matching` (coordinate descent over groups, one linear assignment per step) and
   :func:`activation_matching` (streaming cross-correlation of features, one assignment per group).
+- :func:`ste_matching`: Git Re-Basin's straight-through estimator (learns π to lower the midpoint loss).
 - :func:`align` does it all for two models and verifies the aligned B computes B's function.
 
 Convention: ``perms[g][i]`` is the index in B of the unit that goes to position ``i``.
@@ -40,6 +41,7 @@ from llfc.permutation.activation_matching import (
     NodeOutputs,
     activation_matching,
 )
+from llfc.permutation.ste import SteReport, ste_matching
 from llfc.permutation.align import AlignResult, align
 
 __all__ = [
@@ -49,5 +51,6 @@ __all__ = [
     "random_permutation", "strip_module_prefix",
     "WeightMatchingReport", "moved_fraction", "weight_distances", "weight_matching",
     "ActivationMatchingReport", "CrossMoments", "NodeOutputs", "activation_matching",
+    "SteReport", "ste_matching",
     "AlignResult", "align",
 ]

@@ -14,6 +14,7 @@ from llfc.errors import ConfigError, NonFiniteWeightsError
 from llfc.permutation.activation_matching import activation_matching
 from llfc.permutation.apply import apply_permutation, check_compatible, strip_module_prefix, unwrap_model
 from llfc.permutation.spec import DEFAULT_RTOL, PermutationSpec, SpecCheckError, derive_spec, relative_output_change
+from llfc.permutation.ste import ste_matching
 from llfc.permutation.weight_matching import moved_fraction, weight_distances, weight_matching
 
 __all__ = ["AlignResult", "align"]
@@ -68,7 +69,8 @@ def align(
             ``_orig_mod.`` prefix is stripped); at least one must be a module (it defines the
             architecture). Neither is modified.
         example_input: a small batch for tracing and for the function check (e.g. (2, C, H, W)).
-        method: ``"weight"`` (:func:`~llfc.permutation.weight_matching`) or ``"activation"``
+        method: ``"weight"`` (:func:`~llfc.permutation.weight_matching`), ``"ste"``
+            (:func:`~llfc.permutation.ste_matching`, needs ``loader``) or ``"activation"``
             (:func:`~llfc.permutation.activation_matching`, needs ``loader``).
         loader: batches of training data for activation matching.
         seed: seed of weight matching's group order / restarts and of the spec self-test.
@@ -88,8 +90,8 @@ def align(
         UnsupportedOperationError / SpecCheckError: from deriving or checking the spec.
     """
     t0 = time.perf_counter()
-    if method not in ("weight", "activation"):
-        raise ConfigError(f"align: method must be 'weight' or 'activation', got {method!r}.")
+    if method not in ("weight", "activation", "ste"):
+        raise ConfigError(f"align: method must be 'weight', 'activation' or 'ste', got {method!r}.")
     mod_a, sd_a = _split(model_a)
     mod_b, sd_b = _split(model_b)
     check_compatible(sd_a, sd_b)
@@ -112,6 +114,13 @@ def align(
         perms, rep = weight_matching(spec, sd_a, sd_b, seed=seed, **matching_kwargs)
         details = rep.to_dict()
         objective = rep.objective
+        aligned = apply_permutation(spec, perms, sd_b)
+    elif method == "ste":
+        if loader is None:
+            raise ConfigError("align(method='ste') needs loader= (batches of training data).")
+        perms, rep = ste_matching(copy.deepcopy(template), spec, sd_a, sd_b, loader, seed=seed, **matching_kwargs)
+        details = rep.to_dict()
+        objective = rep.best_loss
         aligned = apply_permutation(spec, perms, sd_b)
     else:
         if loader is None:
