@@ -198,3 +198,27 @@ def test_align_writes_a_function_preserving_checkpoint_closer_to_a(tmp_path, cap
     assert report["method"] == "weight"
     code, _, err = _run(["align", a, b, "--out", str(out)], capsys)
     assert code == 2 and "--overwrite" in err
+
+
+def test_interrupted_run_resumes_and_matches_a_fresh_run(tmp_path, capsys, monkeypatch):
+    import llfc.experiment as ex
+
+    args = ["run", "--epochs", "2", "--widths", "16", "--train-samples", "50", "--no-progress",
+            "--pairs", "spawn", "--spawn-epoch", "1"]
+    real = ex.measure_pair
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "measure_pair", interrupt)
+    code, _, err = _run([*args, "--out", str(tmp_path / "r")], capsys)
+    assert code == 130 and "resume" in err
+    assert (tmp_path / "r" / "pairs" / "spawn" / "b" / "final.safetensors").exists()
+    assert not (tmp_path / "r" / "results.json").exists()
+    monkeypatch.setattr(ex, "measure_pair", real)
+    code, out, _ = _run([*args, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "(resume)" in out
+    code, _, _ = _run([*args, "--out", str(tmp_path / "fresh")], capsys)
+    resumed = json.loads((tmp_path / "r" / "results.json").read_text())["pairs"]["spawn"]
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())["pairs"]["spawn"]
+    assert resumed["lmc"] == fresh["lmc"] and resumed["llfc"] == fresh["llfc"]
