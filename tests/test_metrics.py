@@ -131,3 +131,31 @@ def test_running_moments_equal_all_in_memory():
     assert torch.allclose(rs.compute(), x.double().sum(0), atol=1e-9)
     with pytest.raises(RuntimeError):
         RunningMoments().compute()
+
+
+def test_stable_cosine_distance_matches_definition_and_keeps_small_distances_precise():
+    from llfc.metrics.cosine import coef_from_sq, cosine_distance_from_sq
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 300, generator=g, dtype=torch.float64)
+    y = torch.randn(50, 300, generator=g, dtype=torch.float64) + 0.5 * x
+    sq = lambda t: (t * t).sum(1)
+    d = cosine_distance_from_sq(sq(x), sq(y), sq(x - y))
+    assert torch.allclose(d, cosine_distance(x, y), atol=1e-12)
+    assert torch.allclose(coef_from_sq(sq(x), sq(y), sq(x - y)), scale_coef(x, y), atol=1e-12)
+    # nearly identical float32 vectors: the float64 truth is ~1e-9, far below float32's resolution
+    # of cos itself; the law-of-cosines form from float32 sums keeps it to 1%
+    x32 = x.float()
+    sq32 = lambda t: (t * t).sum(1).double()
+    truth = lambda y32: cosine_distance(x32.double(), y32.double())
+    y32 = x32 + 1e-4 * torch.randn(50, 300, generator=g)
+    stable = cosine_distance_from_sq(sq32(x32), sq32(y32), sq32(x32 - y32))
+    assert torch.allclose(stable, truth(y32), rtol=1e-2, atol=0)
+    # with a 30% scale mismatch the error grows to ~eps32·(1 − s)², still below 1e-7
+    y32 = 1.3 * x32 + 1e-4 * torch.randn(50, 300, generator=g)
+    stable = cosine_distance_from_sq(sq32(x32), sq32(y32), sq32(x32 - y32))
+    assert torch.allclose(stable, truth(y32), rtol=0, atol=1e-7)
+    assert cosine_distance_from_sq(t([0.0]), t([0.0]), t([0.0])).item() == 0.0
+    assert cosine_distance_from_sq(t([0.0]), t([4.0]), t([4.0])).item() == 1.0
+    # anti-parallel: 1 − cos = 2, and 0 with the official |cos|
+    assert cosine_distance_from_sq(t([1.0]), t([1.0]), t([4.0]), absolute=True).item() == pytest.approx(0.0)

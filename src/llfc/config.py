@@ -70,7 +70,7 @@ class MeasureConfig:
     conditions: bool = True
     test_samples: int | None = None
     train_samples: int = 1000
-    batch_size: int = 500
+    batch_size: int = 256
     bn_mode: str = "interpolate"
     bn_batches: int = 20
     stitching: bool = True

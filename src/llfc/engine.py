@@ -3,8 +3,8 @@
 Per batch, the features of θ_A and θ_B are computed once and reused for every α; θ_α costs one
 forward pass per interior α (the endpoints reuse A's and B's features), so the time is about
 (K + 2) forward passes for K interior α values. Everything is folded into float64 running sums
-(:mod:`llfc.metrics.streaming`) and discarded: memory is O(batch × largest layer) and does not
-grow with the number of samples.
+(:mod:`llfc.metrics.streaming`) and discarded: memory holds the probed feature maps of three
+networks (θ_A, θ_B, one θ_α) for one batch, and does not grow with the number of samples or α.
 
 What is measured (α weights A: θ_α = α·θ_A + (1−α)·θ_B):
 
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from llfc.metrics.cosine import coef_from_inner, cos_from_inner, dist_from_sums
+from llfc.metrics.cosine import coef_from_sq, cosine_distance_from_sq, dist_from_sums
 from llfc.metrics.lmc import barriers
 from llfc.metrics.streaming import RunningMoments, RunningSum
 from llfc.probe import FeatureExtractor, Probe
@@ -42,19 +42,19 @@ from llfc.probe import FeatureExtractor, Probe
 StateDict = dict[str, torch.Tensor]
 
 
-def _flat64(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).to(torch.float64)
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row inner products of two (B, D) tensors, shape (B,) (one fused kernel, no (B, D)
-    temporary)."""
-    return torch.linalg.vecdot(a, b)
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    """Per-row squared norms of a (B, D) tensor, in its dtype, returned as float64 (B,)."""
+    return torch.linalg.vecdot(t, t).to(torch.float64)
 
 
-def _cos(inner, sq_a, sq_b, absolute: bool) -> torch.Tensor:
-    c = cos_from_inner(inner, sq_a, sq_b)
-    return c.abs() if absolute else c
+def _sq_int(al, sqa, sqb, dab):
+    """‖α a + (1−α) b‖² for every α: α²‖a‖² + (1−α)²‖b‖² + α(1−α)(‖a‖² + ‖b‖² − ‖a−b‖²); (B, K)."""
+    ab = (sqa + sqb - dab) / 2
+    return al**2 * sqa[:, None] + (1 - al) ** 2 * sqb[:, None] + 2 * al * (1 - al) * ab[:, None]
 
 
 class _LLFCAcc:
@@ -64,8 +64,8 @@ class _LLFCAcc:
         self.dist = RunningMoments()   # (B, K) per-sample 1 − cos(f_α, f_int)
         self.coef = RunningMoments()   # (B, K) per-sample s
         self.base = RunningMoments()   # (B,)  per-sample 1 − cos(f_A, f_B)
-        self.sums = RunningSum()       # (B, K, 3): ⟨f_α,f_int⟩, ‖f_int‖², ‖f_α‖²
-        self.base_sums = RunningSum()  # (B, 3): ⟨f_A,f_B⟩, ‖f_A‖², ‖f_B‖²
+        self.sums = RunningSum()       # (B, K, 3): ‖f_α‖², ‖f_int‖², ‖f_α − f_int‖²
+        self.base_sums = RunningSum()  # (B, 3): ‖f_A‖², ‖f_B‖², ‖f_A − f_B‖²
         self.dim = 0
 
 
@@ -74,7 +74,7 @@ class _WAAcc:
 
     def __init__(self) -> None:
         self.dist = RunningMoments()   # (B, K)
-        self.sums = RunningSum()       # (B, K, 3): ⟨u,v⟩, ‖u‖², ‖v‖²
+        self.sums = RunningSum()       # (B, K, 3): ‖u‖², ‖v‖², ‖u − v‖²
         self.sign = RunningMoments()   # (B,)
 
 
@@ -121,7 +121,7 @@ class PairMeter:
         self.acc = {p.name: _LLFCAcc() for p in self.llfc_probes}
         self.wa = {p.name: _WAAcc() for p in self.wa_probes}
         self.com = {p.name: torch.zeros(6, dtype=torch.float64) for p in self.com_probes}
-        self._fa = self._fb = self._cache = None  # per-batch state of update()
+        self._fa = self._fb = None  # per-batch state of update()
 
     def _commutable(self, p: Probe) -> bool:
         if p.kind not in ("pre", "logits") or p.module is None or p.input_node is None or p.from_input:
@@ -131,94 +131,81 @@ class PairMeter:
     # ---------------------------------------------------------------- per batch
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Fold in one batch: x (B, ...) inputs, y (B,) integer labels."""
+        """Fold in one batch: x (B, ...) inputs, y (B,) integer labels.
+
+        Memory: the feature maps of θ_A, θ_B and *one* θ_α at a time (float32), plus one probe's
+        float64 copies; the per-α results are (B,)-vectors.
+        """
         fa = self.fx(self.sd_a, x)
         fb = self.fx(self.sd_b, x)
-        feats = []
-        for s in self.states:
-            feats.append(fa if s is self.sd_a else fb if s is self.sd_b else self.fx(s, x))
         self.n += x.shape[0]
-        for k, f in enumerate(feats):
-            logits = f[self.logits.node].to(torch.float64)
-            self.loss[k] += F.cross_entropy(logits, y, reduction="sum")
-            self.wrong[k] += (logits.argmax(1) != y).sum()
-        self._fa, self._fb, self._cache = fa, fb, {}
+        self._fa, self._fb = fa, fb
         try:
+            stats = {p.node: self._endpoint_stats(p.node) for p in self.llfc_probes}
+            rows: dict[str, list[torch.Tensor]] = {p.name: [] for p in self.llfc_probes}
+            for k, s in enumerate(self.states):
+                f = fa if s is self.sd_a else fb if s is self.sd_b else self.fx(s, x)
+                logits = f[self.logits.node].to(torch.float64)
+                self.loss[k] += F.cross_entropy(logits, y, reduction="sum")
+                self.wrong[k] += (logits.argmax(1) != y).sum()
+                for p in self.llfc_probes:
+                    rows[p.name].append(self._llfc_row(p, f, stats[p.node], self.alphas[k]))
+                del f
             for p in self.llfc_probes:
-                self._update_llfc(p, feats)
+                self._fold_llfc(p, torch.stack(rows.pop(p.name), 1), stats[p.node])
             for p in self.wa_probes:
-                self._update_wa(p)
+                self._update_wa(p, stats.get(p.node))
             for p in self.com_probes:
                 self._update_com(p)
         finally:
-            self._fa = self._fb = self._cache = None
-
-    def _a64(self, node: str) -> torch.Tensor:
-        """A's feature map at ``node`` as (B, D) float64, converted once per batch."""
-        key = ("A", node)
-        if key not in self._cache:
-            self._cache[key] = _flat64(self._fa[node])
-        return self._cache[key]
-
-    def _b64(self, node: str) -> torch.Tensor:
-        key = ("B", node)
-        if key not in self._cache:
-            self._cache[key] = _flat64(self._fb[node])
-        return self._cache[key]
+            self._fa = self._fb = None
 
     def _endpoint_stats(self, node: str):
-        """(‖f_A‖², ‖f_B‖², ⟨f_A, f_B⟩) per sample at ``node``, computed once per batch."""
-        key = ("stats", node)
-        if key not in self._cache:
-            A, Bm = self._a64(node), self._b64(node)
-            self._cache[key] = (_rowdot(A, A), _rowdot(Bm, Bm), _rowdot(A, Bm))
-        return self._cache[key]
+        """(‖f_A‖², ‖f_B‖², ‖f_A − f_B‖²) per sample at ``node``, float64 (B,) each."""
+        A, Bm = _flat(self._fa[node]), _flat(self._fb[node])
+        return _sq(A), _sq(Bm), _sq(A - Bm)
 
-    def _update_llfc(self, p: Probe, feats) -> None:
+    def _llfc_row(self, p: Probe, f, stats, a: float) -> torch.Tensor:
+        """(B, 2): ‖f_α‖², ‖f_α − f_int‖² for one α (f_int = α f_A + (1−α) f_B)."""
+        sqa, sqb, _ = stats
+        if f is self._fa:
+            return torch.stack([sqa, torch.zeros_like(sqa)], 1)
+        if f is self._fb:
+            return torch.stack([sqb, torch.zeros_like(sqb)], 1)
+        X = _flat(f[p.node])
+        return torch.stack([_sq(X), _sq(X - torch.lerp(_flat(self._fb[p.node]), _flat(self._fa[p.node]), a))], 1)
+
+    def _fold_llfc(self, p: Probe, R: torch.Tensor, stats) -> None:
+        """Fold the (B, K, 2) rows of one probe into its accumulators."""
         acc = self.acc[p.name]
-        A, Bm = self._a64(p.node), self._b64(p.node)
-        sqa, sqb, ab = self._endpoint_stats(p.node)
-        acc.dim = A.shape[1]
-        al = self._alpha_t
-        rows = []
-        for f in feats:
-            if f is self._fa:
-                ia, ib, sq = sqa, ab, sqa
-            elif f is self._fb:
-                ia, ib, sq = ab, sqb, sqb
-            else:
-                X = _flat64(f[p.node])
-                ia, ib, sq = _rowdot(X, A), _rowdot(X, Bm), _rowdot(X, X)
-            rows.append(torch.stack([ia, ib, sq], 1))
-        R = torch.stack(rows, 1)                          # (B, K, 3)
-        inner = al * R[..., 0] + (1 - al) * R[..., 1]
-        sq_int = al**2 * sqa[:, None] + (1 - al) ** 2 * sqb[:, None] + 2 * al * (1 - al) * ab[:, None]
-        sq_al = R[..., 2]
-        acc.dist.update(1.0 - _cos(inner, sq_al, sq_int, self.absolute))
-        acc.coef.update(coef_from_inner(inner, sq_int, sq_al))
-        acc.sums.update(torch.stack([inner, sq_int, sq_al], 2))
-        acc.base.update(1.0 - _cos(ab, sqa, sqb, self.absolute))
-        acc.base_sums.update(torch.stack([ab, sqa, sqb], 1))
+        sqa, sqb, dab = stats
+        acc.dim = self._fa[p.node][0].numel()
+        sq_x, sq_d = R[..., 0], R[..., 1]
+        sq_f = _sq_int(self._alpha_t, sqa, sqb, dab)
+        acc.dist.update(cosine_distance_from_sq(sq_x, sq_f, sq_d, absolute=self.absolute))
+        acc.coef.update(coef_from_sq(sq_x, sq_f, sq_d))
+        acc.sums.update(torch.stack([sq_x, sq_f, sq_d], 2))
+        acc.base.update(cosine_distance_from_sq(sqa, sqb, dab, absolute=self.absolute))
+        acc.base_sums.update(torch.stack([sqa, sqb, dab], 1))
 
-    def _update_wa(self, p: Probe) -> None:
+    def _update_wa(self, p: Probe, stats=None) -> None:
         acc = self.wa[p.name]
-        gA, gB = self._a64(p.input_node), self._b64(p.input_node)
-        rA, rB = self._a64(p.node), self._b64(p.node)
-        sqa, sqb, ab = self._endpoint_stats(p.node)
-        al = self._alpha_t
+        gA, gB = _flat(self._fa[p.input_node]), _flat(self._fb[p.input_node])
+        rA, rB = _flat(self._fa[p.node]), _flat(self._fb[p.node])
+        sqa, sqb, dab = stats if stats is not None else self._endpoint_stats(p.node)
         rows = []
         for a in self.alphas:
             if a == 1.0:    # u = σ(g_A) = v exactly
-                rows.append(torch.stack([sqa, sqa], 1))
+                rows.append(torch.stack([sqa, torch.zeros_like(sqa)], 1))
             elif a == 0.0:
-                rows.append(torch.stack([sqb, sqb], 1))
+                rows.append(torch.stack([sqb, torch.zeros_like(sqb)], 1))
             else:
                 u = torch.relu(torch.lerp(gB, gA, a))
-                rows.append(torch.stack([a * _rowdot(u, rA) + (1 - a) * _rowdot(u, rB), _rowdot(u, u)], 1))
-        R = torch.stack(rows, 1)                          # (B, K, 2): ⟨u, v⟩, ‖u‖²
-        sq_v = al**2 * sqa[:, None] + (1 - al) ** 2 * sqb[:, None] + 2 * al * (1 - al) * ab[:, None]
-        acc.dist.update(1.0 - _cos(R[..., 0], R[..., 1], sq_v, self.absolute))
-        acc.sums.update(torch.stack([R[..., 0], R[..., 1], sq_v], 2))
+                rows.append(torch.stack([_sq(u), _sq(u - torch.lerp(rB, rA, a))], 1))
+        R = torch.stack(rows, 1)                          # (B, K, 2): ‖u‖², ‖u − v‖²
+        sq_v = _sq_int(self._alpha_t, sqa, sqb, dab)
+        acc.dist.update(cosine_distance_from_sq(R[..., 0], sq_v, R[..., 1], absolute=self.absolute))
+        acc.sums.update(torch.stack([R[..., 0], sq_v, R[..., 1]], 2))
         acc.sign.update(((gA * gB) >= 0).to(torch.float64).mean(1))
 
     def _update_com(self, p: Probe) -> None:
@@ -239,14 +226,12 @@ class PairMeter:
                 params["bias"] = torch.zeros_like(mod.bias)
             return functional_call(mod, params, (h,))
 
-        left = (no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b)).reshape(-1).double()
-        right = (apply(wa, HB) + apply(wb, HA)).reshape(-1).double()
-        d = left - right
-        ha, hb = self._a64(p.input_node).reshape(-1), self._b64(p.input_node).reshape(-1)
-        dh = ha - hb
+        left = _flat(no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b))
+        right = _flat(apply(wa, HB) + apply(wb, HA))
+        ha, hb = _flat(HA), _flat(HB)
         self.com[p.name] += torch.stack([
-            torch.dot(d, d), torch.dot(left, left), torch.dot(right, right),
-            torch.dot(dh, dh), torch.dot(ha, ha), torch.dot(hb, hb),
+            _sq(left - right).sum(), _sq(left).sum(), _sq(right).sum(),
+            _sq(ha - hb).sum(), _sq(ha).sum(), _sq(hb).sum(),
         ])
 
     # ---------------------------------------------------------------- results
@@ -271,12 +256,13 @@ class PairMeter:
                 bm, bs = acc.base.compute()
                 S = acc.sums.compute()                   # (K, 3)
                 bS = acc.base_sums.compute()
-                whole = 1.0 - _cos(S[:, 0], S[:, 2], S[:, 1], self.absolute)
-                coef_whole = coef_from_inner(S[:, 0], S[:, 1], S[:, 2])
+                whole = cosine_distance_from_sq(S[:, 0], S[:, 1], S[:, 2], absolute=self.absolute)
+                coef_whole = coef_from_sq(S[:, 0], S[:, 1], S[:, 2])
                 layers.append({
                     "name": p.name, "kind": p.kind, "op": p.op, "dim": acc.dim,
                     "baseline": {"mean": float(bm), "std": float(bs),
-                                 "whole": float(1.0 - _cos(bS[0], bS[1], bS[2], self.absolute))},
+                                 "whole": float(cosine_distance_from_sq(bS[0], bS[1], bS[2],
+                                                                        absolute=self.absolute))},
                     "distance": {"mean": dm.tolist(), "std": ds.tolist(), "whole": whole.tolist()},
                     "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": coef_whole.tolist()},
                     "c_whole": [1.0 / v if v != 0 else float("inf") for v in coef_whole.tolist()],
@@ -293,7 +279,8 @@ class PairMeter:
                     "name": p.name, "pre_activation": p.input_node,
                     "sign_agreement": {"mean": float(sm), "std": float(ss)},
                     "distance": {"mean": dm.tolist(), "std": ds.tolist(),
-                                 "whole": (1.0 - _cos(S[:, 0], S[:, 1], S[:, 2], self.absolute)).tolist()},
+                                 "whole": cosine_distance_from_sq(S[:, 0], S[:, 1], S[:, 2],
+                                                                  absolute=self.absolute).tolist()},
                 })
             out["weak_additivity"] = wa
             com = []

@@ -87,3 +87,30 @@ def dist_from_sums(sq_diff: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor
     if float(denom) > 0:
         return sq_diff / denom
     return torch.zeros_like(sq_diff) if float(sq_diff) == 0 else torch.full_like(sq_diff, float("inf"))
+
+
+def cosine_distance_from_sq(sq_x: torch.Tensor, sq_y: torch.Tensor, sq_diff: torch.Tensor, *,
+                            absolute: bool = False) -> torch.Tensor:
+    """1 − cos(x, y) from ‖x‖², ‖y‖² and ‖x − y‖², without the cancellation of 1 − ⟨x,y⟩/(‖x‖‖y‖).
+
+    By the law of cosines ‖x−y‖² = (‖x‖ − ‖y‖)² + 2‖x‖‖y‖(1 − cos), so
+
+        1 − cos = (‖x − y‖² − (‖x‖ − ‖y‖)²) / (2‖x‖‖y‖).
+
+    When x ≈ y the difference x − y is formed elementwise (exactly 0 for x = y), so small
+    distances keep their relative precision even when ‖x−y‖² comes from float32 arithmetic
+    (the streaming engine relies on this). Same zero-vector convention as
+    :func:`cos_from_inner`; result clamped to [0, 2]; ``absolute`` gives 1 − |cos|.
+    """
+    nx, ny = sq_x.sqrt(), sq_y.sqrt()
+    denom = 2 * nx * ny
+    d = torch.where(denom > 0, (sq_diff - (nx - ny) ** 2) / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                    torch.ones_like(sq_diff))
+    d = torch.where((sq_x == 0) & (sq_y == 0), torch.zeros_like(d), d).clamp(0.0, 2.0)
+    return torch.where(d > 1, 2 - d, d) if absolute else d
+
+
+def coef_from_sq(sq_x: torch.Tensor, sq_y: torch.Tensor, sq_diff: torch.Tensor) -> torch.Tensor:
+    """s = ⟨x, y⟩ / ‖y‖² from ‖x‖², ‖y‖², ‖x − y‖² (⟨x,y⟩ = (‖x‖² + ‖y‖² − ‖x−y‖²)/2); the scale
+    of :func:`scale_coef` with x = f_α, y = f_int."""
+    return coef_from_inner((sq_x + sq_y - sq_diff) / 2, sq_y, sq_x)
