@@ -47,8 +47,24 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
-    """Per-row squared norms of a (B, D) tensor, in its dtype, returned as float64 (B,)."""
-    return torch.linalg.vecdot(t, t).to(torch.float64)
+    """Per-row squared norms of a (B, D) tensor: the norm in the tensor's dtype, squared in
+    float64, shape (B,)."""
+    return torch.linalg.vector_norm(t, dim=1).to(torch.float64) ** 2
+
+
+class _Scratch:
+    """Reusable work buffers, one per (slot, shape, dtype, device): the per-α differences are
+    written in place instead of allocating (and page-faulting) a fresh tensor every time."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        key = (slot, tuple(like.shape), like.dtype, like.device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
 
 
 def _sq_int(al, sqa, sqb, dab):
@@ -122,6 +138,7 @@ class PairMeter:
         self.wa = {p.name: _WAAcc() for p in self.wa_probes}
         self.com = {p.name: torch.zeros(6, dtype=torch.float64) for p in self.com_probes}
         self._fa = self._fb = None  # per-batch state of update()
+        self._scratch = _Scratch()
 
     def _commutable(self, p: Probe) -> bool:
         if p.kind not in ("pre", "logits") or p.module is None or p.input_node is None or p.from_input:
@@ -163,7 +180,7 @@ class PairMeter:
     def _endpoint_stats(self, node: str):
         """(‖f_A‖², ‖f_B‖², ‖f_A − f_B‖²) per sample at ``node``, float64 (B,) each."""
         A, Bm = _flat(self._fa[node]), _flat(self._fb[node])
-        return _sq(A), _sq(Bm), _sq(A - Bm)
+        return _sq(A), _sq(Bm), _sq(torch.sub(A, Bm, out=self._scratch(A)))
 
     def _llfc_row(self, p: Probe, f, stats, a: float) -> torch.Tensor:
         """(B, 2): ‖f_α‖², ‖f_α − f_int‖² for one α (f_int = α f_A + (1−α) f_B)."""
@@ -173,7 +190,8 @@ class PairMeter:
         if f is self._fb:
             return torch.stack([sqb, torch.zeros_like(sqb)], 1)
         X = _flat(f[p.node])
-        return torch.stack([_sq(X), _sq(X - torch.lerp(_flat(self._fb[p.node]), _flat(self._fa[p.node]), a))], 1)
+        d = torch.lerp(_flat(self._fb[p.node]), _flat(self._fa[p.node]), a, out=self._scratch(X))
+        return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
 
     def _fold_llfc(self, p: Probe, R: torch.Tensor, stats) -> None:
         """Fold the (B, K, 2) rows of one probe into its accumulators."""
@@ -200,13 +218,15 @@ class PairMeter:
             elif a == 0.0:
                 rows.append(torch.stack([sqb, torch.zeros_like(sqb)], 1))
             else:
-                u = torch.relu(torch.lerp(gB, gA, a))
-                rows.append(torch.stack([_sq(u), _sq(u - torch.lerp(rB, rA, a))], 1))
+                u = torch.lerp(gB, gA, a, out=self._scratch(gA, 0)).relu_()
+                v = torch.lerp(rB, rA, a, out=self._scratch(rA, 1))
+                rows.append(torch.stack([_sq(u), _sq(v.sub_(u))], 1))
         R = torch.stack(rows, 1)                          # (B, K, 2): ‖u‖², ‖u − v‖²
         sq_v = _sq_int(self._alpha_t, sqa, sqb, dab)
         acc.dist.update(cosine_distance_from_sq(R[..., 0], sq_v, R[..., 1], absolute=self.absolute))
         acc.sums.update(torch.stack([R[..., 0], sq_v, R[..., 1]], 2))
-        acc.sign.update(((gA * gB) >= 0).to(torch.float64).mean(1))
+        agree = torch.mul(gA, gB, out=self._scratch(gA, 0)).ge_(0)  # 1.0 where g_A·g_B ≥ 0
+        acc.sign.update(agree.mean(1, dtype=torch.float64))
 
     def _update_com(self, p: Probe) -> None:
         mod = self.fx.module(p.module)
@@ -226,13 +246,13 @@ class PairMeter:
                 params["bias"] = torch.zeros_like(mod.bias)
             return functional_call(mod, params, (h,))
 
-        left = _flat(no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b))
+        left = _flat(no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b))  # new tensor
         right = _flat(apply(wa, HB) + apply(wb, HA))
         ha, hb = _flat(HA), _flat(HB)
-        self.com[p.name] += torch.stack([
-            _sq(left - right).sum(), _sq(left).sum(), _sq(right).sum(),
-            _sq(ha - hb).sum(), _sq(ha).sum(), _sq(hb).sum(),
-        ])
+        sq_left, sq_right = _sq(left).sum(), _sq(right).sum()
+        sq_com = _sq(left.sub_(right)).sum()
+        sq_h = _sq(torch.sub(ha, hb, out=self._scratch(ha))).sum()
+        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, _sq(ha).sum(), _sq(hb).sum()])
 
     # ---------------------------------------------------------------- results
     def compute(self) -> dict:
