@@ -192,3 +192,37 @@ def test_conv_commutativity_matches_explicit_convolutions():
     conv = lambda h, w: F.conv2d(h, w, None, padding=1)
     left, right = conv(ha, wa) + conv(hb, wb), conv(hb, wa) + conv(ha, wb)
     assert c["dist_com"] == pytest.approx(normalized_distance(left, right).item(), rel=1e-5)
+
+
+def test_api_refuses_bad_input():
+    from llfc.errors import ConfigError, NonFiniteWeightsError
+
+    m, sd_a, sd_b = _pair()
+    x, y = _data(8)
+    bad = {k: v.clone() for k, v in sd_b.items()}
+    bad["layers.2.weight"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="layers.2.weight"):
+        measure_pair(m, sd_a, bad, [(x, y)], ALPHAS)
+    with pytest.raises(ConfigError, match="allow-extrapolation"):
+        measure_pair(m, sd_a, sd_b, [(x, y)], [0.0, 0.5, 1.0, 1.5])
+    res = measure_pair(m, sd_a, sd_b, [(x, y)], [0.0, 1.5], allow_extrapolation=True)
+    assert res["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
+    with pytest.raises(ConfigError, match="no batch"):
+        measure_pair(m, sd_a, sd_b, [], ALPHAS)
+
+
+class _NameClash(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.relu(F.relu(self.fc(x)) + 1))
+
+
+def test_module_probes_keep_their_module_names():
+    names = [(p.name, p.op) for p in FeatureExtractor(_NameClash()).probes]
+    assert ("relu", "ReLU") in names  # the module keeps its path...
+    assert ("relu_1", "relu") in names  # ...and the function that would clash is renamed

@@ -232,3 +232,34 @@ def test_ste_lowers_the_midpoint_loss_of_an_independent_pair():
     assert rep.steps == 12 and len(rep.losses) == 12
     res = align(models[0], models[1], x[:8], method="ste", loader=batches, epochs=1)
     assert res.report["method"] == "ste"
+
+
+def test_weight_matching_on_a_residual_stream_returns_its_best_state_and_stops():
+    """A conv inside a residual stream is permuted on both axes by one group (W[P, P]), so a
+    coordinate step is a linearisation that may lower the objective; the descent must not cycle
+    for max_iter sweeps and must return the best objective it saw."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from llfc.permutation import align
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.c1(x)))
+            h = h + self.act(self.c2(h))
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    a = Res().eval()
+    torch.manual_seed(1)
+    b = Res().eval()
+    rep = align(a, b, torch.randn(4, 3, 8, 8), method="weight", max_iter=50).report["details"]
+    hist = rep["objective_per_sweep"]
+    assert rep["n_sweeps"] < 50
+    assert rep["objective"] == max(hist) >= rep["objective_identity"]

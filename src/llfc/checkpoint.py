@@ -69,8 +69,14 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 # atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto
     ``path``; on any exception delete it and leave ``path`` untouched."""
     path = Path(path)
@@ -82,6 +88,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -102,7 +109,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     Creates missing parent folders. On failure the previous content of ``path`` is untouched and
     no temporary file is left behind. Returns ``Path(path)``.
     """
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
     return Path(path)
@@ -353,7 +360,7 @@ def _write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: M
                 f"tensor; put non-tensor values in meta."
             )
     tensors = {k: _cpu_copy(v) for k, v in tensors.items()}
-    with _atomic_target(wpath) as tmp:
+    with atomic_target(wpath) as tmp:
         save_file(tensors, os.fspath(tmp), metadata={"format": "pt", "checkpoint_id": cid})
     atomic_write_text(jpath, text)
     return wpath

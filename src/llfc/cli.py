@@ -95,7 +95,12 @@ def cmd_run(args) -> int:
     if args.pairs:
         d["pairs"] = args.pairs.split(",")
     if args.widths:
-        d["model_args"] = {**(d.get("model_args") or {}), "widths": [int(w) for w in args.widths.split(",")]}
+        try:
+            widths = [int(w) for w in args.widths.split(",")]
+        except ValueError:
+            raise ConfigError(f"--widths takes comma-separated whole numbers, e.g. 512,512,512; got "
+                              f"{args.widths!r}.") from None
+        d["model_args"] = {**(d.get("model_args") or {}), "widths": widths}
     if args.alphas:
         d["alphas"] = _alphas(args.alphas)
     if args.allow_extrapolation:
@@ -142,7 +147,11 @@ def cmd_probes(args) -> int:
     from llfc.probe import FeatureExtractor, select_probes
 
     info = dataset_info(args.dataset)
-    kwargs = json.loads(args.model_args) if args.model_args else {}
+    try:
+        kwargs = json.loads(args.model_args) if args.model_args else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double "
+                          f"quotes); got {args.model_args!r} ({e.msg}).") from None
     model = create_model(args.model, input_shape=list(info.input_shape), num_classes=info.num_classes, **kwargs)
     fe = FeatureExtractor(model)
     probes = select_probes(fe.all_probes, kinds=args.kinds.split(",") if args.kinds else None)
@@ -266,10 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     warnings.filterwarnings("once")
+    warnings.showwarning = lambda msg, cat, *a, **k: print(f"llfc: warning: {msg}", file=sys.stderr)
     try:
         return args.func(args)
     except LLFCError as e:
         print(f"llfc: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no: a path that is a file, not writable, full...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"llfc: error: {e.strerror or e}{where}. Check the paths given (--out, --data-root, "
+              f"checkpoints): they must exist, be folders where folders are expected, and be "
+              f"writable where llfc writes.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llfc: interrupted. Run the same command again to resume from the last checkpoint.",

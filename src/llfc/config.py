@@ -190,14 +190,20 @@ class ExperimentConfig:
         if c.model_args is None:
             c.model_args = {}
         c.train = {**base["train"], **(self.train or {})}
-        if c.spawn_epoch is None:
-            c.spawn_epoch = base["spawn_epoch"]
+        epochs = c.train.get("epochs", 1)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ConfigError(f"epochs must be a whole number ≥ 1, got {epochs!r}.")
+        if c.spawn_epoch is None:  # the dataset's default, but always before the end of training
+            c.spawn_epoch = min(base["spawn_epoch"], epochs - 1)
+        if isinstance(c.pairs, str):
+            c.pairs = [p.strip() for p in c.pairs.split(",") if p.strip()]
         bad = [p for p in c.pairs if p not in PAIR_KINDS]
         if bad or not c.pairs:
             raise ConfigError(f"unknown pair kind(s) {bad or c.pairs}; valid: {', '.join(PAIR_KINDS)}.")
-        epochs = int(c.train.get("epochs", 1))
-        if "spawn" in c.pairs and not 0 <= int(c.spawn_epoch) <= epochs:
-            raise ConfigError(f"spawn_epoch must be in [0, epochs={epochs}], got {c.spawn_epoch}.")
+        if "spawn" in c.pairs and not 0 <= int(c.spawn_epoch) < epochs:
+            raise ConfigError(
+                f"spawn_epoch must be in [0, epochs) = [0, {epochs}), got {c.spawn_epoch}: the two "
+                f"children need at least one epoch of their own to differ.")
         if c.measure.bn_mode not in ("interpolate", "reset"):
             raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
         return c

@@ -238,27 +238,57 @@ def _mnist_like(name: str, folder_name: str, split: str, root: Path, download: b
     files = _MNIST_FILES[split]
     if not all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in files) and download:
         cls = tvm.MNIST if folder_name == "MNIST" else tvm.FashionMNIST
-        cls(str(root), train=split == "train", download=True)
+        try:
+            cls(str(root), train=split == "train", download=True)
+        except (RuntimeError, OSError) as e:
+            raise DataNotFoundError(
+                f"could not download {name} into {root.resolve()} ({e}). Without internet, put the "
+                f"original files in DIR/{folder_name}/raw/ and pass --data-root DIR."
+            ) from None
     paths = []
     for f in files:
         if (raw / f).exists():
             paths.append(raw / f)
         elif (raw / (f + ".gz")).exists():
-            # decompress into the cache (the data root may be read-only)
-            dst = cache_dir() / "data" / folder_name / "raw" / f
-            src = raw / (f + ".gz")
-            if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_suffix(".tmp")
-                with gzip.open(src, "rb") as fi, open(tmp, "wb") as fo:
-                    shutil.copyfileobj(fi, fo)
-                os.replace(tmp, dst)
-            paths.append(dst)
+            paths.append(_decompressed(name, raw / (f + ".gz")))
         else:
             raise _missing(name, raw, f"{f}.gz (or {f})")
-    images = tvm.read_image_file(str(paths[0])).unsqueeze(1)
-    labels = tvm.read_label_file(str(paths[1])).long()
+    try:
+        images = tvm.read_image_file(str(paths[0])).unsqueeze(1)
+        labels = tvm.read_label_file(str(paths[1])).long()
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise DataNotFoundError(f"{name} files in {raw.resolve()} are not valid IDX files ({e}); "
+                                f"replace them with the original downloads.") from None
     return images, labels
+
+
+def _decompressed(name: str, src: Path) -> Path:
+    """The decompressed copy of ``src`` (a .gz) in the cache. The cache entry is keyed by the
+    source's resolved path, size and modification time, so another folder's (or a replaced) file
+    never serves a stale copy.
+
+    Raises:
+        DataNotFoundError: the .gz file is corrupted or truncated (nothing is left in the cache).
+    """
+    import hashlib
+
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dst = cache_dir() / "data" / "gunzip" / key / src.name[:-3]
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        try:
+            with gzip.open(src, "rb") as fi, open(tmp, "wb") as fo:
+                shutil.copyfileobj(fi, fo)
+        except (OSError, EOFError) as e:
+            tmp.unlink(missing_ok=True)
+            raise DataNotFoundError(
+                f"{name}: {src} is not a valid gzip file ({e}); it is corrupted or truncated. "
+                f"Replace it with the original download (or pass --download)."
+            ) from None
+        os.replace(tmp, dst)
+    return dst
 
 
 @register_dataset(DatasetInfo("mnist", (1, 28, 28), 10, mean=(0.1307,), std=(0.3081,)))

@@ -323,15 +323,17 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], alphas: Sequence[float], *,
                  states: Sequence[StateDict] | None = None, kinds: Sequence[str] | None = None,
                  names: Sequence[str] | None = None, llfc: bool = True, conditions: bool = True,
-                 absolute: bool = False, device: str | torch.device = "cpu",
-                 progress: bool = False, desc: str = "measure") -> dict:
+                 absolute: bool = False, allow_extrapolation: bool = False,
+                 device: str | torch.device = "cpu", progress: bool = False,
+                 desc: str = "measure") -> dict:
     """Measure LMC, LLFC and the LLFC conditions of (θ_A, θ_B) in one streaming pass.
 
     Args:
         model: the architecture (any fx-traceable module; weights are taken from the state dicts).
         sd_a, sd_b: endpoint state dicts (α = 1 is A, α = 0 is B).
         batches: iterable of (x, y) batches, e.g. a DataLoader over the test set.
-        alphas: α grid containing 0 and 1.
+        alphas: α grid (α weights A); 0, 0.25, 0.5, 0.75 and 1 are added when missing; values
+            outside [0, 1] need ``allow_extrapolation=True``.
         states: optional θ_α state dicts (e.g. after a BatchNorm reset), one per α.
         kinds, names: probe selection (see :mod:`llfc.probe`).
         llfc, conditions, absolute: see :class:`PairMeter`.
@@ -339,9 +341,27 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         progress: show a tqdm progress bar.
 
     Returns:
-        the dict of :meth:`PairMeter.compute`.
+        the dict of :meth:`PairMeter.compute`: ``alphas``, ``n_samples``, ``lmc`` (loss, error,
+        barriers), ``llfc`` (per probe), ``weak_additivity`` and ``commutativity`` (docs/results.md).
+
+    Raises:
+        IncompatibleModelsError: the state dicts differ in keys, shapes or dtypes.
+        NonFiniteWeightsError: NaN/Inf in either state dict.
+        ConfigError: an α outside [0, 1] without ``allow_extrapolation``; no batch in ``batches``.
     """
     from tqdm.auto import tqdm
+
+    from llfc.checkpoint import check_finite
+    from llfc.errors import ConfigError
+    from llfc.interpolate import check_alphas, check_compatible
+
+    check_compatible(sd_a, sd_b)
+    check_finite(sd_a, "model A")
+    check_finite(sd_b, "model B")
+    if states is None:
+        alphas = check_alphas(alphas, allow_extrapolation)
+    elif any(not 0 <= a <= 1 for a in alphas) and not allow_extrapolation:
+        check_alphas(alphas, allow_extrapolation)  # raises the standard message
 
     extractor = FeatureExtractor(model, kinds=kinds, names=names)
     dev = torch.device(device)
@@ -353,4 +373,6 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                       absolute=absolute)
     for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
         meter.update(x.to(dev), y.to(dev))
+    if meter.n == 0:
+        raise ConfigError("measure_pair: the data yielded no batch; pass a non-empty loader.")
     return meter.compute()

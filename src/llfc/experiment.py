@@ -30,6 +30,7 @@ from llfc.checkpoint import atomic_write_json, atomic_write_text, load_checkpoin
 from llfc.config import ExperimentConfig
 from llfc.data import dataset_info, get_dataset
 from llfc.engine import measure_pair
+from llfc.probe import FeatureExtractor
 from llfc.errors import ConfigError, IncompatibleModelsError, OutputExistsError
 from llfc.checkpoint import check_finite, strip_prefix
 from llfc.interpolate import check_alphas, check_compatible, default_alphas, path_states
@@ -58,6 +59,8 @@ def resolve_device(device: str) -> torch.device:
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA GPU is available; use "
                           "--device cpu, or --device auto to fall back to the CPU.")
@@ -145,6 +148,7 @@ class Measurer:
                  device: torch.device, bn_train=None, progress: bool = True, seed: int = 0):
         self.model, self.alphas, self.m, self.device, self.progress = model, list(alphas), measure, device, progress
         check_input_shape(model, test_set, f"model {type(model).__name__}", "the test")
+        FeatureExtractor(model, kinds=measure.kinds, names=measure.probes)  # unknown probes fail now
         self.test = _loader(test_set, measure.batch_size)
         self.train = _loader(train_subset, measure.batch_size) if train_subset is not None else None
         self.bn_batches = None
@@ -229,7 +233,17 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     test_set = get_dataset(cfg.dataset, "test", cfg.data_root, False)
     if cfg.measure.test_samples:
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
+    # everything that can be checked is checked before anything is written
+    spec = ModelSpec(cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
+                                 **cfg.model_args})
+    tcfg = TrainConfig.from_dict({**cfg.train, "device": str(device)})
+    seed_everything(cfg.seed)
+    arch = spec()
+    measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
+                        alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
+    if mode == "overwrite":
+        _remove_stale_outputs(out, cfg.pairs, log)
     atomic_write_text(out / "config.yaml", cfg_text)
     seeds = {
         "master": cfg.seed,
@@ -241,14 +255,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     log(f"llfc {__version__}: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model "
         f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(alphas)} α values, "
         f"device {device} → {out} ({mode})")
-
-    spec = ModelSpec(cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
-                                 **cfg.model_args})
-    tcfg = TrainConfig.from_dict({**cfg.train, "device": str(device)})
-    seed_everything(cfg.seed)
-    arch = spec()
-    measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
-                        alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
     results = _results_header("llfc.run", cfg.to_dict(), env, {
         "dataset": {"name": cfg.dataset, "n_train": len(train_set), "n_test": len(test_set)},
         "model": {**spec.to_meta(), "n_params": sum(p.numel() for p in arch.parameters())},
@@ -263,13 +269,14 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
             f"{tcfg.epochs}")
         a, b, lg = spawn_pair(spec, train_set, test_set, tcfg, int(cfg.spawn_epoch), seeds["spawn"],
                               pairs_dir / "spawn", resume=resume, overwrite=mode == "overwrite",
-                              progress=progress)
+                              progress=progress, meta={"dataset": cfg.dataset})
         states["spawn"], logs["spawn"] = (_cpu_sd(a), _cpu_sd(b)), lg
     if wants_indep:
         log(f"[independent] training two models from different seeds for {tcfg.epochs} epoch(s)")
         a, b, lg = independent_pair(spec, train_set, test_set, tcfg, seeds["independent"],
                                     pairs_dir / "independent", resume=resume,
-                                    overwrite=mode == "overwrite", progress=progress)
+                                    overwrite=mode == "overwrite", progress=progress,
+                                    meta={"dataset": cfg.dataset})
         states["independent"], logs["independent"] = (_cpu_sd(a), _cpu_sd(b)), lg
     for kind in PERMUTATION_KINDS:
         if kind in cfg.pairs:
@@ -298,6 +305,31 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results
+
+
+_OUTPUT_FILES = ("results.json", "summary.txt", "lmc.png", "llfc.png", "weak_additivity.png",
+                 "commutativity.png", "stitching.png", "lmc.csv", "barriers.csv", "llfc.csv",
+                 "weak_additivity.csv", "commutativity.csv", "stitching.csv", "principal_angles.csv")
+
+
+def _remove_stale_outputs(out: Path, pairs: Sequence[str], log: Callable[[str], None]) -> None:
+    """With --overwrite: remove the previous run's llfc outputs (its result files and the pair
+    folders this run will not rewrite), saying what is removed; other files are left alone."""
+    import shutil
+
+    removed = []
+    for name in _OUTPUT_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    pdir = out / "pairs"
+    if pdir.is_dir():
+        for d in sorted(pdir.iterdir()):
+            if d.is_dir() and d.name not in pairs:
+                shutil.rmtree(d)
+                removed.append(f"pairs/{d.name}/")
+    if removed:
+        log(f"--overwrite: removed the previous run's {', '.join(removed)}")
 
 
 def _cpu_sd(model: nn.Module) -> dict:

@@ -166,8 +166,10 @@ def _reaches_input(n: fx.Node) -> bool:
 
 
 def _probe_name(n: fx.Node, used: set[str]) -> str:
+    """Module calls are named by their module path (unique, reserved in ``used`` beforehand);
+    functions by the enclosing module's path and the function, suffixed _1, _2... on a clash."""
     if n.op == "call_module":
-        name = str(n.target)
+        return str(n.target)
     else:
         stack = n.meta.get("nn_module_stack") or {}
         path = list(stack.keys())[-1] if stack else ""
@@ -219,7 +221,8 @@ class FeatureExtractor:
 
     def _discover(self) -> list[Probe]:
         probes: list[Probe] = []
-        used: set[str] = set()
+        used: set[str] = {str(n.target) for n in self.gm.graph.nodes if n.op == "call_module"}
+        used.add("logits")
         out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
         out_arg = out_node.args[0]
         if not isinstance(out_arg, fx.Node):

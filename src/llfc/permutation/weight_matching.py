@@ -228,6 +228,7 @@ def weight_matching(
         history: list[float] = []
         converged = False
         sweeps = 0
+        best_local = (float("-inf"), dict(perms))
         for _ in range(max_iter):
             sweeps += 1
             progress = False
@@ -250,6 +251,15 @@ def weight_matching(
             if not progress:
                 converged = True
                 break
+            # A group whose weight is permuted on two axes by itself (W[P, P], e.g. a layer inside
+            # a residual stream) makes its step a linearisation: it can lower the true objective
+            # and the descent can cycle. Keep the best state seen and stop when a sweep does not
+            # improve the true objective.
+            if len(history) >= 2 and history[-1] <= best_local[0] + tol * max(1.0, abs(best_local[0])):
+                perms = dict(best_local[1])
+                history.append(best_local[0])
+                break
+            best_local = (history[-1], dict(perms))
         restart_objs.append(history[-1])
         if best is None or history[-1] > best[1][-1]:
             best = (dict(perms), history, sweeps, converged, rs)
