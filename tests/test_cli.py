@@ -99,7 +99,7 @@ def test_analyze_two_checkpoints(tmp_path, capsys):
                          "--no-progress"], capsys)
     assert code == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert res["pairs"]["pair"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert res["pairs"]["A vs B"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert "err barrier" in out
 
 
@@ -222,3 +222,19 @@ def test_interrupted_run_resumes_and_matches_a_fresh_run(tmp_path, capsys, monke
     resumed = json.loads((tmp_path / "r" / "results.json").read_text())["pairs"]["spawn"]
     fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())["pairs"]["spawn"]
     assert resumed["lmc"] == fresh["lmc"] and resumed["llfc"] == fresh["llfc"]
+
+
+def test_analyze_plain_safetensors_with_model_flag(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        save_file(create_model("mlp", input_shape=[1, 8, 8], num_classes=10, widths=[16]).state_dict(),
+                  str(tmp_path / f"{name}.safetensors"))
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    code, _, err = _run(["analyze", a, b, "--out", str(tmp_path / "o1")], capsys)
+    assert code == 2 and "--model" in err
+    code, _, err = _run(["analyze", a, b, "--model", "mlp", "--model-args", '{"widths": [16]}',
+                         "--dataset", "digits", "--out", str(tmp_path / "o2"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "o2" / "config.yaml").exists() and (tmp_path / "o2" / "environment.json").exists()

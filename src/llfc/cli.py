@@ -43,7 +43,8 @@ def _alphas(text: str):
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
     g.add_argument("--alphas", type=str, help="α grid: a count (default 11) or comma-separated values; "
-                   "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included")
+                   "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included; "
+                   "write --alphas=-0.2,0.5 for values starting with a minus sign")
     g.add_argument("--allow-extrapolation", action="store_true", help="accept α outside [0, 1]")
     g.add_argument("--abs-cos", action="store_true", help="use the official code's 1−|cos| instead of 1−cos")
     g.add_argument("--kinds", type=str, help="probe kinds to measure, comma-separated (pre,norm,post,residual,logits)")
@@ -64,6 +65,9 @@ def _measure_overrides(args) -> dict:
     if args.probes:
         m["probes"] = args.probes.split(",")
     if args.test_samples is not None:
+        if args.test_samples < 1:
+            raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got "
+                              f"{args.test_samples}.")
         m["test_samples"] = args.test_samples
     if args.train_samples is not None:
         m["train_samples"] = args.train_samples
@@ -123,7 +127,13 @@ def cmd_analyze(args) -> int:
 
     measure = MeasureConfig(**_measure_overrides(args))
     out = Path(args.out) if args.out else _default_out("analyze")
+    try:
+        model_args = json.loads(args.model_args) if args.model_args else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}'; got "
+                          f"{args.model_args!r} ({e.msg}).") from None
     analyze_checkpoints(args.a, args.b, out, dataset=args.dataset, data_root=args.data_root,
+                        model=args.model, model_args=model_args,
                         download=args.download, alphas=_alphas(args.alphas) if args.alphas else 11,
                         allow_extrapolation=args.allow_extrapolation, measure=measure,
                         device=args.device or "cpu", overwrite=args.overwrite,
@@ -232,29 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("a", help="checkpoint of model A (.safetensors with its .json sidecar)")
     a.add_argument("b", help="checkpoint of model B")
     a.add_argument("--dataset", help="dataset (default: recorded in the checkpoint)")
+    a.add_argument("--model", help="architecture of plain .safetensors files without JSON sidecars")
+    a.add_argument("--model-args", help='its arguments as JSON, e.g. \'{"widths": [64]}\'')
     common(a)
     _add_measure_args(a)
     a.set_defaults(func=cmd_analyze)
 
     al = sub.add_parser("align", help="permute B's hidden units onto A's (Git Re-Basin)")
-    al.add_argument("a")
-    al.add_argument("b")
+    al.add_argument("a", help="checkpoint of model A (the reference)")
+    al.add_argument("b", help="checkpoint of model B (the one permuted onto A)")
     al.add_argument("--method", choices=["weight", "activation", "ste"], default="weight",
                     help="weight matching, activation matching, or the straight-through estimator")
     al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
-    al.add_argument("--seed", type=int)
+    al.add_argument("--seed", type=int, help="seed of weight matching's group order (default 0)")
     common(al)
     al.set_defaults(func=cmd_align)
 
     pr = sub.add_parser("probes", help="list the feature maps llfc measures for a model")
-    pr.add_argument("model")
+    pr.add_argument("model", help="registered architecture (see `llfc list`)")
     pr.add_argument("--dataset", default="digits", help="sets the input shape and classes (default digits)")
     pr.add_argument("--model-args", help='architecture arguments as JSON, e.g. \'{"widths": [64]}\'')
     pr.add_argument("--kinds", help="only these kinds, comma-separated")
     pr.set_defaults(func=cmd_probes)
 
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments")
-    rp.add_argument("name", nargs="?")
+    rp.add_argument("name", nargs="?", help="experiment name (see --list); without it, the list is shown")
     rp.add_argument("--list", action="store_true", help="list the experiments with their cost")
     rp.add_argument("--scale", choices=["paper", "cpu"], default="cpu",
                     help="paper: published settings (GPU); cpu: reduced, finishes on 2 cores (default)")
@@ -262,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(rp)
     rp.set_defaults(func=cmd_reproduce)
 
-    ls = sub.add_parser("list", help="registered datasets and models")
+    ls = sub.add_parser("list", help="registered datasets and models",
+                        description="List the registered datasets and model architectures.")
     ls.set_defaults(func=cmd_list)
     return p
 

@@ -371,7 +371,7 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         states = [sa if s is sd_a else sb if s is sd_b else move(s) for s in states]
     meter = PairMeter(extractor, sa, sb, alphas, states, llfc=llfc, conditions=conditions,
                       absolute=absolute)
-    for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
         meter.update(x.to(dev), y.to(dev))
     if meter.n == 0:
         raise ConfigError("measure_pair: the data yielded no batch; pass a non-empty loader.")

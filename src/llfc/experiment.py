@@ -365,15 +365,44 @@ def _model_with(arch: nn.Module, sd: dict) -> nn.Module:
     return m.eval()
 
 
+def _load_pair_member(path: str | Path, model: str | None, model_args: dict | None):
+    """(state_dict, meta) of a checkpoint; a bare .safetensors file without its JSON sidecar is
+    accepted when the architecture is given (``model``, ``model_args``)."""
+    from llfc.checkpoint import checkpoint_paths
+
+    from llfc.errors import CheckpointError
+
+    wpath, jpath = checkpoint_paths(path)
+    if wpath.is_file() and not jpath.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not model:
+            raise CheckpointError(
+                f"{wpath} has no JSON sidecar ({jpath.name}) recording its architecture. For a plain "
+                f"state dict saved with safetensors, pass --model NAME [--model-args JSON] --dataset "
+                f"NAME; for an llfc checkpoint, restore the missing .json file.")
+        try:
+            return load_file(str(wpath)), {}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{wpath} is not a readable safetensors file ({e}).") from None
+    sd, meta = load_checkpoint(path)
+    return sd, meta
+
+
 def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *,
                         dataset: str | None = None, data_root: str | None = None,
+                        model: str | None = None, model_args: dict | None = None,
                         download: bool = False, alphas: int | Sequence[float] = 11,
                         allow_extrapolation: bool = False, measure=None, device: str = "cpu",
                         overwrite: bool = False, progress: bool = True, seed: int = 0,
                         log: Callable[[str], None] = print) -> dict:
     """Measure two existing checkpoints (``llfc analyze A B``).
 
-    The architecture comes from A's JSON sidecar; the dataset from ``dataset`` or the sidecar.
+    The architecture comes from A's JSON sidecar, or from ``model`` / ``model_args`` (then plain
+    ``.safetensors`` state dicts without sidecars are accepted, e.g. your own models saved with
+    ``safetensors.torch.save_file(model.state_dict(), path)``); the dataset from ``dataset`` or
+    the sidecar.
 
     Raises:
         CheckpointError: missing / corrupted files; IncompatibleModelsError: different
@@ -387,19 +416,28 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     grid = check_alphas(default_alphas(alphas) if isinstance(alphas, int) else alphas, allow_extrapolation)
     out = Path(out)
     prepare_out_dir(out, overwrite)
-    sd_a, meta_a = load_checkpoint(path_a)
-    sd_b, meta_b = load_checkpoint(path_b)
+    sd_a, meta_a = _load_pair_member(path_a, model, model_args)
+    sd_b, meta_b = _load_pair_member(path_b, model, model_args)
     sd_a, sd_b = strip_prefix(sd_a), strip_prefix(sd_b)
-    ma, mb = meta_a.get("model"), meta_b.get("model")
+    dataset = dataset or meta_a.get("dataset")
+    if model:
+        if not dataset:
+            raise ConfigError("with --model, pass --dataset NAME too (it sets the input shape).")
+        info0 = dataset_info(dataset)
+        ma = mb = {"name": model, "kwargs": {"input_shape": list(info0.input_shape),
+                                             "num_classes": info0.num_classes, **(model_args or {})}}
+    else:
+        ma, mb = meta_a.get("model"), meta_b.get("model")
     if not ma:
-        raise IncompatibleModelsError(f"{path_a}: its JSON sidecar does not record the architecture "
-                                      f"(\"model\": {{name, kwargs}}); save it with llfc.checkpoint.")
+        raise IncompatibleModelsError(
+            f"{path_a}: no architecture is recorded (no JSON sidecar with \"model\": {{name, "
+            f"kwargs}}). Pass --model NAME [--model-args JSON] --dataset NAME, or save checkpoints "
+            f"with llfc.checkpoint.save_checkpoint(path, state_dict, meta={{'model': ...}}).")
     if mb and (mb.get("name") != ma.get("name")):
         raise IncompatibleModelsError(
             f"the checkpoints are different architectures: {path_a} is {ma.get('name')!r} and "
             f"{path_b} is {mb.get('name')!r}. Pair two checkpoints of one architecture.")
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
-    dataset = dataset or meta_a.get("dataset")
     if not dataset:
         raise ConfigError("the checkpoints do not record their dataset; pass --dataset NAME.")
     dev = resolve_device(device)
@@ -416,17 +454,24 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     test_set = get_dataset(dataset, "test", data_root, False)
     if measure.test_samples:
         test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
+    if measure.test_samples is not None and measure.test_samples < 1:
+        raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {measure.test_samples}.")
     out.mkdir(parents=True, exist_ok=True)
     env = environment(dev)
-    results = _results_header("llfc.analyze", {"a": str(path_a), "b": str(path_b), "dataset": dataset,
-                                               "alphas": grid, "measure": vars(measure)}, env,
+    analyze_cfg = {"a": str(path_a), "b": str(path_b), "dataset": dataset, "data_root": data_root,
+                   "model": ma, "alphas": grid, "measure": dict(vars(measure)), "seed": seed}
+    import yaml
+
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(analyze_cfg, sort_keys=False))
+    atomic_write_json(out / "environment.json", env)
+    results = _results_header("llfc.analyze", analyze_cfg, env,
                               {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma})
     measurer = Measurer(arch, test_set, _train_subset(train_eval, measure.train_samples, seed), grid,
                         measure, dev, bn_train=train_eval, progress=progress, seed=seed)
-    pr = measurer(sd_a, sd_b, "pair")
+    pr = measurer(sd_a, sd_b, "A vs B")
     pr["kind"], pr["label"] = "checkpoints", f"{Path(path_a).name} vs {Path(path_b).name}"
     pr["checkpoints"] = {"A": str(path_a), "B": str(path_b)}
-    results["pairs"]["pair"] = pr
+    results["pairs"]["A vs B"] = pr
     text = write_report(results, out, log)
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")

@@ -151,7 +151,7 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         loss[k] += F.cross_entropy(lg, y, reduction="sum").cpu()
         wrong[k] += (lg.argmax(1) != y).sum().cpu()
 
-    for x, y in tqdm(loader, desc="stitching", disable=not progress, leave=False):
+    for x, y in tqdm(loader, desc="stitching", disable=None if progress else True, leave=False):
         x, y = x.to(dev), y.to(dev)
         fa = extractor(sa, x)                       # A's features at all stitched layers, once
         fold(0, fa[logits_node], y)

@@ -563,7 +563,8 @@ def train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=(stop - start) * spe, desc=log_name, disable=not progress,
+    who = "/".join(str(v) for v in (base_meta.get("pair"), base_meta.get("member")) if v) or log_name
+    bar = tqdm(total=(stop - start) * spe, desc=f"train {who}", disable=None if progress else True,
                dynamic_ncols=True, leave=True)
     try:
         for e in range(start, stop):
