@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--model", default="mlp", choices=sorted(MODELS))
     ap.add_argument("--alphas", type=int, default=11)
     ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "engine.json"))
+    ap.add_argument("--json", help="output JSON (default benchmarks/results/engine-<model>.json)")
     ap.add_argument("--child", nargs=3, metavar=("N", "CONDITIONS", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -109,11 +109,11 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"engine vs (K+2) forward passes: model {args.model}, K = {rows[0]['K']} α values, "
           f"batch {args.batch}, {torch.get_num_threads()} threads")
-    print(f"{'N':>6} {'conditions':>10} {'engine s':>9} {'floor s':>8} {'ratio':>6} {'peak RSS growth MB':>19}")
+    print(f"{'N':>6} {'conditions':>10} {'engine s':>9} {'floor s':>8} {'ratio':>6} {'peak RSS during pass MB':>24}")
     for r in rows:
         print(f"{r['N']:>6} {str(r['conditions']):>10} {r['engine_s']:9.2f} {r['floor_s']:8.2f} "
-              f"{r['ratio']:6.2f} {r['peak_rss_growth_mb']:19.1f}")
-    path = Path(args.json)
+              f"{r['ratio']:6.2f} {r['peak_rss_during_mb']:24.1f}")
+    path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"engine-{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "engine", "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
