@@ -30,6 +30,20 @@ def _floats(text: str) -> list[float]:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _model_args(text: str | None) -> dict | None:
+    """Parse --model-args JSON into a dict (None when not given)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double "
+                          f"quotes); got {text!r} ({e.msg}).") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--model-args must be a JSON object, got {text!r}.")
+    return value
+
+
 def _alphas(text: str):
     """``11`` (grid size) or ``0,0.25,0.5,0.75,1`` (explicit values)."""
     if "," not in text and "." not in text:
@@ -127,13 +141,8 @@ def cmd_analyze(args) -> int:
 
     measure = MeasureConfig(**_measure_overrides(args))
     out = Path(args.out) if args.out else _default_out("analyze")
-    try:
-        model_args = json.loads(args.model_args) if args.model_args else None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}'; got "
-                          f"{args.model_args!r} ({e.msg}).") from None
     analyze_checkpoints(args.a, args.b, out, dataset=args.dataset, data_root=args.data_root,
-                        model=args.model, model_args=model_args,
+                        model=args.model, model_args=_model_args(args.model_args),
                         download=args.download, alphas=_alphas(args.alphas) if args.alphas else 11,
                         allow_extrapolation=args.allow_extrapolation, measure=measure,
                         device=args.device or "cpu", overwrite=args.overwrite,
@@ -157,11 +166,7 @@ def cmd_probes(args) -> int:
     from llfc.probe import FeatureExtractor, select_probes
 
     info = dataset_info(args.dataset)
-    try:
-        kwargs = json.loads(args.model_args) if args.model_args else {}
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double "
-                          f"quotes); got {args.model_args!r} ({e.msg}).") from None
+    kwargs = _model_args(args.model_args) or {}
     model = create_model(args.model, input_shape=list(info.input_shape), num_classes=info.num_classes, **kwargs)
     fe = FeatureExtractor(model)
     probes = select_probes(fe.all_probes, kinds=args.kinds.split(",") if args.kinds else None)
