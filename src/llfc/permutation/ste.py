@@ -91,9 +91,10 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
             opt.zero_grad()
             loss.backward()
             opt.step()
-            report.losses.append(float(loss))
-            if float(loss) < report.best_loss:
-                report.best_loss, report.best_step, best = float(loss), step, perms
+            value = float(loss.detach())
+            report.losses.append(value)
+            if value < report.best_loss:
+                report.best_loss, report.best_step, best = value, step, perms
             step += 1
     if best is None:
         raise ConfigError("ste_matching: the loader yielded no batch.")
