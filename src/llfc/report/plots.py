@@ -68,16 +68,21 @@ def _alpha_index(alphas, a):
     return None
 
 
-def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS) -> Path:
+def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) -> Path:
     """Per layer, E[1 − cos(f(θ_α), α f_A + (1−α) f_B)] at α ∈ {0.25, 0.5, 0.75} next to the
-    baseline E[1 − cos(f_A, f_B)]; error bars: std over samples (LLFC paper Figs. 2–4)."""
+    baseline E[1 − cos(f_A, f_B)]; error bars: std over samples (LLFC paper Figs. 2–4). Deep
+    networks are wrapped onto several rows of at most ``per_row`` layers."""
     pairs = {k: v for k, v in pairs.items() if v.get("llfc")}
-    n = len(pairs)
-    nl = max(len(p["llfc"]) for p in pairs.values())
-    fig, axes = plt.subplots(n, 1, figsize=(max(7, 0.55 * nl + 3), 3.0 * n), squeeze=False)
-    for row, (name, pr) in enumerate(pairs.items()):
+    panels = []  # (pair name, pair, slice of layers)
+    for name, pr in pairs.items():
+        nl = len(pr["llfc"])
+        for start in range(0, nl, per_row):
+            panels.append((name, pr, slice(start, min(start + per_row, nl))))
+    width = max(7, 0.55 * min(per_row, max(len(p["llfc"]) for p in pairs.values())) + 3)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.0 * len(panels)), squeeze=False)
+    for row, (name, pr, sl) in enumerate(panels):
         ax = axes[row, 0]
-        layers = pr["llfc"]
+        layers = pr["llfc"][sl]
         x = np.arange(len(layers))
         idx = [(a, _alpha_index(pr["alphas"], a)) for a in alphas]
         idx = [(a, i) for a, i in idx if i is not None]
@@ -98,11 +103,13 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS) -> Path:
             label = "exact" if r < 1e-8 else f"×{r:.2g}"  # e.g. the first layer: linear in θ
             ax.text(xi + w * len(idx) / 2, top * 1.04, label, ha="center", va="bottom", fontsize=6)
         ax.set_ylim(0, top * 1.35)
+        ax.set_xlim(-0.5, max(len(layers), per_row if len(pr["llfc"]) > per_row else 0) - 0.2)
         ax.set_xticks(x + w * len(idx) / 2)
         ax.set_xticklabels([f"{ly['name']}\n({ly['kind']})" for ly in layers], rotation=60,
                            ha="right", fontsize=7)
         ax.set_ylabel("E[1 − cos]")
-        ax.set_title(f"{_label(name, pr)}: LLFC distance per layer", fontsize=9)
+        part = "" if sl.start == 0 and sl.stop == len(pr["llfc"]) else f" (layers {sl.start + 1}–{sl.stop})"
+        ax.set_title(f"{_label(name, pr)}: LLFC distance per layer{part}", fontsize=9)
         ax.legend(fontsize=7, ncol=4, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
     fig.text(0.99, 0.0, "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); bars: mean ± std over samples",
