@@ -97,6 +97,7 @@ def _default_out(prefix: str) -> Path:
 
 
 def cmd_run(args) -> int:
+    """`llfc run`: build an ExperimentConfig from --config and the flags, run it."""
     from llfc.config import ExperimentConfig
     from llfc.experiment import run_experiment
 
@@ -136,6 +137,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    """`llfc analyze A B`: measure two existing checkpoints."""
     from llfc.config import MeasureConfig
     from llfc.experiment import analyze_checkpoints
 
@@ -151,6 +153,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_align(args) -> int:
+    """`llfc align A B`: permute B onto A and write the aligned checkpoint."""
     from llfc.experiment import align_checkpoints
 
     align_checkpoints(args.a, args.b, args.out, method=args.method, dataset=args.dataset,
@@ -159,6 +162,7 @@ def cmd_align(args) -> int:
 
 
 def cmd_probes(args) -> int:
+    """`llfc probes MODEL`: print the probe-able feature maps with shapes."""
     import torch
 
     from llfc.data import dataset_info
@@ -185,6 +189,7 @@ def cmd_probes(args) -> int:
 
 
 def cmd_list(args) -> int:
+    """`llfc list`: registered datasets and models."""
     from llfc.data import dataset_info, list_datasets
     from llfc.models import list_models
 
@@ -199,6 +204,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    """`llfc reproduce`: list or run the paper's experiments."""
     from llfc import reproduce
 
     if args.list or not args.name:
@@ -211,6 +217,7 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``llfc`` command."""
     from llfc import __version__
 
     p = argparse.ArgumentParser(prog="llfc", description=__doc__.split("\n\n")[0],

@@ -51,6 +51,7 @@ class CrossMoments:
         self.m_bb = torch.zeros(n_b, dtype=torch.float64, device=device)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Fold in paired samples a (m, n_a) and b (m, n_b) (rows = samples), Chan et al.'s merge."""
         a = a.detach().to(self.m_ab.device, torch.float64)
         b = b.detach().to(self.m_ab.device, torch.float64)
         m = a.shape[0]

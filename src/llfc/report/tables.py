@@ -19,7 +19,7 @@ def _write(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def lmc_rows(pairs: dict) -> list[list]:
+def _lmc_rows(pairs: dict) -> list[list]:
     rows = []
     for name, pr in pairs.items():
         for split, lmc in pr["lmc"].items():
@@ -28,7 +28,7 @@ def lmc_rows(pairs: dict) -> list[list]:
     return rows
 
 
-def llfc_rows(pairs: dict) -> list[list]:
+def _llfc_rows(pairs: dict) -> list[list]:
     rows = []
     for name, pr in pairs.items():
         for ly in pr.get("llfc", []):
@@ -44,7 +44,7 @@ def write_tables(pairs: dict, out_dir: Path) -> list[Path]:
     """Write lmc.csv, barriers.csv, llfc.csv, weak_additivity.csv, commutativity.csv."""
     out = Path(out_dir)
     paths = [
-        _write(out / "lmc.csv", ["pair", "split", "alpha", "loss", "error"], lmc_rows(pairs)),
+        _write(out / "lmc.csv", ["pair", "split", "alpha", "loss", "error"], _lmc_rows(pairs)),
         _write(out / "barriers.csv",
                ["pair", "split", "error_barrier_frankle", "error_barrier_entezari", "loss_barrier_entezari"],
                [[n, s, *[lmc["barriers"][k] for k in ("error_barrier_frankle", "error_barrier_entezari",
@@ -53,7 +53,7 @@ def write_tables(pairs: dict, out_dir: Path) -> list[Path]:
         _write(out / "llfc.csv",
                ["pair", "layer", "kind", "alpha", "dist_mean", "dist_std", "dist_whole", "baseline_mean",
                 "baseline_std", "baseline_whole", "coef_mean", "coef_std", "coef_whole", "c_whole"],
-               llfc_rows(pairs)),
+               _llfc_rows(pairs)),
         _write(out / "weak_additivity.csv",
                ["pair", "layer", "alpha", "dist_mean", "dist_std", "dist_whole", "sign_agreement_mean",
                 "sign_agreement_std"],
