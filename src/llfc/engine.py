@@ -141,6 +141,7 @@ class PairMeter:
         self._scratch = _Scratch()
 
     def _commutable(self, p: Probe) -> bool:
+        """Linear/Conv module probes whose input is not the model input (Def. 4 needs ℓ ≥ 2)."""
         if p.kind not in ("pre", "logits") or p.module is None or p.input_node is None or p.from_input:
             return False
         return isinstance(self.fx.module(p.module), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
@@ -150,8 +151,9 @@ class PairMeter:
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fold in one batch: x (B, ...) inputs, y (B,) integer labels.
 
-        Memory: the feature maps of θ_A, θ_B and *one* θ_α at a time (float32), plus one probe's
-        float64 copies; the per-α results are (B,)-vectors.
+        Memory: the feature maps of θ_A, θ_B and *one* θ_α at a time, plus one work buffer per
+        feature-map shape; the per-α results are (B,)-vectors. Small per-batch sums (loss, errors,
+        commutativity) are accumulated on the CPU, the rest on the features' device.
         """
         fa = self.fx(self.sd_a, x)
         fb = self.fx(self.sd_b, x)
@@ -163,8 +165,8 @@ class PairMeter:
             for k, s in enumerate(self.states):
                 f = fa if s is self.sd_a else fb if s is self.sd_b else self.fx(s, x)
                 logits = f[self.logits.node].to(torch.float64)
-                self.loss[k] += F.cross_entropy(logits, y, reduction="sum")
-                self.wrong[k] += (logits.argmax(1) != y).sum()
+                self.loss[k] += F.cross_entropy(logits, y, reduction="sum").cpu()
+                self.wrong[k] += (logits.argmax(1) != y).sum().cpu()
                 for p in self.llfc_probes:
                     rows[p.name].append(self._llfc_row(p, f, stats[p.node], self.alphas[k]))
                 del f
@@ -199,7 +201,7 @@ class PairMeter:
         sqa, sqb, dab = stats
         acc.dim = self._fa[p.node][0].numel()
         sq_x, sq_d = R[..., 0], R[..., 1]
-        sq_f = _sq_int(self._alpha_t, sqa, sqb, dab)
+        sq_f = _sq_int(self._alpha_t.to(R.device), sqa, sqb, dab)
         acc.dist.update(cosine_distance_from_sq(sq_x, sq_f, sq_d, absolute=self.absolute))
         acc.coef.update(coef_from_sq(sq_x, sq_f, sq_d))
         acc.sums.update(torch.stack([sq_x, sq_f, sq_d], 2))
@@ -222,7 +224,7 @@ class PairMeter:
                 v = torch.lerp(rB, rA, a, out=self._scratch(rA, 1))
                 rows.append(torch.stack([_sq(u), _sq(v.sub_(u))], 1))
         R = torch.stack(rows, 1)                          # (B, K, 2): ‖u‖², ‖u − v‖²
-        sq_v = _sq_int(self._alpha_t, sqa, sqb, dab)
+        sq_v = _sq_int(self._alpha_t.to(R.device), sqa, sqb, dab)
         acc.dist.update(cosine_distance_from_sq(R[..., 0], sq_v, R[..., 1], absolute=self.absolute))
         acc.sums.update(torch.stack([R[..., 0], sq_v, R[..., 1]], 2))
         agree = torch.mul(gA, gB, out=self._scratch(gA, 0)).ge_(0)  # 1.0 where g_A·g_B ≥ 0
@@ -252,7 +254,7 @@ class PairMeter:
         sq_left, sq_right = _sq(left).sum(), _sq(right).sum()
         sq_com = _sq(left.sub_(right)).sum()
         sq_h = _sq(torch.sub(ha, hb, out=self._scratch(ha))).sum()
-        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, _sq(ha).sum(), _sq(hb).sum()])
+        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, _sq(ha).sum(), _sq(hb).sum()]).cpu()
 
     # ---------------------------------------------------------------- results
     def compute(self) -> dict:
