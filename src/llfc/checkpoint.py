@@ -580,6 +580,24 @@ def save_training_state(
     return _write(path, tensors, m)
 
 
+def _saved_state(meta: Mapping[str, Any], what: str, obj: Any, wpath: Path) -> dict[str, Any]:
+    """The saved ``what`` ("optimizer" / "scheduler") section of a training state, checked to be
+    of the same class as ``obj``.
+
+    Raises:
+        CheckpointError: the section is missing or was saved from another class.
+    """
+    info = meta.get(what)
+    if not info:
+        raise CheckpointError(f"training state {wpath} holds no {what} state.")
+    if info.get("class") != type(obj).__name__:
+        raise CheckpointError(
+            f"training state {wpath} was saved with {what} {info.get('class')}, but a "
+            f"{type(obj).__name__} was given; use the same training configuration."
+        )
+    return info
+
+
 def load_training_state(
     path: str | os.PathLike,
     model: nn.Module,
@@ -609,14 +627,7 @@ def load_training_state(
     weights, reserved = _split(tensors)
     _load_into(model, strip_prefix(weights), f"training state {wpath}")
     if optimizer is not None:
-        info = meta.get("optimizer")
-        if not info:
-            raise CheckpointError(f"training state {wpath} holds no optimizer state.")
-        if info.get("class") != type(optimizer).__name__:
-            raise CheckpointError(
-                f"training state {wpath} was saved with optimizer {info.get('class')}, but a "
-                f"{type(optimizer).__name__} was given; use the same training configuration."
-            )
+        info = _saved_state(meta, "optimizer", optimizer, wpath)
         groups = _dec(info["param_groups"])
         current = optimizer.state_dict()["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
@@ -633,14 +644,7 @@ def load_training_state(
                 state.setdefault(int(pid), {})[name] = v
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scheduler is not None:
-        info = meta.get("scheduler")
-        if not info:
-            raise CheckpointError(f"training state {wpath} holds no LR-scheduler state.")
-        if info.get("class") != type(scheduler).__name__:
-            raise CheckpointError(
-                f"training state {wpath} was saved with scheduler {info.get('class')}, but a "
-                f"{type(scheduler).__name__} was given; use the same training configuration."
-            )
+        info = _saved_state(meta, "scheduler", scheduler, wpath)
         scheduler.load_state_dict(_dec(info["state"]))
     rng = None
     if meta.get("rng") is not None:

@@ -365,6 +365,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     elif any(not 0 <= a <= 1 for a in alphas) and not allow_extrapolation:
         check_alphas(alphas, allow_extrapolation)  # raises the standard message
 
+    if not llfc and not conditions:  # LMC only: evaluate the logits and nothing else
+        kinds, names = ["logits"], None
     extractor = FeatureExtractor(model, kinds=kinds, names=names)
     dev = torch.device(device)
     move = (lambda sd: {k: v.to(dev) for k, v in sd.items()}) if dev.type != "cpu" else (lambda sd: sd)

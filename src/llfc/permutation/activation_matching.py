@@ -174,6 +174,12 @@ def _batch_inputs(batch: Any) -> tuple:
                       "give a loader yielding tensors or (inputs, labels) pairs.")
 
 
+def _group_samples(feats: dict[str, torch.Tensor], refs, n: int) -> torch.Tensor:
+    """(samples, n) features of one group: every node of the group, stacked as extra samples."""
+    parts = [_as_samples(feats[r.node], r, n) for r in refs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def accumulate_moments(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -207,12 +213,8 @@ def accumulate_moments(
             inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in _batch_inputs(batch))
             fa, fb = ext_a(*inputs), ext_b(*inputs)
             for g, refs in groups.items():
-                n = spec.sizes[g]
-                a = torch.cat([_as_samples(fa[r.node], r, n) for r in refs]) if len(refs) > 1 else \
-                    _as_samples(fa[refs[0].node], refs[0], n)
-                b = torch.cat([_as_samples(fb[r.node], r, n) for r in refs]) if len(refs) > 1 else \
-                    _as_samples(fb[refs[0].node], refs[0], n)
-                stats[g].update(a, b)
+                stats[g].update(_group_samples(fa, refs, spec.sizes[g]),
+                                _group_samples(fb, refs, spec.sizes[g]))
             seen += int(inputs[0].shape[0])
             del fa, fb
     if seen == 0:
