@@ -155,7 +155,12 @@ def plot_commutativity(pairs: dict, path: Path) -> Path:
     """Per layer and pair: Dist_com against Dist_W and Dist_H (log scale; LLFC paper Fig. 7)."""
     pairs = {k: v for k, v in pairs.items() if v.get("commutativity")}
     n = len(pairs)
-    fig, axes = plt.subplots(1, n, figsize=(max(4.5 * n, 6), 3.6), squeeze=False)
+    # one shared log axis starting below the smallest value: bars compare across pairs, and a
+    # bar's height is not an artefact of where an autoscaled axis happens to start
+    fig, axes = plt.subplots(1, n, figsize=(max(4.5 * n, 6), 3.6), squeeze=False, sharey=True)
+    vals = [max(ly[k], 1e-12) for pr in pairs.values() for ly in pr["commutativity"]
+            for k in ("dist_com", "dist_W", "dist_H")]
+    lo, hi = min(vals), max(vals)
     for j, (name, pr) in enumerate(pairs.items()):
         ax = axes[0, j]
         layers = pr["commutativity"]
@@ -164,7 +169,9 @@ def plot_commutativity(pairs: dict, path: Path) -> Path:
             vals = [max(ly[key], 1e-12) for ly in layers]
             ax.bar(x + k * 0.27, vals, 0.27, color=_COLORS[k], label=lab)
         ax.set_yscale("log")
-        ax.set_ylabel("dist(X, Y) = ‖X−Y‖² / (‖X‖‖Y‖)")
+        ax.set_ylim(lo / 3, hi * 4)
+        if j == 0:
+            ax.set_ylabel("dist(X, Y) = ‖X−Y‖² / (‖X‖‖Y‖)")
         ax.set_xticks(x + 0.27)
         ax.set_xticklabels([ly["name"] for ly in layers], rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{_label(name, pr)}: commutativity", fontsize=9)
