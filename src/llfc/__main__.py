@@ -3,4 +3,4 @@
 from llfc.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
