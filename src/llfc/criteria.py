@@ -1,0 +1,80 @@
+"""When do LMC and LLFC "hold" for a pair: the thresholds, defined once (documented in docs/results.md).
+
+Every summary, results document, sweep aggregate and co-occurrence table uses these functions; no other
+module states a threshold.
+
+* **LMC holds** when the Frankle error barrier (test set) is at most ``LMC_MAX_ERROR_BARRIER`` (a fraction:
+  0.02 = 2 percentage points; Frankle et al. 2020, §3, call a pair stable when the error barrier is within
+  2%).
+* **LLFC holds** when, in every hidden probed layer (kinds ``HIDDEN_KINDS``) and at every interior α of
+  ``LLFC_ALPHAS`` that was measured, the mean LLFC distance E_x[1 − cos(f_α, α f_A + (1−α) f_B)] (LLFC paper
+  §3, Figs. 2–4) is both at most ``LLFC_MAX_RATIO`` × the A-vs-B baseline E_x[1 − cos(f_A, f_B)] *and* at
+  most ``LLFC_MAX_DISTANCE`` in absolute terms. The ratio alone is not enough: two networks whose features
+  already agree (small baseline) would pass on noise, and two very different networks pass the ratio with
+  a large absolute distance.
+"""
+
+from __future__ import annotations
+
+LMC_MAX_ERROR_BARRIER = 0.02
+LLFC_MAX_RATIO = 0.2
+LLFC_MAX_DISTANCE = 0.05
+LLFC_ALPHAS = (0.25, 0.5, 0.75)
+HIDDEN_KINDS = ("pre", "norm", "post", "residual")
+
+
+def _ratio(d: float, base: float) -> float:
+    """d / base, with 0/0 = 0 and d/0 = inf (the baseline is 0 only for identical features)."""
+    if base > 0:
+        return d / base
+    return 0.0 if d == 0 else float("inf")
+
+
+def worst_layer(pair: dict, alphas=LLFC_ALPHAS, kinds=HIDDEN_KINDS) -> dict | None:
+    """The hidden layer and α with the largest ratio E[1−cos_α] / E[1−cos_AB].
+
+    Args:
+        pair: one pair's entry of results.json (keys ``alphas`` and ``llfc``; schema docs/results.md).
+        alphas: the α values considered (those not measured are skipped).
+        kinds: probe kinds that count as hidden layers.
+
+    Returns:
+        ``{"layer", "alpha", "distance", "baseline", "ratio", "max_distance"}`` (``max_distance``: the largest
+        mean distance over the same layers and α) or None when the pair has no LLFC results.
+    """
+    best, dmax = None, 0.0
+    for ly in pair.get("llfc", []):
+        if ly["kind"] not in kinds:
+            continue
+        base = ly["baseline"]["mean"]
+        for i, a in enumerate(pair["alphas"]):
+            if not any(abs(a - t) < 1e-9 for t in alphas):
+                continue
+            d = ly["distance"]["mean"][i]
+            dmax = max(dmax, d)
+            ratio = _ratio(d, base)
+            if best is None or ratio > best["ratio"]:
+                best = {"layer": ly["name"], "alpha": a, "distance": d, "baseline": base, "ratio": ratio}
+    if best is not None:
+        best["max_distance"] = dmax
+    return best
+
+
+def lmc_holds(pair: dict) -> bool:
+    """True when the pair's Frankle error barrier on the test set is ≤ ``LMC_MAX_ERROR_BARRIER``."""
+    return pair["lmc"]["test"]["barriers"]["error_barrier_frankle"] <= LMC_MAX_ERROR_BARRIER
+
+
+def llfc_holds(pair: dict) -> bool | None:
+    """True when every hidden layer passes both LLFC thresholds (module docstring); None without LLFC."""
+    w = worst_layer(pair)
+    if w is None:
+        return None
+    return w["ratio"] <= LLFC_MAX_RATIO and w["max_distance"] <= LLFC_MAX_DISTANCE
+
+
+def describe() -> str:
+    """One line stating the thresholds, for summaries and generated documents."""
+    return (f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; LLFC holds: in every hidden "
+            f"layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ {LLFC_MAX_RATIO:g} × "
+            f"E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md).")
