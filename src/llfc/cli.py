@@ -4,6 +4,7 @@
     llfc analyze A B [--dataset NAME] ...              measure two existing checkpoints
     llfc align A B --method weight|activation|ste --out C  permute B's units onto A's (Git Re-Basin)
     llfc probes MODEL [--dataset NAME]                 list the feature maps llfc can measure
+    llfc report DIR                                    (re)build DIR/report.html (run or sweep folder)
     llfc reproduce --list | NAME                       the paper's experiments, one command each
     llfc list                                          registered datasets and models
 
@@ -152,6 +153,15 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """`llfc report DIR`: (re)build the self-contained report.html of a run or sweep folder."""
+    from llfc.report.html import write_html_report
+
+    path = write_html_report(args.dir)
+    print(f"wrote {path} (self-contained; open it in a browser)")
+    return 0
+
+
 def cmd_align(args) -> int:
     """`llfc align A B`: permute B onto A and write the aligned checkpoint."""
     from llfc.experiment import align_checkpoints
@@ -276,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model-args", help='architecture arguments as JSON, e.g. \'{"widths": [64]}\'')
     pr.add_argument("--kinds", help="only these kinds, comma-separated")
     pr.set_defaults(func=cmd_probes)
+
+    rep = sub.add_parser("report", help="(re)build report.html in a run or sweep folder",
+                         description="Write DIR/report.html: one self-contained page (figures embedded) "
+                         "with the summary, figures, tables, config and environment of a run folder "
+                         "(llfc run / analyze), or the co-occurrence table and one row per pair of a "
+                         "sweep folder.")
+    rep.add_argument("dir", help="run folder (holding results.json) or sweep folder")
+    rep.set_defaults(func=cmd_report)
 
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments")
     rp.add_argument("name", nargs="?", help="experiment name (see --list); without it, the list is shown")

@@ -9,6 +9,7 @@ Layout of a run directory::
     results.json          every measurement (schema: docs/results.md)
     *.csv, *.png          tables and figures
     summary.txt           the table printed at the end
+    report.html           one self-contained page with all of the above (open it in a browser)
 
 A run interrupted during training resumes from its last per-epoch checkpoint when the same
 command is run again (same config, same --out).
@@ -36,6 +37,7 @@ from llfc.checkpoint import check_finite, strip_prefix
 from llfc.interpolate import check_alphas, check_compatible, default_alphas, path_states
 from llfc.metrics.angles import principal_angles_per_layer
 from llfc.report import plot_all, summary_table, write_tables
+from llfc.report.html import render_run_report
 from llfc.stitching import stitching_errors
 from llfc.seeding import derive_seed, environment, seed_everything
 from llfc.train import ModelSpec, TrainConfig, independent_pair, spawn_pair
@@ -189,12 +191,13 @@ class Measurer:
 
 
 def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -> str:
-    """results.json, CSV tables, figures and summary.txt into ``out``; returns the summary."""
+    """results.json, CSV tables, figures, summary.txt and report.html into ``out``; returns the summary."""
     atomic_write_json(out / "results.json", results)
     write_tables(results["pairs"], out)
     plot_all(results["pairs"], out)
     text = summary_table(results["pairs"])
     atomic_write_text(out / "summary.txt", text + "\n")
+    render_run_report(out)
     return text
 
 
@@ -309,7 +312,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
 
 _OUTPUT_FILES = ("results.json", "summary.txt", "lmc.png", "llfc.png", "weak_additivity.png",
                  "commutativity.png", "stitching.png", "lmc.csv", "barriers.csv", "llfc.csv",
-                 "weak_additivity.csv", "commutativity.csv", "stitching.csv", "principal_angles.csv")
+                 "weak_additivity.csv", "commutativity.csv", "stitching.csv", "principal_angles.csv",
+                 "report.html")
 
 
 def _remove_stale_outputs(out: Path, pairs: Sequence[str], log: Callable[[str], None]) -> None:
