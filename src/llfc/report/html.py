@@ -73,7 +73,10 @@ def fmt_num(x: Any, digits: int = 3) -> Markup | str:
     if x == 0:
         return "0"
     if 1e-3 <= abs(x) < 1e5:  # '#' keeps trailing zeros (0.700, not 0.7); a bare trailing point is dropped
-        return f"{x:#.{digits}g}".rstrip(".").replace("-", "−")
+        text = f"{x:#.{digits}g}"
+        if "e" in text:  # ≥ 10**digits after rounding: all integer digits
+            text = f"{x:,.0f}"
+        return text.rstrip(".").replace("-", "−")
     mant, exp = f"{x:.{digits - 1}e}".split("e")
     return Markup("{} × 10<sup>{}</sup>").format(mant.replace("-", "−"), str(int(exp)).replace("-", "−"))
 
@@ -88,6 +91,11 @@ def fmt_pp(x: Any, decimals: int = 2) -> str:
     return f"{100 * x:.{decimals}f} pp".replace("-", "−") if _finite(x) else fmt_num(x)
 
 
+def fmt_alpha(a: Any) -> str:
+    """An interpolation weight as written in the config: 0.25, 0.5, 1."""
+    return f"{a:g}".replace("-", "−") if _finite(a) else fmt_num(a)
+
+
 def _verdict(v: bool | None) -> Markup:
     if v is None:
         return Markup('<span class="verdict na">not measured</span>')
@@ -98,7 +106,7 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("llfc.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt_num, pct=fmt_pct, pp=fmt_pp, verdict=_verdict)
+    env.filters.update(num=fmt_num, pct=fmt_pct, pp=fmt_pp, alpha=fmt_alpha, verdict=_verdict)
     return env
 
 
