@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(q, data=True):
         if data:
-            q.add_argument("--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)")
+            q.add_argument("--data-root",
+                           help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)")
             q.add_argument("--download", action="store_true", help="download missing data (needs internet)")
         q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")

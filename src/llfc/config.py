@@ -140,7 +140,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "ExperimentConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> ExperimentConfig:
         """Build from a plain dict. Raises ConfigError naming unknown keys and the valid ones."""
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a mapping at the top level, got {type(d).__name__}")
@@ -156,7 +156,7 @@ class ExperimentConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
         """Read a YAML file. Raises ConfigError for a missing file, bad YAML or unknown keys."""
         p = Path(path)
         if not p.is_file():
@@ -172,7 +172,7 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # -------------------------------------------------------------- resolution
-    def resolved(self) -> "ExperimentConfig":
+    def resolved(self) -> ExperimentConfig:
         """A copy with the dataset's defaults filled in and every field validated.
 
         Raises:

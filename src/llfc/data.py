@@ -85,7 +85,7 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def with_augment(self, augment: bool) -> "ArrayDataset":
+    def with_augment(self, augment: bool) -> ArrayDataset:
         """The same images (shared, not copied) with augmentation switched on or off."""
         if augment == self.augment:
             return self

@@ -27,19 +27,25 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from llfc import __version__
-from llfc.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from llfc.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    check_finite,
+    load_checkpoint,
+    save_checkpoint,
+    strip_prefix,
+)
 from llfc.config import ExperimentConfig
 from llfc.data import dataset_info, get_dataset
 from llfc.engine import measure_pair
-from llfc.probe import FeatureExtractor
 from llfc.errors import ConfigError, IncompatibleModelsError, OutputExistsError
-from llfc.checkpoint import check_finite, strip_prefix
 from llfc.interpolate import check_alphas, check_compatible, default_alphas, path_states
 from llfc.metrics.angles import principal_angles_per_layer
+from llfc.probe import FeatureExtractor
 from llfc.report import plot_all, summary_table, write_tables
 from llfc.report.html import render_run_report
-from llfc.stitching import stitching_errors
 from llfc.seeding import derive_seed, environment, seed_everything
+from llfc.stitching import stitching_errors
 from llfc.train import ModelSpec, TrainConfig, independent_pair, spawn_pair
 
 SCHEMA_VERSION = 1
@@ -122,7 +128,6 @@ def check_input_shape(model: nn.Module, dataset, model_desc: str, dataset_name: 
         ConfigError: the images' size or channel count does not fit the model (says which).
     """
     x = dataset[0][0].unsqueeze(0)
-    declared = getattr(model, "input_shape", None)
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -233,12 +238,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     # data first: a missing dataset must fail before anything is written
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
     train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False)
-    test_set = get_dataset(cfg.dataset, "test", cfg.data_root, False)
+    test_set: Any = get_dataset(cfg.dataset, "test", cfg.data_root, False)  # or a Subset of it
     if cfg.measure.test_samples:
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
     # everything that can be checked is checked before anything is written
+    assert cfg.model is not None and cfg.spawn_epoch is not None  # set by cfg.resolved()
     spec = ModelSpec(cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
-                                 **cfg.model_args})
+                                 **(cfg.model_args or {})})
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(device)})
     seed_everything(cfg.seed)
     arch = spec()
@@ -248,7 +254,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     if mode == "overwrite":
         _remove_stale_outputs(out, cfg.pairs, log)
     atomic_write_text(out / "config.yaml", cfg_text)
-    seeds = {
+    seeds: dict[str, Any] = {
         "master": cfg.seed,
         "spawn": [derive_seed(cfg.seed, "spawn", t) for t in ("init", "data_parent", "data_a", "data_b")],
         "independent": [derive_seed(cfg.seed, "independent", t) for t in ("init_a", "data_a", "init_b", "data_b")],
@@ -349,7 +355,7 @@ def align_state_dicts(arch: nn.Module, sd_a: dict, sd_b: dict, method: str, trai
     ma = _model_with(arch, sd_a)
     mb = _model_with(arch, sd_b)
     example = torch.stack([train_eval[i][0] for i in range(min(8, len(train_eval)))])
-    loader, kwargs = None, {}
+    loader, kwargs = None, dict[str, Any]()
     if method in ("activation", "ste"):
         n = min(cfg.align.activation_samples, len(train_eval))
         loader = _loader(Subset(train_eval, list(range(n))), cfg.align.batch_size)
@@ -373,7 +379,6 @@ def _load_pair_member(path: str | Path, model: str | None, model_args: dict | No
     """(state_dict, meta) of a checkpoint; a bare .safetensors file without its JSON sidecar is
     accepted when the architecture is given (``model``, ``model_args``)."""
     from llfc.checkpoint import checkpoint_paths
-
     from llfc.errors import CheckpointError
 
     wpath, jpath = checkpoint_paths(path)
@@ -424,6 +429,8 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     sd_b, meta_b = _load_pair_member(path_b, model, model_args)
     sd_a, sd_b = strip_prefix(sd_a), strip_prefix(sd_b)
     dataset = dataset or meta_a.get("dataset")
+    ma: dict[str, Any] | None
+    mb: dict[str, Any] | None
     if model:
         if not dataset:
             raise ConfigError("with --model, pass --dataset NAME too (it sets the input shape).")
@@ -455,11 +462,12 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
             f"--dataset the models were trained on."
         )
     train_eval = get_dataset(dataset, "train", data_root, download, augment=False)
-    test_set = get_dataset(dataset, "test", data_root, False)
+    test_set: Any = get_dataset(dataset, "test", data_root, False)  # or a Subset of it
     if measure.test_samples:
         test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
     if measure.test_samples is not None and measure.test_samples < 1:
-        raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {measure.test_samples}.")
+        raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), "
+                          f"got {measure.test_samples}.")
     out.mkdir(parents=True, exist_ok=True)
     env = environment(dev)
     analyze_cfg = {"a": str(path_a), "b": str(path_b), "dataset": dataset, "data_root": data_root,

@@ -87,7 +87,7 @@ class Probe:
 def _trace(model: nn.Module) -> fx.GraphModule:
     m = copy.deepcopy(model).eval()
     for sub in m.modules():  # in-place ops would overwrite captured features
-        if hasattr(sub, "inplace") and isinstance(getattr(sub, "inplace"), bool):
+        if hasattr(sub, "inplace") and isinstance(sub.inplace, bool):
             sub.inplace = False
     try:
         gm = fx.symbolic_trace(m)
@@ -106,7 +106,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         if n.op == "call_function" and n.target is operator.iadd:
             n.target = operator.add
         if n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
-                and not n.target.startswith("_") and n.target[:-1] in {"relu", "sigmoid", "tanh", "add", "mul", "clamp"}:
+                and not n.target.startswith("_") \
+                and n.target[:-1] in {"relu", "sigmoid", "tanh", "add", "mul", "clamp"}:
             n.target = n.target[:-1]
     gm.recompile()
     return gm
@@ -121,7 +122,7 @@ def _fname(target) -> str:
 def _classify(gm: fx.GraphModule, n: fx.Node) -> tuple[str, str, bool] | None:
     """(kind, op, is_relu) for probe-able nodes, else None."""
     if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
+        mod = gm.get_submodule(str(n.target))
         if isinstance(mod, _LAYER_MODULES):
             return "pre", type(mod).__name__, False
         if isinstance(mod, _NORM_MODULES):
@@ -157,7 +158,8 @@ def _reaches_input(n: fx.Node) -> bool:
             return True
         if (n.op == "call_function" and n.target in _SHAPE_ONLY_FUNCS) or (
             n.op == "call_method" and n.target in _SHAPE_ONLY_METHODS
-        ) or (n.op == "call_module" and isinstance(n.graph.owning_module.get_submodule(n.target), (nn.Flatten, nn.Identity))):
+        ) or (n.op == "call_module" and n.graph.owning_module is not None
+              and isinstance(n.graph.owning_module.get_submodule(str(n.target)), (nn.Flatten, nn.Identity))):
             if not n.args or not isinstance(n.args[0], fx.Node):
                 return False
             n = n.args[0]

@@ -191,7 +191,7 @@ def dry_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
         max_iter=min(c.align.max_iter, d["max_iter"]),
     )
     return dataclasses.replace(c, name=c.name + " (dry run)", train=t, measure=measure, align=align,
-                               spawn_epoch=min(int(c.spawn_epoch), d["spawn_epoch"], t["epochs"]),
+                               spawn_epoch=min(int(c.spawn_epoch or 0), d["spawn_epoch"], t["epochs"]),
                                alphas=d["alphas"])
 
 

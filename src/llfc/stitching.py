@@ -26,7 +26,7 @@ batch.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -162,7 +162,7 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     if n == 0:
         raise ValueError("stitching_errors: the loader yielded no samples")
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"layer": "A", "role": "endpoint", "kind": None, "op": None},
         {"layer": "B", "role": "endpoint", "kind": None, "op": None},
     ] + [{"layer": p.name, "role": "stitched", "kind": p.kind, "op": p.op} for p in chosen]

@@ -36,6 +36,7 @@ class RunningMoments:
         if self.mean is None:
             self.n, self.mean, self.m2 = b, bmean, bm2
             return
+        assert self.m2 is not None  # set together with self.mean
         n = self.n + b
         delta = bmean - self.mean
         self.mean = self.mean + delta * (b / n)
@@ -48,7 +49,7 @@ class RunningMoments:
         Raises:
             RuntimeError: if no sample was seen.
         """
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             raise RuntimeError("RunningMoments.compute() before any update()")
         return self.mean.clone(), (self.m2 / self.n).sqrt()
 

@@ -21,7 +21,6 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 

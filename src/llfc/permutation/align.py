@@ -110,6 +110,7 @@ def align(
         m.load_state_dict(sd)
         return m
 
+    rep: Any  # the method's report (WeightMatchingReport, SteReport or ActivationMatchingReport)
     if method == "weight":
         perms, rep = weight_matching(spec, sd_a, sd_b, seed=seed, **matching_kwargs)
         details = rep.to_dict()

@@ -95,6 +95,7 @@ def apply_permutation(
         t = state_dict[key]
         for ax in sorted(ax_set):
             idx = axis_index(spec, ps, key, ax, t.shape[ax])
+            assert idx is not None  # a group in ps touches this axis
             t = t.index_select(ax, idx.to(t.device))
         out[key] = t
     return out

@@ -204,6 +204,7 @@ def weight_matching(
                 if ax == r.axis:
                     continue
                 idx = axis_index(spec, perms, r.key, ax, shape[ax])
+                assert idx is not None  # axes_of_key lists only the axes some group permutes
                 moved = ax + 1 if ax < r.axis else ax  # position of axis `ax` after movedim(r.axis, 0)
                 t = t.index_select(moved, idx.to(t.device))
             prod = a_mat @ t.reshape(n, -1).T
@@ -264,6 +265,7 @@ def weight_matching(
         if best is None or history[-1] > best[1][-1]:
             best = (dict(perms), history, sweeps, converged, rs)
 
+    assert best is not None  # restarts ≥ 1
     perms, history, sweeps, converged, best_rs = best
     aligned = apply_permutation(spec, perms, sd_b)
     report = WeightMatchingReport(

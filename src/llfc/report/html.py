@@ -167,7 +167,7 @@ def _llfc_rows(pair: dict) -> tuple[list[float], list[dict]]:
     rows = []
     for ly in pair.get("llfc", []):
         base = ly["baseline"]["mean"]
-        dists = [ly["distance"]["mean"][_index(pair["alphas"], a)] for a in shown]  # type: ignore[index]
+        dists = [ly["distance"]["mean"][_index(pair["alphas"], a)] for a in shown]
         worst = max(dists) if dists else None
         rows.append({"name": ly["name"], "kind": ly["kind"], "op": ly.get("op"), "dim": ly.get("dim"),
                      "baseline": base, "dists": dists,
@@ -209,9 +209,9 @@ def _lmc_rows(pairs: dict) -> tuple[list[str], list[dict]]:
     return names, rows
 
 
-def _pair_links(run_dir: Path, name: str, pair: dict) -> list[dict]:
+def _pair_links(run_dir: Path, name: str, pair: dict) -> list[dict[str, str | None]]:
     """Links to the files a pair left in the run folder (relative, so the folder can move)."""
-    links = []
+    links: list[dict[str, str | None]] = []
     folder = run_dir / "pairs" / pair.get("kind", name)
     if folder.is_dir():
         links.append({"href": f"pairs/{folder.name}/", "text": f"pairs/{folder.name}/"})

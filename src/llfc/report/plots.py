@@ -112,7 +112,8 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         ax.set_title(f"{_label(name, pr)}: LLFC distance per layer{part}", fontsize=9)
         ax.legend(fontsize=7, ncol=4, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
-    fig.text(0.99, 0.0, "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); bars: mean ± std over samples",
+    fig.text(0.99, 0.0, "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); "
+             "bars: mean ± std over samples",
              ha="right", va="bottom", fontsize=6, color="0.35")
     fig.tight_layout()
     return _save(fig, path)

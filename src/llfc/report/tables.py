@@ -23,8 +23,8 @@ def _lmc_rows(pairs: dict) -> list[list]:
     rows = []
     for name, pr in pairs.items():
         for split, lmc in pr["lmc"].items():
-            for a, l, e in zip(pr["alphas"], lmc["loss"], lmc["error"]):
-                rows.append([name, split, a, l, e])
+            for a, loss, e in zip(pr["alphas"], lmc["loss"], lmc["error"]):
+                rows.append([name, split, a, loss, e])
     return rows
 
 
