@@ -20,7 +20,8 @@ import pytest
 from llfc import criteria
 from llfc.cli import main
 from llfc.config import ExperimentConfig
-from llfc.experiment import run_experiment
+from llfc.config import MeasureConfig
+from llfc.experiment import analyze_checkpoints, run_experiment
 from llfc.report.html import REPORT_NAME, ReportError, fmt_num, fmt_pct, fmt_pp, write_html_report
 
 try:
@@ -103,6 +104,18 @@ def test_run_writes_self_contained_report(run_dir):
         assert f'data-pair="{name}"' in html
         assert f'href="pairs/{res["pairs"][name]["kind"]}/"' in html
     assert criteria.describe() in html  # the thresholds, stated by llfc.criteria
+
+
+def test_analyze_report_links_the_checkpoints(run_dir, tmp_path):
+    a, b = run_dir / "pairs" / "spawn" / "a" / "final", run_dir / "pairs" / "spawn" / "b" / "final"
+    out = tmp_path / "analysis"
+    analyze_checkpoints(a, b, out, measure=MeasureConfig(test_samples=100, conditions=False, stitching=False),
+                        alphas=[0, 0.25, 0.5, 0.75, 1], progress=False, log=lambda s: None)
+    html = (out / REPORT_NAME).read_text(encoding="utf-8")
+    for f in (a.with_suffix(".safetensors"), b.with_suffix(".json")):
+        assert f'href="{f.resolve().as_uri()}"' in html
+    assert "llfc analyze: analysis" in html
+    assert "Weak additivity was not measured" in html  # sections without data say so
 
 
 def test_llfc_report_rebuilds_and_refuses_bad_folders(run_dir, tmp_path, capsys):

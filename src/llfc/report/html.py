@@ -34,7 +34,7 @@ import jinja2
 from markupsafe import Markup
 
 from llfc import __version__, criteria
-from llfc.checkpoint import atomic_write_text
+from llfc.checkpoint import atomic_write_text, checkpoint_paths
 from llfc.errors import LLFCError
 
 REPORT_NAME = "report.html"
@@ -219,9 +219,12 @@ def _pair_links(run_dir: Path, name: str, pair: dict) -> list[dict[str, str | No
             if f.is_file() and f.suffix in (".json", ".csv", ".safetensors") and not f.name.startswith("last."):
                 rel = f.relative_to(run_dir).as_posix()
                 links.append({"href": rel, "text": rel})
-    for role, path in (pair.get("checkpoints") or {}).items():
-        links.append({"href": Path(path).resolve().as_uri() if Path(path).exists() else None,
-                      "text": f"{role}: {path}"})
+    for role, path in (pair.get("checkpoints") or {}).items():  # llfc analyze: the measured checkpoints
+        files = [p for p in checkpoint_paths(path) if p.is_file()]
+        if not files:
+            links.append({"href": None, "text": f"{role}: {path} (not found)"})
+        for f in files:
+            links.append({"href": f.resolve().as_uri(), "text": f"{role}: {f}"})
     return links
 
 
@@ -375,6 +378,8 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
 def write_html_report(folder: str | Path) -> Path:
     """(Re)build ``report.html`` in a run folder or a sweep folder; returns its path (``llfc report DIR``).
 
+    A folder with ``sweep.json``, or without ``results.json``, is a sweep folder (module docstring).
+
     Raises:
         ReportError: the folder does not exist, or is neither a run folder nor a sweep folder.
     """
@@ -382,6 +387,6 @@ def write_html_report(folder: str | Path) -> Path:
     if not folder.is_dir():
         raise ReportError(f"{folder} is not a folder: pass the folder `llfc run`, `llfc analyze` or "
                           f"`llfc sweep` wrote (its --out).")
-    if (folder / "results.json").is_file():
+    if (folder / "results.json").is_file() and not (folder / "sweep.json").is_file():
         return render_run_report(folder)
     return render_sweep_report(folder)
