@@ -45,18 +45,29 @@ class Browser:
         self.timeout = timeout
         self._profile = tempfile.mkdtemp(prefix="llfc-chromium-")
         self._proc = subprocess.Popen(
-            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-             "--remote-debugging-port=0", f"--user-data-dir={self._profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                executable,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self._profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             port = self._wait_port()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as r:
                 targets = json.load(r)
             page = next(t for t in targets if t.get("type") == "page")
-            self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout,
-                                                   suppress_origin=True)
+            self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True)
         except BaseException:
             self.close()
             raise
@@ -131,8 +142,10 @@ class Browser:
         params: dict = {"format": "png"}
         if full_page:
             m = self.send("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": m["width"], "height": m["height"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": m["width"], "height": m["height"], "scale": 1},
+            )
         data = self.send("Page.captureScreenshot", **params)["data"]
         path = Path(path)
         path.write_bytes(base64.b64decode(data))

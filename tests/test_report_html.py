@@ -19,8 +19,7 @@ import pytest
 
 from llfc import criteria
 from llfc.cli import main
-from llfc.config import ExperimentConfig
-from llfc.config import MeasureConfig
+from llfc.config import ExperimentConfig, MeasureConfig
 from llfc.experiment import analyze_checkpoints, run_experiment
 from llfc.report.html import REPORT_NAME, ReportError, fmt_num, fmt_pct, fmt_pp, write_html_report
 
@@ -33,18 +32,28 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     CHROMIUM = None
 
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package `chromium`) "
-                                    "and websocket-client (pip install -e '.[test]') are needed")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium (Debian package `chromium`) and websocket-client (pip install -e '.[test]') are needed",
+)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny real run: digits, MLP 32-32, 2 epochs, spawned + independent + weight-matched pairs."""
     out = tmp_path_factory.mktemp("report") / "run"
-    cfg = ExperimentConfig.from_dict({
-        "dataset": "digits", "model": "mlp", "model_args": {"widths": [32, 32]},
-        "pairs": ["spawn", "independent", "permutation-weight"], "spawn_epoch": 1, "alphas": 5,
-        "train": {"epochs": 2}, "measure": {"test_samples": 150, "train_samples": 150}})
+    cfg = ExperimentConfig.from_dict(
+        {
+            "dataset": "digits",
+            "model": "mlp",
+            "model_args": {"widths": [32, 32]},
+            "pairs": ["spawn", "independent", "permutation-weight"],
+            "spawn_epoch": 1,
+            "alphas": 5,
+            "train": {"epochs": 2},
+            "measure": {"test_samples": 150, "train_samples": 150},
+        }
+    )
     run_experiment(cfg, out, progress=False, log=lambda s: None)
     return out
 
@@ -75,16 +84,16 @@ def _shown_digits_ok(text: str, value: float, percent: bool = False) -> bool:
     mant = re.sub(r" × 10.*", "", text.strip().replace("−", "-").replace(",", "").split(" ")[0])
     decimals = len(mant.split(".")[1]) if "." in mant else 0
     scale = 10 ** int(re.search(r"10(-?\d+)$", text.replace("−", "-")).group(1)) if "× 10" in text else 1
-    return abs(shown - value) <= 0.5 * 10 ** -decimals * scale * (1 + 1e-9)
+    return abs(shown - value) <= 0.5 * 10**-decimals * scale * (1 + 1e-9)
 
 
 def test_number_formatting():
     assert fmt_pct(0.022222) == "2.22 %"
     assert fmt_pp(0.0189) == "1.89 pp"
     assert fmt_pp(-0.0189) == "−1.89 pp"
-    assert str(fmt_num(0.7)) == "0.700"          # three significant digits, trailing zeros kept
+    assert str(fmt_num(0.7)) == "0.700"  # three significant digits, trailing zeros kept
     assert str(fmt_num(0.0203)) == "0.0203"
-    assert str(fmt_num(999.9)) == "1,000"        # rounding up to four integer digits
+    assert str(fmt_num(999.9)) == "1,000"  # rounding up to four integer digits
     assert str(fmt_num(12345.6)) == "12,346"
     assert str(fmt_num(2.93e-4)) == "2.93 × 10<sup>−4</sup>"
     assert str(fmt_num(0.0)) == "0" and str(fmt_num(None)) == "–" and str(fmt_num(float("inf"))) == "∞"
@@ -109,8 +118,15 @@ def test_run_writes_self_contained_report(run_dir):
 def test_analyze_report_links_the_checkpoints(run_dir, tmp_path):
     a, b = run_dir / "pairs" / "spawn" / "a" / "final", run_dir / "pairs" / "spawn" / "b" / "final"
     out = tmp_path / "analysis"
-    analyze_checkpoints(a, b, out, measure=MeasureConfig(test_samples=100, conditions=False, stitching=False),
-                        alphas=[0, 0.25, 0.5, 0.75, 1], progress=False, log=lambda s: None)
+    analyze_checkpoints(
+        a,
+        b,
+        out,
+        measure=MeasureConfig(test_samples=100, conditions=False, stitching=False),
+        alphas=[0, 0.25, 0.5, 0.75, 1],
+        progress=False,
+        log=lambda s: None,
+    )
     html = (out / REPORT_NAME).read_text(encoding="utf-8")
     for f in (a.with_suffix(".safetensors"), b.with_suffix(".json")):
         assert f'href="{f.resolve().as_uri()}"' in html
@@ -133,8 +149,9 @@ def test_llfc_report_rebuilds_and_refuses_bad_folders(run_dir, tmp_path, capsys)
 def _check_page(b: Browser, path: Path) -> list[dict]:
     b.goto(path.resolve().as_uri())
     assert b.errors == [], b.errors
-    imgs = b.eval("[...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight,"
-                  " complete: i.complete}))")
+    imgs = b.eval(
+        "[...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, complete: i.complete}))"
+    )
     assert all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in imgs), imgs
     return imgs
 
@@ -160,8 +177,12 @@ def test_report_in_chromium(run_dir, tmp_path):
         assert _shown_digits_ok(m["error_barrier"], t["barriers"]["error_barrier_frankle"], percent=True), m
         assert _shown_digits_ok(m["loss_barrier"], t["barriers"]["loss_barrier_entezari"]), m
         # the worst hidden layer, found here independently of llfc.criteria: largest d/baseline at .25/.5/.75
-        ratios = [(ly["distance"]["mean"][a.index(x)] / ly["baseline"]["mean"], ly, x)
-                  for ly in pr["llfc"] if ly["kind"] != "logits" for x in (0.25, 0.5, 0.75)]
+        ratios = [
+            (ly["distance"]["mean"][a.index(x)] / ly["baseline"]["mean"], ly, x)
+            for ly in pr["llfc"]
+            if ly["kind"] != "logits"
+            for x in (0.25, 0.5, 0.75)
+        ]
         ratio, ly, x = max(ratios, key=lambda r: r[0])
         assert _shown_digits_ok(m["worst_ratio"], ratio), m
         assert _shown_digits_ok(m["worst_distance"], ly["distance"]["mean"][a.index(x)]), m
@@ -200,15 +221,18 @@ def test_sweep_report_in_chromium(run_dir, tmp_path):
         for png in run_dir.glob("*.png"):  # (else each run's report redraws its figures: slower)
             shutil.copy(png, d / png.name)
     shutil.copy(run_dir / "lmc.png", sweep / "barrier_vs_k.png")
-    (sweep / "sweep.json").write_text(json.dumps({"config": {"grid": {"k": [0, 1, 2, 3, 4]}},
-                                                  "created": "2026-01-01T00:00:00+00:00"}))
+    (sweep / "sweep.json").write_text(
+        json.dumps({"config": {"grid": {"k": [0, 1, 2, 3, 4]}}, "created": "2026-01-01T00:00:00+00:00"})
+    )
     path = write_html_report(sweep)
     assert all((sweep / f"k{i}" / f"seed{i % 2}" / REPORT_NAME).is_file() for i in range(len(cells)))
     with Browser(CHROMIUM) as b:
         imgs = _check_page(b, path)
         assert [i["alt"] for i in imgs] == ["barrier_vs_k.png"]
-        counts = b.eval("Object.fromEntries([...document.querySelectorAll('[data-cell]')]"
-                        ".map(e => [e.dataset.cell, +e.textContent]))")
+        counts = b.eval(
+            "Object.fromEntries([...document.querySelectorAll('[data-cell]')]"
+            ".map(e => [e.dataset.cell, +e.textContent]))"
+        )
         rows = b.eval("[...document.querySelectorAll('tr[data-pair] a')].map(a => a.getAttribute('href'))")
         b.screenshot(_shot_path(tmp_path, "report-sweep.png"))
         b.goto((sweep / rows[0]).resolve().as_uri())  # the row's link opens that run's report

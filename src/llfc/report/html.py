@@ -103,9 +103,13 @@ def _verdict(v: bool | None) -> Markup:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("llfc.report", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("llfc.report", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(num=fmt_num, pct=fmt_pct, pp=fmt_pp, alpha=fmt_alpha, verdict=_verdict)
     return env
 
@@ -119,8 +123,10 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ReportError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); rerun the command that "
-                          f"wrote it (llfc run / llfc analyze) to rebuild it.") from None
+        raise ReportError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno}); rerun the command that "
+            f"wrote it (llfc run / llfc analyze) to rebuild it."
+        ) from None
 
 
 def _yaml(obj: Any) -> str:
@@ -169,28 +175,49 @@ def _llfc_rows(pair: dict) -> tuple[list[float], list[dict]]:
         base = ly["baseline"]["mean"]
         dists = [ly["distance"]["mean"][_index(pair["alphas"], a)] for a in shown]
         worst = max(dists) if dists else None
-        rows.append({"name": ly["name"], "kind": ly["kind"], "op": ly.get("op"), "dim": ly.get("dim"),
-                     "baseline": base, "dists": dists,
-                     "ratio": None if worst is None else criteria._ratio(worst, base),
-                     "hidden": ly["kind"] in criteria.HIDDEN_KINDS})
+        rows.append(
+            {
+                "name": ly["name"],
+                "kind": ly["kind"],
+                "op": ly.get("op"),
+                "dim": ly.get("dim"),
+                "baseline": base,
+                "dists": dists,
+                "ratio": None if worst is None else criteria._ratio(worst, base),
+                "hidden": ly["kind"] in criteria.HIDDEN_KINDS,
+            }
+        )
     return shown, rows
 
 
 def _weak_additivity_rows(pair: dict) -> list[dict]:
     i = _index(pair["alphas"], 0.5)
-    return [{"name": ly["name"], "pre": ly.get("pre_activation"), "sign": ly["sign_agreement"]["mean"],
-             "sign_std": ly["sign_agreement"]["std"],
-             "dist": None if i is None else ly["distance"]["mean"][i],
-             "dist_max": max(ly["distance"]["mean"]) if ly["distance"]["mean"] else None}
-            for ly in pair.get("weak_additivity", [])]
+    return [
+        {
+            "name": ly["name"],
+            "pre": ly.get("pre_activation"),
+            "sign": ly["sign_agreement"]["mean"],
+            "sign_std": ly["sign_agreement"]["std"],
+            "dist": None if i is None else ly["distance"]["mean"][i],
+            "dist_max": max(ly["distance"]["mean"]) if ly["distance"]["mean"] else None,
+        }
+        for ly in pair.get("weak_additivity", [])
+    ]
 
 
 def _commutativity_rows(pair: dict) -> list[dict]:
     rows = []
     for ly in pair.get("commutativity", []):
         parts = min(ly["dist_W"], ly["dist_H"])
-        rows.append({"name": ly["name"], "com": ly["dist_com"], "W": ly["dist_W"], "H": ly["dist_H"],
-                     "ratio": criteria._ratio(ly["dist_com"], parts)})
+        rows.append(
+            {
+                "name": ly["name"],
+                "com": ly["dist_com"],
+                "W": ly["dist_W"],
+                "H": ly["dist_H"],
+                "ratio": criteria._ratio(ly["dist_com"], parts),
+            }
+        )
     return rows
 
 
@@ -245,16 +272,27 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
     details = []
     for name, pr in pairs.items():
         shown, llfc = _llfc_rows(pr)
-        details.append({
-            "name": name, "label": pr.get("label", name), "kind": pr.get("kind"),
-            "n_samples": pr.get("n_samples"), "bn_mode": pr.get("bn_mode"), "cosine": pr.get("cosine"),
-            "seconds": pr.get("seconds"), "spawn_epoch": pr.get("spawn_epoch"),
-            "barriers": {s: v["barriers"] for s, v in pr["lmc"].items()},
-            "llfc_alphas": shown, "llfc": llfc,
-            "weak_additivity": _weak_additivity_rows(pr), "commutativity": _commutativity_rows(pr),
-            "stitching": pr.get("stitching", []), "angles": pr.get("principal_angles", []),
-            "alignment": pr.get("alignment"), "links": _pair_links(run_dir, name, pr),
-        })
+        details.append(
+            {
+                "name": name,
+                "label": pr.get("label", name),
+                "kind": pr.get("kind"),
+                "n_samples": pr.get("n_samples"),
+                "bn_mode": pr.get("bn_mode"),
+                "cosine": pr.get("cosine"),
+                "seconds": pr.get("seconds"),
+                "spawn_epoch": pr.get("spawn_epoch"),
+                "barriers": {s: v["barriers"] for s, v in pr["lmc"].items()},
+                "llfc_alphas": shown,
+                "llfc": llfc,
+                "weak_additivity": _weak_additivity_rows(pr),
+                "commutativity": _commutativity_rows(pr),
+                "stitching": pr.get("stitching", []),
+                "angles": pr.get("principal_angles", []),
+                "alignment": pr.get("alignment"),
+                "links": _pair_links(run_dir, name, pr),
+            }
+        )
     csvs = sorted(p.name for p in run_dir.glob("*.csv"))
     return {
         "title": f"llfc {results.get('kind', 'run').removeprefix('llfc.')}: {run_dir.name}",
@@ -265,9 +303,11 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
         "lmc_names": [pairs[n].get("label", n) for n in lmc_names],
         "lmc_rows": lmc_rows,
         "pairs": details,
-        "figures": {f: {"uri": _png_uri(run_dir / f), "caption": c} for f, c in RUN_FIGURES.items()
-                    if (run_dir / f).is_file()},
-        "config_yaml": cfg_path.read_text(encoding="utf-8").strip() if cfg_path.is_file()
+        "figures": {
+            f: {"uri": _png_uri(run_dir / f), "caption": c} for f, c in RUN_FIGURES.items() if (run_dir / f).is_file()
+        },
+        "config_yaml": cfg_path.read_text(encoding="utf-8").strip()
+        if cfg_path.is_file()
         else _yaml(results.get("config", {})),
         "environment": env,
         "seeds": seeds,
@@ -287,12 +327,13 @@ def render_run_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
     if not path.is_file():
-        raise ReportError(f"{run_dir} has no results.json: pass a folder written by `llfc run` or `llfc analyze` "
-                          f"(or a sweep folder holding such folders).")
+        raise ReportError(
+            f"{run_dir} has no results.json: pass a folder written by `llfc run` or `llfc analyze` "
+            f"(or a sweep folder holding such folders)."
+        )
     results = _read_json(path)
     if not isinstance(results, dict) or not isinstance(results.get("pairs"), dict):
-        raise ReportError(f"{path} has no \"pairs\" mapping (schema docs/results.md); rerun the command that "
-                          f"wrote it.")
+        raise ReportError(f'{path} has no "pairs" mapping (schema docs/results.md); rerun the command that wrote it.')
     if results["pairs"] and not all((run_dir / f).is_file() for f in ("lmc.png",)):
         from llfc.report.plots import plot_all
 
@@ -336,8 +377,9 @@ def sweep_context(sweep_dir: str | Path, sweep: dict | None = None) -> dict:
                 cells[(h["lmc"], h["llfc"])] += 1
     grid_keys = list(dict.fromkeys(k for r in rows for k in r["grid"]))
     env = dict(sweep.get("environment") or {})
-    figures = {p.name: {"uri": _png_uri(p), "caption": p.stem.replace("_", " ")}
-               for p in sorted(sweep_dir.glob("*.png"))}
+    figures = {
+        p.name: {"uri": _png_uri(p), "caption": p.stem.replace("_", " ")} for p in sorted(sweep_dir.glob("*.png"))
+    }
     return {
         "title": f"llfc sweep: {sweep_dir.name}",
         "run_dir": sweep_dir.name,
@@ -365,8 +407,10 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
     sweep_dir = Path(sweep_dir)
     runs = find_runs(sweep_dir)
     if not runs:
-        raise ReportError(f"{sweep_dir} holds no results.json and no run folders below it: pass a folder "
-                          f"written by `llfc run`, `llfc analyze` or `llfc sweep`.")
+        raise ReportError(
+            f"{sweep_dir} holds no results.json and no run folders below it: pass a folder "
+            f"written by `llfc run`, `llfc analyze` or `llfc sweep`."
+        )
     for run in runs:
         if not (run / REPORT_NAME).is_file():
             render_run_report(run)
@@ -385,8 +429,9 @@ def write_html_report(folder: str | Path) -> Path:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ReportError(f"{folder} is not a folder: pass the folder `llfc run`, `llfc analyze` or "
-                          f"`llfc sweep` wrote (its --out).")
+        raise ReportError(
+            f"{folder} is not a folder: pass the folder `llfc run`, `llfc analyze` or `llfc sweep` wrote (its --out)."
+        )
     if (folder / "results.json").is_file() and not (folder / "sweep.json").is_file():
         return render_run_report(folder)
     return render_sweep_report(folder)
