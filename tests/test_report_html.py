@@ -40,15 +40,14 @@ needs_chromium = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A tiny real run: digits, MLP 32-32, 2 epochs, spawned + independent + weight-matched pairs."""
+    """A tiny real run: digits, MLP 32-32, 2 epochs, an independent and a weight-matched pair."""
     out = tmp_path_factory.mktemp("report") / "run"
     cfg = ExperimentConfig.from_dict(
         {
             "dataset": "digits",
             "model": "mlp",
             "model_args": {"widths": [32, 32]},
-            "pairs": ["spawn", "independent", "permutation-weight"],
-            "spawn_epoch": 1,
+            "pairs": ["independent", "permutation-weight"],
             "alphas": 5,
             "train": {"epochs": 2},
             "measure": {"test_samples": 150, "train_samples": 150},
@@ -116,7 +115,7 @@ def test_run_writes_self_contained_report(run_dir):
 
 
 def test_analyze_report_links_the_checkpoints(run_dir, tmp_path):
-    a, b = run_dir / "pairs" / "spawn" / "a" / "final", run_dir / "pairs" / "spawn" / "b" / "final"
+    a, b = run_dir / "pairs" / "independent" / "a" / "final", run_dir / "pairs" / "independent" / "b" / "final"
     out = tmp_path / "analysis"
     analyze_checkpoints(
         a,
@@ -210,13 +209,13 @@ def _force(pair: dict, lmc: bool, llfc: bool) -> dict:
 def test_sweep_report_in_chromium(run_dir, tmp_path):
     """A sweep folder: run folders below it; the co-occurrence table counts pairs by their verdicts."""
     res = json.loads((run_dir / "results.json").read_text())
-    base = res["pairs"]["spawn"]
+    base = res["pairs"]["independent"]
     cells = [(True, True), (True, True), (False, False), (False, True), (True, False)]
     sweep = tmp_path / "sweep"
     for i, (lmc, llfc) in enumerate(cells):
         d = sweep / f"k{i}" / f"seed{i % 2}"
         d.mkdir(parents=True)
-        r = {**res, "sweep": {"k": i, "seed": i % 2}, "pairs": {"spawn": _force(base, lmc, llfc)}}
+        r = {**res, "sweep": {"k": i, "seed": i % 2}, "pairs": {"independent": _force(base, lmc, llfc)}}
         (d / "results.json").write_text(json.dumps(r))
         for png in run_dir.glob("*.png"):  # (else each run's report redraws its figures: slower)
             shutil.copy(png, d / png.name)
