@@ -20,8 +20,9 @@ import pytest
 from llfc import criteria
 from llfc.cli import main
 from llfc.config import ExperimentConfig, MeasureConfig
+from llfc.errors import ReportError
 from llfc.experiment import analyze_checkpoints, run_experiment
-from llfc.report.html import REPORT_NAME, ReportError, fmt_num, fmt_pct, fmt_pp, write_html_report
+from llfc.report.html import REPORT_NAME, fmt_num, fmt_pct, fmt_pp, write_html_report
 
 try:
     import websocket  # noqa: F401  (websocket-client, test extra)

@@ -47,6 +47,10 @@ class UnsupportedOperationError(LLFCError):
     """A model contains an operation that llfc has no handler for."""
 
 
+class ReportError(LLFCError):
+    """A folder that cannot be reported on: no results.json (run) and no run folders below it (sweep)."""
+
+
 def unknown_name(kind: str, name: str, valid) -> UnknownNameError:
     """Build the standard "unknown <kind>" error listing the valid names."""
     valid = sorted(valid)

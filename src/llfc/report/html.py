@@ -10,8 +10,8 @@ thresholds are defined.
 Run folder → :func:`render_run_report`; sweep folder → :func:`render_sweep_report`; either →
 :func:`write_html_report` (what ``llfc report DIR`` calls).
 
-Sweep folders. A sweep folder is any folder that holds no ``results.json`` of its own but has run folders
-(folders with a ``results.json``) below it; ``sweep.json`` at its top is optional. The sweep page lists one
+Sweep folders. A sweep folder is a folder with ``sweep.json``, or one that holds no ``results.json`` of its
+own but has run folders (folders with a ``results.json``) below it. The sweep page lists one
 row per (run folder, pair) found below the folder — so it does not depend on the sweep's own aggregate
 format — with the barriers, the worst hidden layer and both verdicts, links each row to that run's
 ``report.html`` (written when missing), counts the co-occurrence table (LMC yes/no × LLFC yes/no) with
@@ -19,7 +19,7 @@ format — with the barriers, the worst hidden layer and both verdicts, links ea
 the sweep folder (the aggregate figures). From ``sweep.json`` it reads only optional keys: ``config``
 (shown as YAML), ``environment`` (shown as a table), ``created`` and ``llfc_version``; each row's grid
 coordinates are taken from the run's ``results.json`` ``"sweep"`` entry (a mapping such as
-``{"k": 2, "seed": 1}``) when present, else from its folder path.
+``{"k": 2, "seed": 1}``) when present (else the row shows its folder path only).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from markupsafe import Markup
 
 from llfc import __version__, criteria
 from llfc.checkpoint import atomic_write_text, checkpoint_paths
-from llfc.errors import LLFCError
+from llfc.errors import ReportError
 
 REPORT_NAME = "report.html"
 # figures of a run folder (written by llfc.report.plots), in page order: file name → caption
@@ -46,10 +46,6 @@ RUN_FIGURES = {
     "commutativity.png": "commutativity per layer: Dist_com against Dist_W and Dist_H (LLFC paper Def. 4, Fig. 7)",
     "stitching.png": "identity stitching: B with layer ℓ's output taken from A",
 }
-
-
-class ReportError(LLFCError):
-    """A folder that cannot be reported on: no results.json (run) and no run folders below it (sweep)."""
 
 
 # ---------------------------------------------------------------------------------------------- formatting
