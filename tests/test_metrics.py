@@ -124,7 +124,13 @@ def test_running_moments_equal_all_in_memory():
         rm.update(chunk)
     mean, std = rm.compute()
     assert torch.allclose(mean, x.double().mean(0), atol=1e-12)
-    assert torch.allclose(std, x.double().std(0, unbiased=False), atol=1e-12)
+    assert torch.allclose(std, x.double().std(0, unbiased=True), atol=1e-12)  # ÷(N−1), as the official code
+    pop = RunningMoments(ddof=0)
+    pop.update(x)
+    assert torch.allclose(pop.compute()[1], x.double().std(0, unbiased=False), atol=1e-12)
+    one = RunningMoments()
+    one.update(x[:1])
+    assert torch.isnan(one.compute()[1]).all()  # undefined for one sample (null in results.json)
     rs = RunningSum()
     for chunk in x.split(10):
         rs.update(chunk)

@@ -60,6 +60,8 @@ class MeasureConfig:
         bn_mode: "interpolate" or "reset" (BatchNorm statistics along the path).
         bn_batches: training batches used to reset BN statistics.
         stitching: identity model stitching per Linear/Conv layer (paper App. B.4, Tables 2–3).
+        stitch_points: "official" (the official script's points: for ResNets conv1, every block
+            output and the logits) or "pre" (every Linear/Conv output); see :mod:`llfc.stitching`.
         angles_k: principal angles between the top-k singular subspaces of W_A and W_B per layer
             (official code's ``principal_angle.py``); 0 disables.
     """
@@ -74,6 +76,7 @@ class MeasureConfig:
     bn_mode: str = "interpolate"
     bn_batches: int = 20
     stitching: bool = True
+    stitch_points: str = "official"
     angles_k: int = 5
 
 
