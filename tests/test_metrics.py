@@ -77,6 +77,12 @@ def test_barriers_hand_values():
     assert entezari_barrier(alphas, err) == pytest.approx(0.175)
     b = barriers(alphas, [1.0, 0.5, 1.0], err)
     assert b["loss_barrier_entezari"] == pytest.approx(0.0)  # convex dip: no barrier
+    assert b["error_barrier_interior"] == pytest.approx(0.15)  # the peak is interior here
+    # a path that never rises above the worse endpoint: Frankle's barrier is half the endpoints'
+    # difference, the interior barrier is negative
+    e2 = [0.1, 0.12, 0.2]
+    assert barriers(alphas, [1.0, 1.0, 1.0], e2)["error_barrier_frankle"] == pytest.approx(0.05)
+    assert barriers(alphas, [1.0, 1.0, 1.0], e2)["error_barrier_interior"] == pytest.approx(-0.03)
     with pytest.raises(ValueError):
         frankle_error_barrier([0.0, 0.5], [0.1, 0.2])
 

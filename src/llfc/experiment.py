@@ -203,7 +203,11 @@ def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -
     atomic_write_json(out / "results.json", results)
     write_tables(results["pairs"], out)
     plot_all(results["pairs"], out)
-    text = summary_table(results["pairs"])
+    note = None
+    if str((results.get("config") or {}).get("name") or "").endswith("(dry run)"):
+        note = ("DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
+                "numbers check that the pipeline works and are not results.")
+    text = summary_table(results["pairs"], note=note)
     atomic_write_text(out / "summary.txt", text + "\n")
     return text
 

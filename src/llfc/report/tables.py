@@ -46,9 +46,10 @@ def write_tables(pairs: dict, out_dir: Path) -> list[Path]:
     paths = [
         _write(out / "lmc.csv", ["pair", "split", "alpha", "loss", "error"], _lmc_rows(pairs)),
         _write(out / "barriers.csv",
-               ["pair", "split", "error_barrier_frankle", "error_barrier_entezari", "loss_barrier_entezari"],
-               [[n, s, *[lmc["barriers"][k] for k in ("error_barrier_frankle", "error_barrier_entezari",
-                                                      "loss_barrier_entezari")]]
+               ["pair", "split", "error_barrier_frankle", "error_barrier_interior", "error_barrier_entezari",
+                "loss_barrier_entezari"],
+               [[n, s, *[lmc["barriers"].get(k) for k in ("error_barrier_frankle", "error_barrier_interior",
+                                                          "error_barrier_entezari", "loss_barrier_entezari")]]
                 for n, pr in pairs.items() for s, lmc in pr["lmc"].items()]),
         _write(out / "llfc.csv",
                ["pair", "layer", "kind", "alpha", "dist_mean", "dist_std", "dist_whole", "baseline_mean",
