@@ -256,3 +256,25 @@ def test_summary_uses_the_one_criterion():
     bad_line = next(ln for ln in lines if ln.startswith("bad"))
     assert " yes   yes " in good_line and " no    no " in bad_line
     assert criteria.describe() in text
+
+
+# ---------------------------------------------------------------- 13. the README's Python API runs as written
+def test_readme_api_snippet_runs(run3, tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"### Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(run3)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    res = ns["res"]
+    assert set(res) >= {"alphas", "n_samples", "lmc", "llfc", "weak_additivity", "commutativity"}
+    assert set(res["lmc"]) == {"loss", "error", "barriers"}
+    assert res["n_samples"] == 450  # the whole digits test set
+    from llfc import criteria
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{criteria.lmc_holds(res)} {criteria.llfc_holds(res)}"

@@ -1,4 +1,4 @@
-"""One streaming pass over the data for every α and every probed layer (DESIGN.md §3).
+"""One streaming pass over the data for every α and every probed layer (docs/architecture.md).
 
 Per batch, the features of θ_A and θ_B are computed once and reused for every α; θ_α costs one
 forward pass per interior α (the endpoints reuse A's and B's features), so the time is about
@@ -8,7 +8,7 @@ networks (θ_A, θ_B, one θ_α) for one batch, and does not grow with the numbe
 
 What is measured (α weights A: θ_α = α·θ_A + (1−α)·θ_B):
 
-* LMC: mean cross-entropy loss and error of θ_α (DESIGN.md §1, Def. 1).
+* LMC: mean cross-entropy loss and error of θ_α (LLFC paper Def. 1; barriers: docs/results.md).
 * LLFC per probe and α (paper §3, Def. 2, Figs. 2–4): per-sample d_α = 1 − cos(f_α, f_int) with
   f_int = α f_A + (1−α) f_B (mean, std over samples, and the whole-tensor version); the baseline
   d_AB = 1 − cos(f_A, f_B); the least-squares scale s = ⟨f_α, f_int⟩/‖f_int‖² (per sample and

@@ -1,7 +1,7 @@
 """The linear path between two state dicts, θ_α = α·θ_A + (1−α)·θ_B (α weights A; LLFC paper §2).
 
 Also the checks that make a pair measurable (same keys, shapes, dtypes; finite values) and the
-two BatchNorm modes along the path (DESIGN.md §1 "BatchNorm"):
+two BatchNorm modes along the path (``bn_mode``, ``--bn-mode``):
 
 * ``interpolate``: running statistics are interpolated like weights (the official LLFC code);
 * ``reset``: the running statistics of every interior θ_α (0 < α < 1) are recomputed on training

@@ -1,4 +1,4 @@
-"""Linear mode connectivity barriers (DESIGN.md §1).
+"""Linear mode connectivity barriers (definitions and sources: docs/results.md).
 
 The curve is given on an α grid with α weighting model A (θ_α = α·θ_A + (1−α)·θ_B): the value
 at α = 1 is model A's, at α = 0 model B's; both endpoints must be on the grid.
