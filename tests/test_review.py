@@ -80,6 +80,13 @@ def test_measure_pair_warns_about_bn_and_can_reset(monkeypatch):
     assert explicit["lmc"]["loss"] == reset["lmc"]["loss"]
     with pytest.raises(ConfigError, match="bn_batches"):
         measure_pair(model, sd_a, sd_b, data, [0, .25, .5, .75, 1], bn_mode="reset")
+    # PairMeter's own default path sees the real model too
+    from llfc.engine import PairMeter
+    from llfc.probe import FeatureExtractor
+
+    monkeypatch.setattr(interpolate, "_warned_bn", False)
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        PairMeter(FeatureExtractor(model), sd_a, sd_b, [0, .25, .5, .75, 1])
 
 
 # ---------------------------------------------------------------- 2, 3. analyze reproduces a run
