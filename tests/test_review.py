@@ -285,3 +285,32 @@ def test_readme_api_snippet_runs(run3, tmp_path, monkeypatch, capsys):
 
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"{criteria.lmc_holds(res)} {criteria.llfc_holds(res)}"
+
+
+# ---------------------------------------------------------------- 14. figures
+def test_figures_scales_labels_and_legends(run3, monkeypatch, tmp_path):
+    from llfc.report import plots
+
+    figs = {}
+
+    def keep(fig, path):
+        figs[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    pairs = _strict(run3 / "results.json")["pairs"]
+    for pr in pairs.values():
+        pr["commutativity"] = [{"name": "layers.2", "module": "layers.2", "dist_com": 0.01, "dist_W": 1.0,
+                                "dist_H": 0.5}]
+    plots.plot_lmc(pairs, tmp_path / "lmc.png")
+    plots.plot_stitching(pairs, tmp_path / "stitching.png")
+    plots.plot_commutativity(pairs, tmp_path / "commutativity.png")
+    lmc = figs["lmc.png"].axes  # rows: pairs; columns: loss, error
+    assert lmc[1].get_ylim() == lmc[3].get_ylim() and lmc[0].get_ylim() == lmc[2].get_ylim()
+    st = figs["stitching.png"].axes
+    assert len(st) == len(pairs)  # one panel (own y-scale) per pair
+    for ax in st:
+        assert ax.get_xlabel() and ax.get_ylabel()
+        assert {"A alone", "B alone"} <= {t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()}
+    com = figs["commutativity.png"]
+    assert all(ax.get_legend() is None for ax in com.axes) and len(com.legends) == 1

@@ -218,7 +218,7 @@ def plot_stitching(pairs: dict, path: Path) -> Path:
         ax.set_title(f"{_label(name, pr)}: identity stitching, stitched error "
                      f"{min(vals[:len(st)], default=0):.2f}–{max(vals[:len(st)], default=0):.2f}%", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # covers no point
     fig.tight_layout()
     return _save(fig, path)
 
