@@ -474,7 +474,8 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     sd_a, sd_b = strip_prefix(sd_a), strip_prefix(sd_b)
     recorded = meta_a.get("run") or {}
     seed = int(recorded.get("seed", 0)) if seed is None else int(seed)
-    data_root = data_root if data_root is not None else recorded.get("data_root")
+    if data_root is None and recorded.get("data_root") and Path(recorded["data_root"]).is_dir():
+        data_root = recorded["data_root"]  # else $LLFC_DATA_ROOT / ./data, as always
     dataset = dataset or meta_a.get("dataset")
     if model:
         if not dataset:
