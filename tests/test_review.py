@@ -314,3 +314,10 @@ def test_figures_scales_labels_and_legends(run3, monkeypatch, tmp_path):
         assert {"A alone", "B alone"} <= {t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()}
     com = figs["commutativity.png"]
     assert all(ax.get_legend() is None for ax in com.axes) and len(com.legends) == 1
+
+
+def test_undefined_values_are_empty_csv_cells(tmp_path):
+    from llfc.report.tables import _write
+
+    _write(tmp_path / "t.csv", ["a", "b", "c"], [[1.5, float("nan"), None], ["x", float("inf"), 2]])
+    assert (tmp_path / "t.csv").read_text() == "a,b,c\n1.5,,\nx,,2\n"

@@ -7,14 +7,15 @@ import csv
 import io
 from pathlib import Path
 
-from llfc.checkpoint import atomic_write_text
+from llfc.checkpoint import atomic_write_text, json_safe
 
 
 def _write(path: Path, header: list[str], rows: list[list]) -> Path:
+    """Undefined values (None, NaN, ±inf) become empty cells, as they are null in results.json."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows(json_safe(rows))
     atomic_write_text(path, buf.getvalue())
     return path
 
