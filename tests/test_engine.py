@@ -62,12 +62,12 @@ def test_streaming_equals_all_in_memory():
         node = by_name[layer["name"]].node
         base = cosine_distance(fa[node], fb[node])
         assert layer["baseline"]["mean"] == pytest.approx(base.mean().item(), abs=1e-12)
-        assert layer["baseline"]["std"] == pytest.approx(base.std(unbiased=False).item(), abs=1e-12)
+        assert layer["baseline"]["std"] == pytest.approx(base.std(unbiased=True).item(), abs=1e-12)  # ÷(N−1), official
         for k, a in enumerate(ALPHAS):
             f_int = a * fa[node].double() + (1 - a) * fb[node].double()
             d = cosine_distance(fal[k][node], f_int)
             assert layer["distance"]["mean"][k] == pytest.approx(d.mean().item(), abs=1e-10)
-            assert layer["distance"]["std"][k] == pytest.approx(d.std(unbiased=False).item(), abs=1e-10)
+            assert layer["distance"]["std"][k] == pytest.approx(d.std(unbiased=True).item(), abs=1e-10)
             assert layer["distance"]["whole"][k] == pytest.approx(
                 whole_cosine_distance(fal[k][node], f_int).item(), abs=1e-10)
             s = scale_coef(fal[k][node], f_int)

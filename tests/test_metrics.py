@@ -77,6 +77,12 @@ def test_barriers_hand_values():
     assert entezari_barrier(alphas, err) == pytest.approx(0.175)
     b = barriers(alphas, [1.0, 0.5, 1.0], err)
     assert b["loss_barrier_entezari"] == pytest.approx(0.0)  # convex dip: no barrier
+    assert b["error_barrier_interior"] == pytest.approx(0.15)  # the peak is interior here
+    # a path that never rises above the worse endpoint: Frankle's barrier is half the endpoints'
+    # difference, the interior barrier is negative
+    e2 = [0.1, 0.12, 0.2]
+    assert barriers(alphas, [1.0, 1.0, 1.0], e2)["error_barrier_frankle"] == pytest.approx(0.05)
+    assert barriers(alphas, [1.0, 1.0, 1.0], e2)["error_barrier_interior"] == pytest.approx(-0.03)
     with pytest.raises(ValueError):
         frankle_error_barrier([0.0, 0.5], [0.1, 0.2])
 
@@ -124,7 +130,13 @@ def test_running_moments_equal_all_in_memory():
         rm.update(chunk)
     mean, std = rm.compute()
     assert torch.allclose(mean, x.double().mean(0), atol=1e-12)
-    assert torch.allclose(std, x.double().std(0, unbiased=False), atol=1e-12)
+    assert torch.allclose(std, x.double().std(0, unbiased=True), atol=1e-12)  # ÷(N−1), as the official code
+    pop = RunningMoments(ddof=0)
+    pop.update(x)
+    assert torch.allclose(pop.compute()[1], x.double().std(0, unbiased=False), atol=1e-12)
+    one = RunningMoments()
+    one.update(x[:1])
+    assert torch.isnan(one.compute()[1]).all()  # undefined for one sample (null in results.json)
     rs = RunningSum()
     for chunk in x.split(10):
         rs.update(chunk)

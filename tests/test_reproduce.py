@@ -146,7 +146,7 @@ def test_dry_run_end_to_end(scale, name, fake_data, tmp_path):
         assert pr["llfc"], kind
     if "spawn" in pairs:
         assert saved["pairs"]["spawn"]["spawn_epoch"] == 1
-    assert (tmp_path / "run" / "summary.txt").exists()
+    assert (tmp_path / "run" / "summary.txt").read_text().startswith("DRY RUN")  # says so
 
 
 # ------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_self_stitching_and_logits():
                                                   width=0.25).state_dict().items()}
     x, y = _data(40, (3, 8, 8), 5)
     batches = _batches(x, y, 16)
-    same = stitching_errors(m, sd_a, sd_a, batches)
+    same = stitching_errors(m, sd_a, sd_a, batches, points="pre")
     assert len(same) == 2 + 19 + 0  # 19 convs in ResNet-20 with option-A shortcuts
     for r in same:
         assert r["error"] == same[0]["error"]
@@ -89,6 +89,33 @@ def test_self_stitching_and_logits():
     assert [r["layer"] for r in at_logits] == ["A", "B", "logits"]
     assert at_logits[2]["error"] == at_logits[0]["error"]
     assert at_logits[2]["loss"] == pytest.approx(at_logits[0]["loss"], rel=1e-12)
+
+
+def test_official_stitch_points_for_resnets():
+    # official model_stitching.py on ResNets: conv1, every block's output (post-ReLU), the final Linear
+    m = create_model("resnet20", input_shape=(3, 8, 8), num_classes=5, width=0.25).eval()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x, y = _data(8, (3, 8, 8), 5)
+    rows = stitching_errors(m, sd, sd, _batches(x, y, 8))
+    blocks = [f"layer{s}.{b}.relu_1" for s in (1, 2, 3) for b in range(3)]
+    assert [r["layer"] for r in rows] == ["A", "B", "conv1", *blocks, "logits"]
+    # the official hook on a block module overwrites the block's output: the same as the post-ReLU probe
+    torch.manual_seed(5)
+    sd_b = {k: v.clone() for k, v in create_model("resnet20", input_shape=(3, 8, 8), num_classes=5,
+                                                  width=0.25).state_dict().items()}
+    mb = create_model("resnet20", input_shape=(3, 8, 8), num_classes=5, width=0.25).eval()
+    mb.load_state_dict(sd_b)
+    with torch.no_grad():
+        feat = {}
+        h = m.layer2[1].register_forward_hook(lambda mod, i, o: feat.__setitem__("a", o.clone()))
+        m(x)
+        h.remove()
+        h = mb.layer2[1].register_forward_hook(lambda mod, i, o: feat["a"])
+        hooked = torch.nn.functional.cross_entropy(mb(x).double(), y).item()
+        h.remove()
+    got = stitching_errors(m, sd, sd_b, _batches(x, y, 8))
+    row = next(r for r in got if r["layer"] == "layer2.1.relu_1")
+    assert row["loss"] == pytest.approx(hooked, rel=1e-6)
 
 
 def test_matches_hook_implementation_with_residuals_and_batchnorm():

@@ -133,14 +133,30 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """Serialise ``obj`` as JSON and write it to ``path`` atomically.
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Infinity) replaced by ``None``.
 
-    Paths become strings, sets sorted lists, NumPy/torch scalars Python numbers. The text is
-    produced before the file is touched, so an unserialisable object raises ``TypeError`` and
-    leaves any existing file as it was.
+    ``NaN`` and ``Infinity`` are not JSON (RFC 8259); strict parsers reject them. A ``null``
+    number in llfc's JSON files means "undefined" (e.g. the scale c = 1/s when s = 0;
+    docs/results.md). Containers are copied; other values are returned as they are.
     """
-    text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=True)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Serialise ``obj`` as strict JSON and write it to ``path`` atomically.
+
+    Paths become strings, sets sorted lists, NumPy/torch scalars Python numbers, non-finite
+    floats ``null`` (:func:`json_safe`). The text is produced before the file is touched, so an
+    unserialisable object raises ``TypeError`` and leaves any existing file as it was.
+    """
+    text = json.dumps(json_safe(obj), indent=indent, default=_json_default, allow_nan=False)
     return atomic_write_text(path, text + "\n")
 
 
@@ -251,6 +267,8 @@ def _read(path: str | os.PathLike, device: str | torch.device = "cpu"
     """All tensors (reserved prefixes included) and the decoded meta of checkpoint ``path``."""
     wpath, jpath = checkpoint_paths(path)
     missing = [p for p in (wpath, jpath) if not p.is_file()]
+    if len(missing) == 2 and os.fspath(path).endswith(TORCH_SUFFIXES) and Path(path).is_file():
+        return load_torch_state_dict(path), {}
     if len(missing) == 2:
         raise CheckpointError(
             f"no checkpoint at {os.fspath(path)!r}: neither {wpath} nor {jpath} exists. Check the "
@@ -321,6 +339,76 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
     return strip_prefix(weights), meta
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict saved in PyTorch's own format (``torch.save(model.state_dict(), "x.pt")``).
+
+    Read with ``torch.load(weights_only=True)`` (no code is executed). A dict holding the state
+    dict under ``"state_dict"``, ``"model_state_dict"`` or ``"model"`` (the usual training
+    checkpoints) is unwrapped; a ``module.`` / ``_orig_mod.`` prefix is stripped.
+
+    Returns:
+        {name: tensor} on the CPU, with the dtypes they were saved with.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable by ``weights_only`` loading (e.g. a
+            pickled whole model), or holds no tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no checkpoint at {os.fspath(path)!r}: the file does not exist.")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors of many types: all mean "not a plain state dict"
+        raise CheckpointError(
+            f"{p} cannot be read as a PyTorch state dict with torch.load(weights_only=True) "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Save the weights with "
+            f"torch.save(model.state_dict(), path) or safetensors.torch.save_file(model.state_dict(), "
+            f"path); whole pickled models are not loaded (they can run arbitrary code).") from None
+    if isinstance(obj, Mapping):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+    if not sd:
+        raise CheckpointError(
+            f"{p} holds no tensors under string keys (found a {type(obj).__name__}); expected a "
+            f"state dict saved with torch.save(model.state_dict(), path).")
+    return strip_prefix(sd)
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights of any checkpoint llfc can read, and its metadata ({} when there is none).
+
+    * an llfc checkpoint (``.safetensors`` + ``.json`` sidecar): :func:`load_checkpoint`;
+    * a plain ``.safetensors`` state dict without a sidecar;
+    * a PyTorch ``.pt`` / ``.pth`` / ``.bin`` state dict: :func:`load_torch_state_dict`.
+
+    Plain files carry no architecture: the caller needs it from elsewhere (``--model``).
+    A ``module.`` / ``_orig_mod.`` prefix is stripped in every case.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint` and :func:`load_torch_state_dict`.
+    """
+    if os.fspath(path).endswith(TORCH_SUFFIXES):
+        return {k: v.to(device) for k, v in load_torch_state_dict(path).items()}, {}
+    wpath, jpath = checkpoint_paths(path)
+    if wpath.is_file() and not jpath.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return strip_prefix(load_file(os.fspath(wpath), device=str(device))), {}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{wpath} is not a readable safetensors file ({e}). Re-create "
+                                  f"it, or check the path.") from None
+    return load_checkpoint(path, device)
+
+
 def load_extra_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
                        ) -> dict[str, torch.Tensor]:
     """The ``extra_tensors`` given to :func:`save_checkpoint`, by their original names."""
@@ -347,7 +435,7 @@ def _write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: M
     full_meta.update({k: v for k, v in meta.items() if k not in full_meta})
     full_meta.setdefault("environment", environment())
     try:  # serialise first: a bad meta must not leave a half-written checkpoint
-        text = json.dumps(full_meta, indent=2, default=_json_default, allow_nan=True) + "\n"
+        text = json.dumps(json_safe(full_meta), indent=2, default=_json_default, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"cannot save checkpoint {wpath}: its metadata is not JSON-serialisable ({e}). Pass "

@@ -69,6 +69,9 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-mode", choices=["interpolate", "reset"],
                    help="BatchNorm statistics along the path (default interpolate)")
     g.add_argument("--no-conditions", action="store_true", help="skip weak additivity and commutativity")
+    g.add_argument("--stitch-points", choices=["official", "pre"],
+                   help="identity stitching at the official code's points (default; ResNets: conv1, every "
+                   "block output, the final Linear) or at every Linear/Conv output (pre)")
 
 
 def _measure_overrides(args) -> dict:
@@ -90,6 +93,8 @@ def _measure_overrides(args) -> dict:
         m["bn_mode"] = args.bn_mode
     if args.no_conditions:
         m["conditions"] = False
+    if args.stitch_points:
+        m["stitch_points"] = args.stitch_points
     return m
 
 
@@ -166,8 +171,12 @@ def cmd_align(args) -> int:
     """`llfc align A B`: permute B onto A and write the aligned checkpoint."""
     from llfc.experiment import align_checkpoints
 
+    if not args.out:
+        raise ConfigError("llfc align needs --out C: the aligned B is written to C.safetensors (or, "
+                          "when C is a folder, inside it).")
     align_checkpoints(args.a, args.b, args.out, method=args.method, dataset=args.dataset,
-                      data_root=args.data_root, seed=args.seed or 0, overwrite=args.overwrite)
+                      data_root=args.data_root, seed=args.seed or 0, overwrite=args.overwrite,
+                      model=args.model, model_args=_model_args(args.model_args))
     return 0
 
 
@@ -243,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         q.add_argument("--device", help="cpu, cuda or auto")
+        q.add_argument("--threads", type=int, help="torch CPU threads (default $OMP_NUM_THREADS, else the "
+                       "cores available; results are bit-identical only for the same count; use 1 on a "
+                       "machine other jobs load)")
         q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("run", help="train pairs, measure LMC/LLFC, write results and figures")
@@ -278,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight matching, activation matching, or the straight-through estimator")
     al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
     al.add_argument("--seed", type=int, help="seed of weight matching's group order (default 0)")
+    al.add_argument("--model", help="architecture of plain .safetensors / .pt files without JSON sidecars")
+    al.add_argument("--model-args", help='its arguments as JSON, e.g. \'{"widths": [64]}\'')
     common(al)
     al.set_defaults(func=cmd_align)
 
@@ -321,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("once")
     warnings.showwarning = lambda msg, cat, *a, **k: print(f"llfc: warning: {msg}", file=sys.stderr)
     try:
+        if hasattr(args, "threads"):
+            from llfc.seeding import set_threads
+
+            set_threads(args.threads)
         return args.func(args)
     except LLFCError as e:
         print(f"llfc: error: {e}", file=sys.stderr)

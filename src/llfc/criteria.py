@@ -61,8 +61,13 @@ def worst_layer(pair: dict, alphas=LLFC_ALPHAS, kinds=HIDDEN_KINDS) -> dict | No
 
 
 def lmc_holds(pair: dict) -> bool:
-    """True when the pair's Frankle error barrier on the test set is ≤ ``LMC_MAX_ERROR_BARRIER``."""
-    return pair["lmc"]["test"]["barriers"]["error_barrier_frankle"] <= LMC_MAX_ERROR_BARRIER
+    """True when the pair's Frankle error barrier on the test set is ≤ ``LMC_MAX_ERROR_BARRIER``.
+
+    ``pair``: a pair of results.json (``lmc.test.barriers``) or the dict returned by
+    :func:`llfc.engine.measure_pair` (``lmc.barriers``, measured on the loader it was given).
+    """
+    lmc = pair["lmc"]
+    return lmc.get("test", lmc)["barriers"]["error_barrier_frankle"] <= LMC_MAX_ERROR_BARRIER
 
 
 def llfc_holds(pair: dict) -> bool | None:

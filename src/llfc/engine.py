@@ -1,4 +1,4 @@
-"""One streaming pass over the data for every α and every probed layer (DESIGN.md §3).
+"""One streaming pass over the data for every α and every probed layer (docs/architecture.md).
 
 Per batch, the features of θ_A and θ_B are computed once and reused for every α; θ_α costs one
 forward pass per interior α (the endpoints reuse A's and B's features), so the time is about
@@ -8,7 +8,7 @@ networks (θ_A, θ_B, one θ_α) for one batch, and does not grow with the numbe
 
 What is measured (α weights A: θ_α = α·θ_A + (1−α)·θ_B):
 
-* LMC: mean cross-entropy loss and error of θ_α (DESIGN.md §1, Def. 1).
+* LMC: mean cross-entropy loss and error of θ_α (LLFC paper Def. 1; barriers: docs/results.md).
 * LLFC per probe and α (paper §3, Def. 2, Figs. 2–4): per-sample d_α = 1 − cos(f_α, f_int) with
   f_int = α f_A + (1−α) f_B (mean, std over samples, and the whole-tensor version); the baseline
   d_AB = 1 − cos(f_A, f_B); the least-squares scale s = ⟨f_α, f_int⟩/‖f_int‖² (per sample and
@@ -123,7 +123,7 @@ class PairMeter:
             raise ValueError("the α grid must contain 0 and 1")
         self.sd_a, self.sd_b = sd_a, sd_b
         self.states = list(states) if states is not None else path_states(
-            nn.Module(), sd_a, sd_b, self.alphas)
+            extractor.gm, sd_a, sd_b, self.alphas)  # the real model: its BatchNorm is seen
         self.llfc, self.conditions, self.absolute = llfc, conditions, absolute
         self.logits = next(p for p in extractor.probes if p.kind == "logits")
         self.llfc_probes = [p for p in extractor.probes] if llfc else []
@@ -287,7 +287,7 @@ class PairMeter:
                                                                         absolute=self.absolute))},
                     "distance": {"mean": dm.tolist(), "std": ds.tolist(), "whole": whole.tolist()},
                     "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": coef_whole.tolist()},
-                    "c_whole": [1.0 / v if v != 0 else float("inf") for v in coef_whole.tolist()],
+                    "c_whole": [1.0 / v if v != 0 else None for v in coef_whole.tolist()],  # None: s = 0
                 })
             out["llfc"] = layers
         if self.conditions:
@@ -327,7 +327,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                  names: Sequence[str] | None = None, llfc: bool = True, conditions: bool = True,
                  absolute: bool = False, allow_extrapolation: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
-                 desc: str = "measure") -> dict:
+                 desc: str = "measure", bn_mode: str = "interpolate",
+                 bn_batches: Sequence[torch.Tensor] | None = None) -> dict:
     """Measure LMC, LLFC and the LLFC conditions of (θ_A, θ_B) in one streaming pass.
 
     Args:
@@ -336,11 +337,17 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         batches: iterable of (x, y) batches, e.g. a DataLoader over the test set.
         alphas: α grid (α weights A); 0, 0.25, 0.5, 0.75 and 1 are added when missing; values
             outside [0, 1] need ``allow_extrapolation=True``.
-        states: optional θ_α state dicts (e.g. after a BatchNorm reset), one per α.
+        states: optional θ_α state dicts (e.g. after a BatchNorm reset), one per α; when given,
+            ``bn_mode`` / ``bn_batches`` are not used.
         kinds, names: probe selection (see :mod:`llfc.probe`).
         llfc, conditions, absolute: see :class:`PairMeter`.
         device: where to compute.
         progress: show a tqdm progress bar.
+        bn_mode: BatchNorm running statistics along the path, as ``llfc run --bn-mode``:
+            ``"interpolate"`` (the official LLFC code; warns once when the model has BatchNorm) or
+            ``"reset"`` (recomputed on ``bn_batches`` for every interior α; see
+            :func:`llfc.interpolate.path_states`).
+        bn_batches: input tensors (N_i, ...) of training data, needed by ``bn_mode="reset"``.
 
     Returns:
         the dict of :meth:`PairMeter.compute`: ``alphas``, ``n_samples``, ``lmc`` (loss, error,
@@ -349,13 +356,14 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     Raises:
         IncompatibleModelsError: the state dicts differ in keys, shapes or dtypes.
         NonFiniteWeightsError: NaN/Inf in either state dict.
-        ConfigError: an α outside [0, 1] without ``allow_extrapolation``; no batch in ``batches``.
+        ConfigError: an α outside [0, 1] without ``allow_extrapolation``; no batch in ``batches``;
+            an unknown ``bn_mode``, or ``"reset"`` without ``bn_batches``.
     """
     from tqdm.auto import tqdm
 
     from llfc.checkpoint import check_finite
     from llfc.errors import ConfigError
-    from llfc.interpolate import check_alphas, check_compatible
+    from llfc.interpolate import check_alphas, check_compatible, path_states
 
     check_compatible(sd_a, sd_b)
     check_finite(sd_a, "model A")
@@ -364,6 +372,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         alphas = check_alphas(alphas, allow_extrapolation)
     elif any(not 0 <= a <= 1 for a in alphas) and not allow_extrapolation:
         check_alphas(alphas, allow_extrapolation)  # raises the standard message
+    if states is None:  # the real model, so that BatchNorm is seen (warning or reset)
+        states = path_states(model, sd_a, sd_b, alphas, bn_mode, bn_batches, device)
 
     if not llfc and not conditions:  # LMC only: evaluate the logits and nothing else
         kinds, names = ["logits"], None

@@ -36,16 +36,16 @@ from llfc.checkpoint import (
     strip_prefix,
 )
 from llfc.config import ExperimentConfig
-from llfc.data import dataset_info, get_dataset
+from llfc.data import dataset_info, default_data_root, get_dataset
 from llfc.engine import measure_pair
-from llfc.errors import ConfigError, IncompatibleModelsError, OutputExistsError
+from llfc.errors import CheckpointError, ConfigError, IncompatibleModelsError, OutputExistsError
 from llfc.interpolate import check_alphas, check_compatible, default_alphas, path_states
 from llfc.metrics.angles import principal_angles_per_layer
 from llfc.probe import FeatureExtractor
 from llfc.report import plot_all, summary_table, write_tables
 from llfc.report.html import render_run_report
 from llfc.seeding import derive_seed, environment, seed_everything
-from llfc.stitching import stitching_errors
+from llfc.stitching import STITCH_POINTS, stitching_errors
 from llfc.train import ModelSpec, TrainConfig, independent_pair, spawn_pair
 
 SCHEMA_VERSION = 1
@@ -76,34 +76,38 @@ def resolve_device(device: str) -> torch.device:
 
 
 def prepare_out_dir(out: Path, overwrite: bool, config_text: str | None = None) -> str:
-    """Check the output folder; returns "new", "resume" or "overwrite".
+    """Check the output folder; returns "new", "resume" or "overwrite". Writes nothing.
 
-    A folder holding ``results.json`` is refused unless ``overwrite`` (nothing is deleted: files
-    are replaced one by one as the new run writes them). A folder holding an unfinished run of the
-    same config is resumed; of another config, refused.
+    A folder holding ``results.json`` is refused unless ``overwrite``. A folder holding an
+    unfinished run of the same config is resumed; of another config, refused. With ``overwrite``
+    any non-empty folder gives "overwrite": the caller starts afresh there (after every other
+    check has passed, it removes the previous run's llfc outputs; other files are left alone).
 
     Raises:
-        OutputExistsError: as described.
+        OutputExistsError: as described (the message names the CLI flags and the Python arguments).
     """
     out = Path(out)
-    if (out / "results.json").exists():
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} already holds results (results.json). Choose another --out, or pass "
-                f"--overwrite to replace them (files are replaced as the new run writes them)."
-            )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file, not a folder; choose another --out (out= in Python).")
+    if out.is_dir() and any(out.iterdir()) and overwrite:
         return "overwrite"
-    if (out / "config.yaml").exists() and config_text is not None and not overwrite:
-        if (out / "config.yaml").read_text() != config_text:
+    if (out / "results.json").exists():
+        raise OutputExistsError(
+            f"{out} already holds results (results.json). Choose another --out, or pass "
+            f"--overwrite (overwrite=True in Python) to replace them."
+        )
+    if (out / "config.yaml").exists():
+        if config_text is not None and (out / "config.yaml").read_text() != config_text:
             raise OutputExistsError(
                 f"{out} holds an unfinished run of a different configuration (config.yaml "
-                f"differs). Choose another --out, or pass --overwrite to start afresh there."
+                f"differs). Run the original command again to resume it, choose another --out, or "
+                f"pass --overwrite (overwrite=True in Python) to start afresh there."
             )
         return "resume"
-    if out.exists() and any(out.iterdir()) and (out / "config.yaml").exists() is False and not overwrite:
+    if out.is_dir() and any(out.iterdir()):
         raise OutputExistsError(
-            f"{out} exists and is not empty, and does not look like an llfc run. Choose another "
-            f"--out (or an empty folder), or pass --overwrite."
+            f"{out} exists and is not empty, and does not look like an unfinished llfc run. Choose "
+            f"another --out (or an empty folder), or pass --overwrite (overwrite=True in Python)."
         )
     return "new"
 
@@ -154,8 +158,12 @@ class Measurer:
     def __init__(self, model: nn.Module, test_set, train_subset, alphas: Sequence[float], measure,
                  device: torch.device, bn_train=None, progress: bool = True, seed: int = 0):
         self.model, self.alphas, self.m, self.device, self.progress = model, list(alphas), measure, device, progress
+        self.seed = seed
         check_input_shape(model, test_set, f"model {type(model).__name__}", "the test")
         FeatureExtractor(model, kinds=measure.kinds, names=measure.probes)  # unknown probes fail now
+        if measure.stitching and measure.stitch_points not in STITCH_POINTS:
+            raise ConfigError(f"unknown stitch points {measure.stitch_points!r} (--stitch-points); "
+                              f"valid: {', '.join(STITCH_POINTS)}.")
         self.test = _loader(test_set, measure.batch_size)
         self.train = _loader(train_subset, measure.batch_size) if train_subset is not None else None
         self.bn_batches = None
@@ -181,10 +189,12 @@ class Measurer:
                               llfc=False, conditions=False, device=self.device,
                               progress=self.progress, desc=f"measure {name} (train subset)")
             lmc["train"] = tr["lmc"]
+            lmc["train"]["subset"] = {"n_samples": tr["n_samples"], "master_seed": self.seed,
+                                      "seed": derive_seed(self.seed, "train-subset")}
         res["lmc"] = lmc
         if self.m.stitching:
             res["stitching"] = stitching_errors(self.model, sd_a, sd_b, self.test, device=self.device,
-                                                progress=self.progress)
+                                                progress=self.progress, points=self.m.stitch_points)
         if self.m.angles_k:
             res["principal_angles"] = [
                 {"name": k, "k": int(v["k"]), "left": v["left"].tolist(), "right": v["right"].tolist()}
@@ -200,7 +210,11 @@ def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -
     atomic_write_json(out / "results.json", results)
     write_tables(results["pairs"], out)
     plot_all(results["pairs"], out)
-    text = summary_table(results["pairs"])
+    note = None
+    if str((results.get("config") or {}).get("name") or "").endswith("(dry run)"):
+        note = ("DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
+                "numbers check that the pipeline works and are not results.")
+    text = summary_table(results["pairs"], note=note)
     atomic_write_text(out / "summary.txt", text + "\n")
     render_run_report(out)
     return text
@@ -248,6 +262,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(device)})
     seed_everything(cfg.seed)
     arch = spec()
+    run_meta = {"dataset": cfg.dataset, "run": {
+        "seed": cfg.seed, "data_root": str(Path(cfg.data_root or default_data_root()).resolve())}}
     measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
                         alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,20 +289,26 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     states: dict[str, tuple[dict, dict]] = {}
     logs: dict[str, Any] = {}
     wants_indep = any(p in cfg.pairs for p in ("independent", *PERMUTATION_KINDS))
-    if "spawn" in cfg.pairs:
-        log(f"[spawn] training a parent for {cfg.spawn_epoch} epoch(s), then two children to epoch "
-            f"{tcfg.epochs}")
-        a, b, lg = spawn_pair(spec, train_set, test_set, tcfg, int(cfg.spawn_epoch), seeds["spawn"],
-                              pairs_dir / "spawn", resume=resume, overwrite=mode == "overwrite",
-                              progress=progress, meta={"dataset": cfg.dataset})
-        states["spawn"], logs["spawn"] = (_cpu_sd(a), _cpu_sd(b)), lg
-    if wants_indep:
-        log(f"[independent] training two models from different seeds for {tcfg.epochs} epoch(s)")
-        a, b, lg = independent_pair(spec, train_set, test_set, tcfg, seeds["independent"],
-                                    pairs_dir / "independent", resume=resume,
-                                    overwrite=mode == "overwrite", progress=progress,
-                                    meta={"dataset": cfg.dataset})
-        states["independent"], logs["independent"] = (_cpu_sd(a), _cpu_sd(b)), lg
+    try:
+        if "spawn" in cfg.pairs:
+            log(f"[spawn] training a parent for {cfg.spawn_epoch} epoch(s), then two children to epoch "
+                f"{tcfg.epochs}")
+            a, b, lg = spawn_pair(spec, train_set, test_set, tcfg, int(cfg.spawn_epoch), seeds["spawn"],
+                                  pairs_dir / "spawn", resume=resume, overwrite=mode == "overwrite",
+                                  progress=progress, meta=run_meta)
+            states["spawn"], logs["spawn"] = (_cpu_sd(a), _cpu_sd(b)), lg
+        if wants_indep:
+            log(f"[independent] training two models from different seeds for {tcfg.epochs} epoch(s)")
+            a, b, lg = independent_pair(spec, train_set, test_set, tcfg, seeds["independent"],
+                                        pairs_dir / "independent", resume=resume,
+                                        overwrite=mode == "overwrite", progress=progress,
+                                        meta=run_meta)
+            states["independent"], logs["independent"] = (_cpu_sd(a), _cpu_sd(b)), lg
+    except (CheckpointError, OutputExistsError) as e:
+        if not resume:
+            raise
+        raise type(e)(f"{e} To give up the unfinished run in {out} and start afresh, run the same "
+                      f"command with --overwrite (overwrite=True in Python).") from None
     for kind in PERMUTATION_KINDS:
         if kind in cfg.pairs:
             method = kind.split("-")[1]
@@ -294,7 +316,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
             sd_a, sd_b = states["independent"]
             aligned, report = align_state_dicts(arch, sd_a, sd_b, method, train_eval, cfg, device)
             save_checkpoint(pairs_dir / kind / "b_aligned", aligned,
-                            {"model": spec.to_meta(), "dataset": cfg.dataset, "aligned_to": "independent/a",
+                            {"model": spec.to_meta(), **run_meta, "aligned_to": "independent/a",
                              "method": method, "llfc_version": __version__})
             atomic_write_json(pairs_dir / kind / "alignment.json", report)
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
@@ -323,19 +345,20 @@ _OUTPUT_FILES = ("results.json", "summary.txt", "lmc.png", "llfc.png", "weak_add
 
 
 def _remove_stale_outputs(out: Path, pairs: Sequence[str], log: Callable[[str], None]) -> None:
-    """With --overwrite: remove the previous run's llfc outputs (its result files and the pair
-    folders this run will not rewrite), saying what is removed; other files are left alone."""
+    """With --overwrite: remove the previous run's llfc outputs (its result files, config,
+    environment and every pair folder: the run trains afresh), saying what is removed; other
+    files are left alone."""
     import shutil
 
     removed = []
-    for name in _OUTPUT_FILES:
+    for name in (*_OUTPUT_FILES, "config.yaml", "environment.json"):
         if (out / name).is_file():
             (out / name).unlink()
             removed.append(name)
     pdir = out / "pairs"
     if pdir.is_dir():
         for d in sorted(pdir.iterdir()):
-            if d.is_dir() and d.name not in pairs:
+            if d.is_dir():
                 shutil.rmtree(d)
                 removed.append(f"pairs/{d.name}/")
     if removed:
@@ -375,28 +398,48 @@ def _model_with(arch: nn.Module, sd: dict) -> nn.Module:
     return m.eval()
 
 
-def _load_pair_member(path: str | Path, model: str | None, model_args: dict | None):
-    """(state_dict, meta) of a checkpoint; a bare .safetensors file without its JSON sidecar is
-    accepted when the architecture is given (``model``, ``model_args``)."""
-    from llfc.checkpoint import checkpoint_paths
+def _load_pair_member(path: str | Path, model: str | None, model_args: dict | None = None):
+    """(state_dict, meta) of a checkpoint (:func:`llfc.checkpoint.load_weights`: an llfc checkpoint,
+    a plain ``.safetensors`` file or a PyTorch ``.pt`` / ``.pth`` state dict); a plain file, which
+    records no architecture, needs ``model``."""
+    from llfc.checkpoint import load_weights
     from llfc.errors import CheckpointError
 
-    wpath, jpath = checkpoint_paths(path)
-    if wpath.is_file() and not jpath.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not model:
-            raise CheckpointError(
-                f"{wpath} has no JSON sidecar ({jpath.name}) recording its architecture. For a plain "
-                f"state dict saved with safetensors, pass --model NAME [--model-args JSON] --dataset "
-                f"NAME; for an llfc checkpoint, restore the missing .json file.")
-        try:
-            return load_file(str(wpath)), {}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{wpath} is not a readable safetensors file ({e}).") from None
-    sd, meta = load_checkpoint(path)
+    sd, meta = load_weights(path)
+    if not meta and not model:
+        raise CheckpointError(
+            f"{path} is a plain state dict: it records no architecture (no llfc JSON sidecar). Pass "
+            f"--model NAME [--model-args JSON] --dataset NAME (model=, model_args=, dataset= in "
+            f"Python); for an llfc checkpoint, restore its missing .json file.")
     return sd, meta
+
+
+def _check_weights_fit(arch: nn.Module, sd: dict, path, given_model: bool) -> None:
+    """The weights in ``path`` have exactly the built model's keys and shapes (else a clear error)."""
+    from llfc.checkpoint import check_state_dict_matches
+
+    try:
+        check_state_dict_matches(arch.state_dict(), sd, str(path))
+    except IncompatibleModelsError as e:
+        if not given_model:
+            raise
+        raise IncompatibleModelsError(
+            f"{e} Pass the --model, --model-args and --dataset the weights were trained with "
+            f"(see `llfc list` and `llfc probes MODEL`).") from None
+
+
+def _build_arch(name: str, kwargs: dict) -> nn.Module:
+    from llfc.models import create_model
+
+    try:
+        return create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build model {name!r} with arguments {kwargs} ({e}); check "
+                          f"--model-args.") from None
+
+
+def _same_weights(sd_a: dict, sd_b: dict) -> bool:
+    return sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
 
 
 def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *,
@@ -404,30 +447,45 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
                         model: str | None = None, model_args: dict | None = None,
                         download: bool = False, alphas: int | Sequence[float] = 11,
                         allow_extrapolation: bool = False, measure=None, device: str = "cpu",
-                        overwrite: bool = False, progress: bool = True, seed: int = 0,
+                        overwrite: bool = False, progress: bool = True, seed: int | None = None,
                         log: Callable[[str], None] = print) -> dict:
     """Measure two existing checkpoints (``llfc analyze A B``).
 
     The architecture comes from A's JSON sidecar, or from ``model`` / ``model_args`` (then plain
-    ``.safetensors`` state dicts without sidecars are accepted, e.g. your own models saved with
-    ``safetensors.torch.save_file(model.state_dict(), path)``); the dataset from ``dataset`` or
-    the sidecar.
+    state dicts without sidecars are accepted: ``.safetensors`` saved with
+    ``safetensors.torch.save_file(model.state_dict(), path)`` or PyTorch ``.pt`` / ``.pth`` saved
+    with ``torch.save(model.state_dict(), path)``); the dataset from ``dataset`` or the sidecar.
+
+    Checkpoints written by ``llfc run`` record the run's master seed and data root; they are the
+    defaults of ``seed`` (else 0) and ``data_root``, so that the train subset of the train-set
+    LMC curve and the BatchNorm-reset batches are the run's and its results are reproduced.
+
+    Everything is checked before anything is written into ``out``: the weights against the
+    built model (keys and shapes), the data against the model's input.
 
     Raises:
         CheckpointError: missing / corrupted files; IncompatibleModelsError: different
-        architectures or shapes (the first differing parameter is named); NonFiniteWeightsError;
-        ConfigError for α outside [0, 1] without ``allow_extrapolation``; OutputExistsError.
+        architectures or shapes (the first differing parameter is named), or weights that do not
+        fit ``model`` / ``model_args``; NonFiniteWeightsError; ConfigError for α outside [0, 1]
+        without ``allow_extrapolation`` or data the model cannot take; OutputExistsError.
     """
+    import warnings
+
     from llfc.config import MeasureConfig
-    from llfc.models import create_model
 
     measure = measure or MeasureConfig()
     grid = check_alphas(default_alphas(alphas) if isinstance(alphas, int) else alphas, allow_extrapolation)
+    if measure.test_samples is not None and measure.test_samples < 1:
+        raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {measure.test_samples}.")
     out = Path(out)
     prepare_out_dir(out, overwrite)
     sd_a, meta_a = _load_pair_member(path_a, model, model_args)
     sd_b, meta_b = _load_pair_member(path_b, model, model_args)
     sd_a, sd_b = strip_prefix(sd_a), strip_prefix(sd_b)
+    recorded = meta_a.get("run") or {}
+    seed = int(recorded.get("seed", 0)) if seed is None else int(seed)
+    if data_root is None and recorded.get("data_root") and Path(recorded["data_root"]).is_dir():
+        data_root = recorded["data_root"]  # else $LLFC_DATA_ROOT / ./data, as always
     dataset = dataset or meta_a.get("dataset")
     ma: dict[str, Any] | None
     mb: dict[str, Any] | None
@@ -449,10 +507,15 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
             f"the checkpoints are different architectures: {path_a} is {ma.get('name')!r} and "
             f"{path_b} is {mb.get('name')!r}. Pair two checkpoints of one architecture.")
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
+    if _same_weights(sd_a, sd_b):
+        warnings.warn(f"{path_a} and {path_b} hold the same weights: every α gives the same model, "
+                      f"so every barrier and LLFC distance is 0. Pass two different models.")
     if not dataset:
         raise ConfigError("the checkpoints do not record their dataset; pass --dataset NAME.")
     dev = resolve_device(device)
-    arch = create_model(ma["name"], **ma.get("kwargs", {}))
+    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
+    _check_weights_fit(arch, sd_a, path_a, bool(model))
+    _check_weights_fit(arch, sd_b, path_b, bool(model))
     info = dataset_info(dataset)
     shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
     if shape != tuple(info.input_shape):
@@ -465,9 +528,10 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     test_set: Any = get_dataset(dataset, "test", data_root, False)  # or a Subset of it
     if measure.test_samples:
         test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
-    if measure.test_samples is not None and measure.test_samples < 1:
-        raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), "
-                          f"got {measure.test_samples}.")
+    # the data against the model (input shape, probes, BN batches): still nothing written
+    measurer = Measurer(arch, test_set, _train_subset(train_eval, measure.train_samples, seed), grid,
+                        measure, dev, bn_train=train_eval, progress=progress, seed=seed)
+    _check_classes(_model_with(arch, sd_a), test_set, dataset)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(dev)
     analyze_cfg = {"a": str(path_a), "b": str(path_b), "dataset": dataset, "data_root": data_root,
@@ -478,8 +542,6 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     atomic_write_json(out / "environment.json", env)
     results = _results_header("llfc.analyze", analyze_cfg, env,
                               {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma})
-    measurer = Measurer(arch, test_set, _train_subset(train_eval, measure.train_samples, seed), grid,
-                        measure, dev, bn_train=train_eval, progress=progress, seed=seed)
     pr = measurer(sd_a, sd_b, "A vs B")
     pr["kind"], pr["label"] = "checkpoints", f"{Path(path_a).name} vs {Path(path_b).name}"
     pr["checkpoints"] = {"A": str(path_a), "B": str(path_b)}
@@ -490,40 +552,75 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     return results
 
 
+def _check_classes(model: nn.Module, dataset, dataset_name: str) -> None:
+    """The model's logits cover every label of one batch of ``dataset`` (else cross-entropy fails
+    mid-run)."""
+    n = min(256, len(dataset))
+    x = torch.stack([dataset[i][0] for i in range(n)])
+    y = torch.as_tensor([int(dataset[i][1]) for i in range(n)])
+    with torch.no_grad():
+        k = model(x[:1]).shape[-1]
+    if int(y.max()) >= k:
+        raise ConfigError(f"the model has {k} outputs but {dataset_name} has labels up to {int(y.max())}; "
+                          f"build it with num_classes for this dataset (--model-args) or pass the "
+                          f"--dataset it was trained on.")
+
+
 def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
                       dataset: str | None = None, data_root: str | None = None, seed: int = 0,
                       overwrite: bool = False, activation_samples: int = 10000, batch_size: int = 500,
+                      model: str | None = None, model_args: dict | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """``llfc align A B --method weight|activation --out C``: permute B's hidden units onto A's
     (Git Re-Basin; LLFC paper §5.2) and write ``C.safetensors`` + ``C.json`` (the aligned B, same
     architecture metadata as B) and ``C.report.json`` (objective, per-group movement, per-layer
-    Eq. 9 factors before / after).
+    Eq. 9 factors before / after). When C is an existing folder, the files are written inside it,
+    named after B (``C/<B's name>_aligned.safetensors``).
+
+    A and B may be llfc checkpoints, plain ``.safetensors`` or PyTorch ``.pt`` / ``.pth`` state
+    dicts; plain files need ``model`` (and ``model_args``, ``dataset``) as for
+    :func:`analyze_checkpoints`.
 
     Raises:
         OutputExistsError: C exists and not ``overwrite``; CheckpointError,
         IncompatibleModelsError, NonFiniteWeightsError, UnsupportedOperationError as for
         :func:`llfc.permutation.align`.
     """
-    from llfc.checkpoint import checkpoint_exists
-    from llfc.models import create_model
+    from llfc.checkpoint import TORCH_SUFFIXES, checkpoint_exists
     from llfc.permutation import align
 
     out = Path(out)
+    if out.is_dir():
+        stem = Path(path_b).name
+        for suffix in (".safetensors", ".json", *TORCH_SUFFIXES):
+            stem = stem.removesuffix(suffix)
+        out = out / f"{stem}_aligned"
     if out.suffix == ".safetensors":
         out = out.with_suffix("")
     if checkpoint_exists(out) and not overwrite:
         raise OutputExistsError(f"{out}.safetensors already exists; choose another --out or pass --overwrite.")
-    sd_a, meta_a = load_checkpoint(path_a)
-    sd_b, meta_b = load_checkpoint(path_b)
-    ma = meta_a.get("model") or meta_b.get("model")
+    sd_a, meta_a = _load_pair_member(path_a, model, model_args)
+    sd_b, meta_b = _load_pair_member(path_b, model, model_args)
+    dataset = dataset or meta_a.get("dataset") or meta_b.get("dataset")
+    if model:
+        if not dataset:
+            raise ConfigError("with --model, pass --dataset NAME too (it sets the input shape).")
+        info0 = dataset_info(dataset)
+        ma = {"name": model, "kwargs": {"input_shape": list(info0.input_shape),
+                                        "num_classes": info0.num_classes, **(model_args or {})}}
+        meta_b = {**meta_b, "model": ma, "dataset": dataset}
+    else:
+        ma = meta_a.get("model") or meta_b.get("model")
     if not ma:
         raise IncompatibleModelsError(f"{path_a}: its JSON sidecar does not record the architecture; "
-                                      f"save it with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}}).")
+                                      f"pass --model NAME [--model-args JSON] --dataset NAME, or save it "
+                                      f"with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}}).")
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     check_finite(sd_a, str(path_a))
     check_finite(sd_b, str(path_b))
-    arch = create_model(ma["name"], **ma.get("kwargs", {}))
-    dataset = dataset or meta_a.get("dataset") or meta_b.get("dataset")
+    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
+    _check_weights_fit(arch, sd_a, path_a, bool(model))
+    _check_weights_fit(arch, sd_b, path_b, bool(model))
     shape = ma.get("kwargs", {}).get("input_shape")
     loader = None
     if method in ("activation", "ste"):

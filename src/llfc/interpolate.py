@@ -1,7 +1,7 @@
 """The linear path between two state dicts, θ_α = α·θ_A + (1−α)·θ_B (α weights A; LLFC paper §2).
 
 Also the checks that make a pair measurable (same keys, shapes, dtypes; finite values) and the
-two BatchNorm modes along the path (DESIGN.md §1 "BatchNorm"):
+two BatchNorm modes along the path (``bn_mode``, ``--bn-mode``):
 
 * ``interpolate``: running statistics are interpolated like weights (the official LLFC code);
 * ``reset``: the running statistics of every interior θ_α (0 < α < 1) are recomputed on training
@@ -24,6 +24,7 @@ from llfc.errors import ConfigError, IncompatibleModelsError
 
 StateDict = dict[str, torch.Tensor]
 BN_MODES = ("interpolate", "reset")
+MAX_ALPHAS = 1001  # one forward pass per α per batch: a larger grid is a typo, not an experiment
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -74,9 +75,11 @@ def check_alphas(alphas: Iterable[float], allow_extrapolation: bool = False) -> 
     the α values of the paper's LLFC figures, §3).
 
     Raises:
-        ConfigError: a non-finite α, or one outside [0, 1] without ``allow_extrapolation``.
+        ConfigError: a non-finite α, or one outside [0, 1] without ``allow_extrapolation``; more
+            than ``MAX_ALPHAS`` values.
     """
     vals = sorted({float(a) for a in alphas} | {0.0, 0.25, 0.5, 0.75, 1.0})
+    _check_grid_size(len(vals))
     for a in vals:
         if a != a or a in (float("inf"), float("-inf")):
             raise ConfigError(f"α must be finite, got {a}")
@@ -96,15 +99,59 @@ def default_alphas(n: int = 11) -> list[float]:
     them; n = 11 gives 0, .1, .2, .25, .4, .5, .6, .75, .8, .9, 1.
 
     Raises:
-        ConfigError: n < 5.
+        ConfigError: n < 5 or n > ``MAX_ALPHAS``.
     """
     if n < 5:
         raise ConfigError(f"the α grid needs at least 5 points (0, .25, .5, .75, 1), got {n}")
+    _check_grid_size(n)
     grid = [i / (n - 1) for i in range(n)]
     for q in (0.25, 0.5, 0.75):
         j = min(range(1, n - 1), key=lambda i: (abs(grid[i] - q), -grid[i] if q < 0.5 else grid[i]))
         grid[j] = q
     return sorted(round(g, 10) for g in set(grid))
+
+
+def _check_grid_size(n: int) -> None:
+    if n > MAX_ALPHAS:
+        raise ConfigError(
+            f"the α grid has {n} points, more than the {MAX_ALPHAS} llfc accepts: every α costs one "
+            f"forward pass per batch and one interpolated copy of the weights. Use a smaller grid "
+            f"(--alphas 11, or --alphas with comma-separated values; alphas= in Python).")
+
+
+def _available_memory() -> int | None:
+    """Bytes of physical memory currently available (Linux/macOS ``sysconf``), None if unknown."""
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_path_memory(sd_a: StateDict, n_interior: int, available: int | None = None) -> None:
+    """Refuse a path whose interpolated state dicts would not fit in memory.
+
+    :func:`path_states` keeps one state dict per interior α; this checks, before allocating any,
+    that ``n_interior`` copies of ``sd_a`` take at most half of the available memory.
+
+    Args:
+        sd_a: a state dict of the architecture (its tensors' bytes are counted).
+        n_interior: the number of interior α values (0 < α < 1).
+        available: bytes of available memory (default: asked of the operating system; when it
+            cannot tell, no check is made).
+
+    Raises:
+        ConfigError: the copies would need more than half of the available memory.
+    """
+    available = _available_memory() if available is None else available
+    per = sum(t.numel() * t.element_size() for t in sd_a.values())
+    need = per * n_interior
+    if available is not None and need > available // 2:
+        raise ConfigError(
+            f"the α grid's {n_interior} interior points need {need / 2**30:.1f} GiB of interpolated "
+            f"weights ({per / 2**20:.1f} MiB each), more than half of the {available / 2**30:.1f} GiB "
+            f"of memory available. Use fewer α values (--alphas N; alphas= in Python).")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -164,11 +211,13 @@ def path_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, alphas: Sequ
     """The state dicts θ_α for every α of the grid (``sd_a`` / ``sd_b`` themselves at α = 1 / 0).
 
     Raises:
-        ConfigError: unknown ``bn_mode``, or ``reset`` without ``bn_batches``.
+        ConfigError: unknown ``bn_mode``, or ``reset`` without ``bn_batches``; the interior
+            states would not fit in memory (:func:`check_path_memory`).
     """
     if bn_mode not in BN_MODES:
         raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
     warn_bn_interpolation(model, bn_mode)
+    check_path_memory(sd_a, sum(1 for a in alphas if a not in (0.0, 1.0)))
     states = []
     for a in alphas:
         if a == 1.0:

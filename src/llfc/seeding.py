@@ -162,6 +162,54 @@ def _version(dist: str) -> str | None:
         return None
 
 
+_THREADS_SOURCE = "torch default"
+
+
+def default_threads() -> tuple[int, str]:
+    """The torch thread count llfc uses when none is given, and why.
+
+    ``$OMP_NUM_THREADS`` when set (the user said so); else the number of CPU cores this process
+    may run on (``os.sched_getaffinity``, which respects container and ``taskset`` limits; else
+    ``os.cpu_count()``). On a machine other jobs load, fewer threads are faster: pass
+    ``--threads 1`` (oversubscribed threads made training several times slower on a loaded
+    2-core machine).
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, n), "cores available to the process"
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count (``torch.set_num_threads``); returns it.
+
+    Results are bit-identical across runs only for the same thread count (the order of float
+    reductions depends on it; weights after training differed by up to 5e-3 between 1 and 2
+    threads), so the count is recorded in environment.json (``threads``, ``threads_source``).
+
+    Args:
+        n: threads (≥ 1); None: :func:`default_threads`.
+
+    Raises:
+        ConfigError: n < 1.
+    """
+    global _THREADS_SOURCE
+    from llfc.errors import ConfigError
+
+    if n is None:
+        n, _THREADS_SOURCE = default_threads()
+    else:
+        if int(n) < 1:
+            raise ConfigError(f"--threads must be ≥ 1, got {n}.")
+        n, _THREADS_SOURCE = int(n), "--threads"
+    torch.set_num_threads(n)
+    return n
+
+
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     """Versions and hardware to record next to results (all values JSON-able).
 
@@ -171,7 +219,9 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     Returns:
         dict with ``llfc``, ``torch``, ``torchvision``, ``numpy``, ``python`` versions,
         ``platform``, ``machine``, ``device``, ``device_name`` (GPU name or processor),
-        ``cuda`` (torch's CUDA version or None) and ``threads`` (torch intra-op threads).
+        ``cuda`` (torch's CUDA version or None), ``threads`` (torch intra-op threads; results
+        are bit-identical only for the same count) and ``threads_source`` (how it was chosen:
+        :func:`set_threads`).
     """
     import llfc
 
@@ -194,4 +244,5 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         "device_name": name,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
+        "threads_source": _THREADS_SOURCE,
     }

@@ -13,6 +13,15 @@ errors; for independent pairs it rises towards chance. The paper reports 6.88–
 VGG-16 (endpoints 6.87%, 7.1%) and 8.99–13.35% for spawned ResNet-20 (endpoints 8.69%, 8.58%) on the
 CIFAR-10 test set.
 
+Stitch points (``points``). The official script hooks module outputs: for VGG / MLP-like models
+every Conv2d / Linear; for ResNets only ``conv1``, the output of every residual block (post-ReLU,
+after the addition) and the final Linear (paper-digest §4.7). ``"official"`` (the default) follows
+it: for models with residual additions, the first layer's output, every block output and the
+logits; for other models every Linear / Conv output except the logits layer (stitching the logits
+trivially gives A's error). ``"pre"`` stitches at every Linear / Conv output, including the
+convolutions inside residual blocks (where a block's input still flows through B's own shortcut,
+so these errors are not comparable with the paper's Table 3).
+
 Implementation: the model is traced once with torch.fx (the same tracing as
 :class:`llfc.probe.FeatureExtractor`, in-place operations made out-of-place); for every stitched
 layer the graph is copied, node ℓ's consumers are rewired to read an extra placeholder, and the now
@@ -38,7 +47,7 @@ from llfc.errors import IncompatibleModelsError
 from llfc.interpolate import check_compatible
 from llfc.probe import FeatureExtractor, Probe, _trace
 
-__all__ = ["stitching_errors", "stitched_module", "STITCH_COLUMNS"]
+__all__ = ["stitching_errors", "stitched_module", "official_points", "STITCH_COLUMNS", "STITCH_POINTS"]
 
 #: keys of every row returned by :func:`stitching_errors`
 STITCH_COLUMNS = ("layer", "role", "kind", "op", "error", "loss", "n_samples")
@@ -76,9 +85,33 @@ def stitched_module(gm: fx.GraphModule, node_name: str) -> fx.GraphModule:
     return m
 
 
-def _select(extractor: FeatureExtractor, probes: Sequence[str] | None) -> list[Probe]:
+STITCH_POINTS = ("official", "pre")
+
+
+def official_points(probes: Sequence[Probe]) -> list[Probe]:
+    """The official script's stitch points among ``probes`` (all probes of a model, graph order).
+
+    Models with residual additions (ResNets): the first Linear / Conv output (``conv1``), every
+    block output (the ReLU applied to a residual addition, else the addition itself) and the
+    logits. Other models: every ``pre`` probe (Linear / Conv output) except the logits layer.
+    """
+    pre = [p for p in probes if p.kind == "pre"]
+    if not any(p.kind == "residual" for p in probes):
+        return pre
+    out = pre[:1]
+    for i, p in enumerate(probes):
+        if p.kind == "residual":
+            nxt = probes[i + 1] if i + 1 < len(probes) else None
+            out.append(nxt if nxt is not None and nxt.kind == "post" and nxt.input_node == p.node else p)
+    out += [p for p in probes if p.kind == "logits"]
+    return out
+
+
+def _select(extractor: FeatureExtractor, probes: Sequence[str] | None, points: str = "official") -> list[Probe]:
     if probes is None:
-        return [p for p in extractor.probes if p.kind == "pre"]
+        if points == "pre":
+            return [p for p in extractor.all_probes if p.kind == "pre"]
+        return official_points(extractor.all_probes)
     wanted = set(probes)
     return [p for p in extractor.probes if p.name in wanted]
 
@@ -87,7 +120,7 @@ def _select(extractor: FeatureExtractor, probes: Sequence[str] | None) -> list[P
 def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                      loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      probes: Sequence[str] | None = None, device: str | torch.device = "cpu",
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, points: str = "official") -> list[dict]:
     """Test error and loss of B with layer ℓ's output replaced by A's, for every probed layer ℓ.
 
     Source: LLFC paper App. B.4 (Tables 2–3) and the official ``scripts/model_stitching.py``,
@@ -100,11 +133,14 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         loader: iterable of (x, y) batches, x float (N, C, H, W) or (N, D), y int64 (N,), e.g. a
             DataLoader over the test set (the paper uses the test set). Iterated once.
         probes: names of the layers to stitch at (see ``llfc probes`` / :func:`llfc.probe.list_probes`;
-            any probe, "logits" included). Default: every ``pre`` probe, i.e. the output of every
-            Linear / Conv layer except the last layer when it produces the logits (stitching the
-            logits trivially gives A's error). For BN networks the ``pre`` output is pre-BN.
+            any probe, "logits" included); overrides ``points``. For BN networks the ``pre``
+            output is pre-BN.
         device: where to compute.
         progress: show a tqdm progress bar.
+        points: the default stitch points when ``probes`` is None (module docstring):
+            ``"official"`` (the official script's: for ResNets conv1, every block output and the
+            logits; else every Linear / Conv output except the logits layer) or ``"pre"`` (every
+            Linear / Conv output, inside residual blocks too).
 
     Returns:
         a list of dicts with keys :data:`STITCH_COLUMNS`: first the two endpoints (``role``
@@ -118,13 +154,19 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
             model's parameters or buffers.
         UnknownNameError: a name in ``probes`` that is not a probe of the model (lists valid ones).
         UnsupportedOperationError: the model cannot be traced by torch.fx.
+        ConfigError: an unknown ``points``.
         ValueError: the loader yields no samples.
     """
     from tqdm.auto import tqdm
 
+    from llfc.errors import ConfigError
+
+    if points not in STITCH_POINTS:
+        raise ConfigError(f"unknown stitch points {points!r}; valid: {', '.join(STITCH_POINTS)}.")
     check_compatible(sd_a, sd_b)
-    extractor = FeatureExtractor(model, names=list(probes) if probes else None,
-                                 kinds=None if probes else ["pre"])
+    if not probes:
+        probes = [p.name for p in _select(FeatureExtractor(model), None, points)]
+    extractor = FeatureExtractor(model, names=list(probes))
     need = set(extractor.gm.state_dict().keys())
     missing = sorted(need - set(sd_a))
     if missing:
@@ -136,7 +178,7 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     dev = torch.device(device)
     sa = {k: v.to(dev) for k, v in sd_a.items() if k in need}
     sb = {k: v.to(dev) for k, v in sd_b.items() if k in need}
-    chosen = _select(extractor, probes)
+    chosen = _select(extractor, probes, points)
     logits_node = next(p for p in extractor.probes if p.kind == "logits").node
     plain = _trace(model)
     stitched = [stitched_module(plain, p.node) for p in chosen]

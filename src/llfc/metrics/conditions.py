@@ -47,7 +47,7 @@ def commutativity_terms(
 
 
 def dist_com(wa_ha, wb_hb, wa_hb, wb_ha) -> torch.Tensor:
-    """Dist_com = dist(W_A H_A + W_B H_B, W_A H_B + W_B H_A) (paper Fig. 7; DESIGN.md §1),
+    """Dist_com = dist(W_A H_A + W_B H_B, W_A H_B + W_B H_A) (paper Fig. 7; docs/results.md),
     with dist(X, Y) = ‖X−Y‖²_F/(‖X‖_F‖Y‖_F) over all samples; a float64 scalar."""
     left, right = commutativity_terms(wa_ha, wb_hb, wa_hb, wb_ha)
     return normalized_distance(left, right)
@@ -57,7 +57,8 @@ def linearity_defect(w_a, w_b, h_a, h_b, alpha: float) -> torch.Tensor:
     """W_α H_α − [α W_A H_A + (1−α) W_B H_B] for H_α = α H_A + (1−α) H_B (linear layers, no bias).
 
     By bilinearity this equals −α(1−α)(W_A − W_B)(H_A − H_B) exactly (the algebra of Theorem 1,
-    DESIGN.md §1 "exact identity"). Shapes: W (out, in), H (in, N); returns (out, N) float64.
+    LLFC paper §4, proof in App. A.2: expand both products).
+    Shapes: W (out, in), H (in, N); returns (out, N) float64.
     """
     w_a, w_b, h_a, h_b = (t.to(torch.float64) for t in (w_a, w_b, h_a, h_b))
     w_al = alpha * w_a + (1 - alpha) * w_b

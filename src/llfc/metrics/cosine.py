@@ -1,4 +1,4 @@
-"""The LLFC feature-map distances (Zhou et al. 2023 §3, Figs. 2–4; DESIGN.md §1).
+"""The LLFC feature-map distances (Zhou et al. 2023 §3, Figs. 2–4; definitions in docs/results.md).
 
 All functions are pure and take features flattened to (N, D) (N samples, D = C·H·W); they
 compute in float64 whatever the input dtype.
@@ -75,7 +75,7 @@ def normalized_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """dist(X, Y) = ‖X − Y‖²_F / (‖X‖_F ‖Y‖_F), a float64 scalar.
 
     The official code's "vanilla" metric, used for Dist_com, Dist_W and Dist_H (paper Fig. 7;
-    DESIGN.md §1). Both zero → 0; one zero → +inf.
+    docs/results.md). Both zero → 0; one zero → +inf.
     """
     x, y = x.to(torch.float64).reshape(-1), y.to(torch.float64).reshape(-1)
     return dist_from_sums(((x - y) ** 2).sum(), (x * x).sum(), (y * y).sum())

@@ -1,4 +1,4 @@
-"""Linear mode connectivity barriers (DESIGN.md §1).
+"""Linear mode connectivity barriers (definitions and sources: docs/results.md).
 
 The curve is given on an α grid with α weighting model A (θ_α = α·θ_A + (1−α)·θ_B): the value
 at α = 1 is model A's, at α = 0 model B's; both endpoints must be on the grid.
@@ -29,6 +29,19 @@ def frankle_error_barrier(alphas: Sequence[float], errors: Sequence[float]) -> f
     return max(float(e) for e in errors) - 0.5 * (e_a + e_b)
 
 
+def interior_error_barrier(alphas: Sequence[float], errors: Sequence[float]) -> float:
+    """Frankle's barrier over the interior of the path only: max_{0<α<1} Err(θ_α) − ½(Err_A + Err_B).
+
+    Frankle's maximum includes the endpoints, so two endpoints of unequal error give a positive
+    barrier (half their difference) on a path that never rises above the worse endpoint; this
+    version reports only what the path between them adds (negative when every interior point
+    is better than the endpoints' mean). NaN when the grid has no interior point.
+    """
+    e_a, e_b = _endpoints(alphas, errors)
+    inner = [float(e) for a, e in zip(alphas, errors) if 0.0 < a < 1.0]
+    return (max(inner) - 0.5 * (e_a + e_b)) if inner else float("nan")
+
+
 def entezari_barrier(alphas: Sequence[float], values: Sequence[float]) -> float:
     """Entezari et al. (2022) barrier: max_α [v(θ_α) − (α·v(θ_A) + (1−α)·v(θ_B))].
 
@@ -40,9 +53,10 @@ def entezari_barrier(alphas: Sequence[float], values: Sequence[float]) -> float:
 
 
 def barriers(alphas: Sequence[float], losses: Sequence[float], errors: Sequence[float]) -> dict:
-    """All three barriers of one curve, named for what they are."""
+    """All the barriers of one curve, named for what they are."""
     return {
         "error_barrier_frankle": frankle_error_barrier(alphas, errors),
+        "error_barrier_interior": interior_error_barrier(alphas, errors),
         "error_barrier_entezari": entezari_barrier(alphas, errors),
         "loss_barrier_entezari": entezari_barrier(alphas, losses),
     }

@@ -16,11 +16,16 @@ class RunningMoments:
     ``update(values)`` takes a (B, *shape) tensor (one row per sample); ``compute()`` returns
     ``(mean, std)``, each float64 of shape ``shape``. Batches are merged with Chan et al.'s
     parallel algorithm (Chan, Golub & LeVeque 1979), which is exact for any batching and avoids
-    the cancellation of the naive Σx² − n·mean² formula. ``std`` is the population standard
-    deviation (ddof = 0) over all samples seen; NaN values are not allowed.
+    the cancellation of the naive Σx² − n·mean² formula. NaN values are not allowed.
+
+    ``std`` is the sample standard deviation √(Σ(x − mean)² / (N − ddof)) with ``ddof = 1`` by
+    default (÷(N−1), Bessel's correction): what the official LLFC code reports (``torch.std``'s
+    default) for the error bars of the paper's Figs. 2–4. With N ≤ ``ddof`` it is NaN (undefined;
+    written as null in results.json). ``ddof = 0`` gives the population std (÷N).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ddof: int = 1) -> None:
+        self.ddof = ddof
         self.n = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
@@ -51,7 +56,9 @@ class RunningMoments:
         """
         if self.mean is None or self.m2 is None:
             raise RuntimeError("RunningMoments.compute() before any update()")
-        return self.mean.clone(), (self.m2 / self.n).sqrt()
+        if self.n <= self.ddof:
+            return self.mean.clone(), torch.full_like(self.m2, float("nan"))
+        return self.mean.clone(), (self.m2 / (self.n - self.ddof)).sqrt()
 
 
 class RunningSum:

@@ -33,9 +33,11 @@ def _label(name: str, pair: dict) -> str:
 
 def plot_lmc(pairs: dict, path: Path) -> Path:
     """Loss and error along the path (α weights A) per pair: test solid, train dashed; the
-    straight line between the endpoints (the Entezari reference) dotted."""
+    straight line between the endpoints (the Entezari reference) dotted. The loss panels share
+    one y-scale and the error panels another, so a barrier's size compares across pairs (an
+    autoscaled axis makes a 0.3 pp bump look as large as a 20 pp one)."""
     n = len(pairs)
-    fig, axes = plt.subplots(n, 2, figsize=(9, 2.8 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 2, figsize=(9, 2.8 * n), squeeze=False, sharey="col")
     for row, (name, pr) in enumerate(pairs.items()):
         al = np.array(pr["alphas"])
         for col, key in enumerate(("loss", "error")):
@@ -56,7 +58,8 @@ def plot_lmc(pairs: dict, path: Path) -> Path:
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle("Linear mode connectivity along the path (dotted: endpoints' interpolation)", fontsize=10)
+    fig.suptitle("Linear mode connectivity along the path (dotted: endpoints' interpolation; "
+                 "one y-scale per column)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -176,33 +179,47 @@ def plot_commutativity(pairs: dict, path: Path) -> Path:
         ax.set_xticks(x + 0.27)
         ax.set_xticklabels([ly["name"] for ly in layers], rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{_label(name, pr)}: commutativity", fontsize=9)
-        ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # one legend above the panels: it covers no bar
+    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
     return _save(fig, path)
 
 
 def plot_stitching(pairs: dict, path: Path) -> Path:
     """Test error of B with layer ℓ's output replaced by A's (identity stitching, LLFC paper
-    App. B.4, Tables 2–3), per layer and pair, against the two endpoints' errors."""
+    App. B.4, Tables 2–3), per layer, one panel per pair with its own y-scale (a good pair's
+    0.5 pp spread is not squashed by an independent pair's 80 pp), against the two endpoints'
+    errors (A dashed, B dotted, distinct markers at the left edge)."""
     pairs = {k: v for k, v in pairs.items() if v.get("stitching")}
+    n = len(pairs)
     nl = max(len(p["stitching"]) for p in pairs.values())
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * nl + 3), 3.6))
+    fig, axes = plt.subplots(n, 1, figsize=(max(6, 0.5 * nl + 3), 2.9 * n), squeeze=False)
     for j, (name, pr) in enumerate(pairs.items()):
+        ax = axes[j, 0]
         rows = pr["stitching"]
-        ends = {r["layer"]: r["error"] for r in rows if r["role"] == "endpoint"}
+        ends = {r["layer"]: 100 * r["error"] for r in rows if r["role"] == "endpoint"}
         st = [r for r in rows if r["role"] == "stitched"]
         c = _COLORS[j % len(_COLORS)]
-        ax.plot(range(len(st)), [100 * r["error"] for r in st], "-o", ms=3, color=c,
-                label=f"{_label(name, pr)} (A {100 * ends['A']:.2f}%, B {100 * ends['B']:.2f}%)")
-        ax.axhline(100 * max(ends.values()), color=c, ls=":", lw=1)
-        names = [r["layer"] for r in st]
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("test error of stitched B (%)")
-    ax.set_title("identity stitching: B with layer ℓ's output taken from A (dotted: worse endpoint)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        x = np.arange(len(st))
+        ax.plot(x, [100 * r["error"] for r in st], "-o", ms=4, color=c, label="stitched B")
+        ax.axhline(ends["A"], color="k", ls="--", lw=1, label=f"A alone ({ends['A']:.2f}%)")
+        ax.axhline(ends["B"], color="0.45", ls=":", lw=1.2, label=f"B alone ({ends['B']:.2f}%)")
+        ax.plot([-0.4], [ends["A"]], "s", color="k", ms=6)
+        ax.plot([-0.4], [ends["B"]], "^", color="0.45", ms=6)
+        vals = [100 * r["error"] for r in st] + list(ends.values())
+        lo, hi = min(vals), max(vals)
+        pad = max(0.25, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_xlim(-0.7, max(len(st) - 0.5, 0.5))
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["layer"] for r in st], rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("stitched layer ℓ (B's output at ℓ replaced by A's)", fontsize=8)
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{_label(name, pr)}: identity stitching, stitched error "
+                     f"{min(vals[:len(st)], default=0):.2f}–{max(vals[:len(st)], default=0):.2f}%", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # covers no point
     fig.tight_layout()
     return _save(fig, path)
 

@@ -2,41 +2,34 @@
 
 from __future__ import annotations
 
-LLFC_ALPHAS = (0.25, 0.5, 0.75)
+from llfc import criteria
+from llfc.criteria import worst_layer  # re-exported: llfc.report.worst_layer
+
+__all__ = ["summary_table", "worst_layer"]
 
 
-def worst_layer(pair: dict, alphas=LLFC_ALPHAS, kinds=("pre", "norm", "post", "residual")) -> dict | None:
-    """The hidden layer with the largest ratio E[1−cos_α] / E[1−cos_AB] over ``alphas``
-    (the acceptance criterion R_ℓ(α) of paper-digest §8). None without LLFC results."""
-    best = None
-    for ly in pair.get("llfc", []):
-        if ly["kind"] not in kinds:
-            continue
-        base = ly["baseline"]["mean"]
-        for i, a in enumerate(pair["alphas"]):
-            if not any(abs(a - t) < 1e-9 for t in alphas):
-                continue
-            d = ly["distance"]["mean"][i]
-            ratio = d / base if base > 0 else (0.0 if d == 0 else float("inf"))
-            if best is None or ratio > best["ratio"]:
-                best = {"layer": ly["name"], "alpha": a, "distance": d, "baseline": base, "ratio": ratio}
-    return best
+def _verdict(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
-def summary_table(pairs: dict) -> str:
-    """A fixed-width table: one line per pair with endpoint errors, barriers, worst-layer LLFC."""
-    head = (f"{'pair':<22} {'err A':>7} {'err B':>7} {'err barrier':>12} {'loss barrier':>13}  "
-            f"{'worst hidden layer LLFC (α∈.25/.5/.75)':<40}")
-    lines = [head, "-" * len(head)]
+def summary_table(pairs: dict, note: str | None = None) -> str:
+    """A fixed-width table: one line per pair with endpoint errors, barriers, worst-layer LLFC
+    and whether LMC and LLFC hold by the criteria of :mod:`llfc.criteria` (stated below the
+    table). ``note`` (e.g. "dry run: ...") is printed above the table."""
+    head = (f"{'pair':<22} {'err A':>7} {'err B':>7} {'err barrier':>12} {'loss barrier':>13} "
+            f"{'LMC':>4} {'LLFC':>5}  {'worst hidden layer LLFC (α∈.25/.5/.75)':<40}")
+    lines = ([note] if note else []) + [head, "-" * len(head)]
     for name, pr in pairs.items():
         t = pr["lmc"]["test"]
         i1, i0 = pr["alphas"].index(1.0), pr["alphas"].index(0.0)
         b = t["barriers"]
         w = worst_layer(pr)
         wtxt = (f"{w['layer']} @α={w['alpha']:g}: {w['distance']:.2e} vs {w['baseline']:.2e} "
-                f"(×{w['ratio']:.3f})" if w else "-")
+                f"(×{w['ratio']:.3f}; max {w['max_distance']:.2e})" if w else "-")
+        at_end = b.get("error_barrier_interior", b["error_barrier_frankle"]) < b["error_barrier_frankle"]
         lines.append(f"{name:<22} {100 * t['error'][i1]:6.2f}% {100 * t['error'][i0]:6.2f}% "
-                     f"{100 * b['error_barrier_frankle']:9.2f} pp {b['loss_barrier_entezari']:13.4f}  {wtxt}")
+                     f"{100 * b['error_barrier_frankle']:8.2f}{'*' if at_end else ' '} pp {b['loss_barrier_entezari']:13.4f} "
+                     f"{_verdict(criteria.lmc_holds(pr)):>4} {_verdict(criteria.llfc_holds(pr)):>5}  {wtxt}")
     for name, pr in pairs.items():
         st = [r for r in pr.get("stitching", []) if r["role"] == "stitched"]
         if st:
@@ -47,4 +40,7 @@ def summary_table(pairs: dict) -> str:
                          f"{100 * ends[0]:.2f}% / {100 * ends[1]:.2f}%")
     lines.append("err barrier: Frankle et al. 2020, max_α Err(θ_α) − mean of endpoints (test set); "
                  "loss barrier: Entezari et al. 2022.")
+    lines.append("*: the maximum is at an endpoint (the worse model), not on the path between them; "
+                 "error_barrier_interior in results.json excludes the endpoints.")
+    lines.append(criteria.describe())
     return "\n".join(lines)

@@ -7,14 +7,15 @@ import csv
 import io
 from pathlib import Path
 
-from llfc.checkpoint import atomic_write_text
+from llfc.checkpoint import atomic_write_text, json_safe
 
 
 def _write(path: Path, header: list[str], rows: list[list]) -> Path:
+    """Undefined values (None, NaN, ±inf) become empty cells, as they are null in results.json."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows(json_safe(rows))
     atomic_write_text(path, buf.getvalue())
     return path
 
@@ -46,9 +47,10 @@ def write_tables(pairs: dict, out_dir: Path) -> list[Path]:
     paths = [
         _write(out / "lmc.csv", ["pair", "split", "alpha", "loss", "error"], _lmc_rows(pairs)),
         _write(out / "barriers.csv",
-               ["pair", "split", "error_barrier_frankle", "error_barrier_entezari", "loss_barrier_entezari"],
-               [[n, s, *[lmc["barriers"][k] for k in ("error_barrier_frankle", "error_barrier_entezari",
-                                                      "loss_barrier_entezari")]]
+               ["pair", "split", "error_barrier_frankle", "error_barrier_interior", "error_barrier_entezari",
+                "loss_barrier_entezari"],
+               [[n, s, *[lmc["barriers"].get(k) for k in ("error_barrier_frankle", "error_barrier_interior",
+                                                          "error_barrier_entezari", "loss_barrier_entezari")]]
                 for n, pr in pairs.items() for s, lmc in pr["lmc"].items()]),
         _write(out / "llfc.csv",
                ["pair", "layer", "kind", "alpha", "dist_mean", "dist_std", "dist_whole", "baseline_mean",
