@@ -1,0 +1,128 @@
+"""Data-parallel runs (gloo, 2 CPU processes) give the 1-process results: measurement up to float64
+summation order, training up to float32 rounding; shards are disjoint and unpadded."""
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+from llfc.distributed import check_same, shard_range
+from llfc.errors import DistributedError
+
+N, BS = 50, 8  # 7 batches: rank 0 gets 3 (24 samples), rank 1 gets 4 (26, the last one of 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, job) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(job(Path(tmp)), Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(job, tmp: Path, world: int = 2) -> list:
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp), job), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _close(a, b, path="") -> None:
+    """Equal structure; ints equal; floats equal up to 1e-12 relative (float64 summation order)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) or (a == b), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+# ---------------------------------------------------------------------------------------- shards
+
+@pytest.mark.parametrize("n,bs,world", [(50, 8, 2), (50, 8, 3), (7, 1, 7), (1000, 128, 4), (9, 4, 3)])
+def test_shards_are_disjoint_unpadded_whole_batches(n, bs, world):
+    parts = [shard_range(n, bs, world, r) for r in range(world)]
+    assert [i for p in parts for i in p] == list(range(n))          # disjoint, complete, no padding
+    assert all(len(p) > 0 and p.start % bs == 0 for p in parts)      # whole batches of 1 process
+    assert sum(len(p) for p in parts) == n
+
+
+def test_more_ranks_than_batches_is_refused():
+    with pytest.raises(DistributedError, match="3 processes but only 2 batch"):
+        shard_range(10, 8, 3, 0)
+
+
+def test_outside_a_process_group_everything_is_a_no_op():
+    check_same("anything", "the configuration")  # no group: nothing to compare, no error
+
+
+# ---------------------------------------------------------------------------------- measurement
+
+def _measure_setup():
+    from llfc.models import create_model
+
+    torch.manual_seed(0)
+    x = torch.randn(N, 1, 8, 8)
+    y = torch.randint(0, 10, (N,))
+    model = create_model("mlp", input_shape=(1, 8, 8), num_classes=10, widths=[16, 12])
+    sd_a = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    model_b = create_model("mlp", input_shape=(1, 8, 8), num_classes=10, widths=[16, 12])
+    return model, model_b, sd_a, model_b.state_dict(), TensorDataset(x, y)
+
+
+def _measure(sharded: bool) -> dict:
+    import copy
+
+    from llfc.distributed import shard_dataset
+    from llfc.engine import measure_pair
+    from llfc.permutation import derive_spec
+    from llfc.permutation.activation_matching import activation_matching
+    from llfc.stitching import stitching_errors
+
+    model, model_b, sd_a, sd_b, data = _measure_setup()
+    ds = shard_dataset(data, BS) if sharded else data
+    loader = DataLoader(ds, batch_size=BS)
+    res = measure_pair(model, sd_a, sd_b, loader, [0.0, 0.3, 0.5, 1.0], sharded=sharded)
+    res["stitching"] = stitching_errors(model, sd_a, sd_b, loader, sharded=sharded)
+    ma = copy.deepcopy(model)
+    ma.load_state_dict(sd_a)
+    spec = derive_spec(ma, data[:2][0])
+    perms, rep = activation_matching(ma, model_b, spec, ((xb,) for xb, _ in loader),
+                                     correlation=True, sharded=sharded)
+    res["perms"] = {g: p.tolist() for g, p in perms.items()}
+    res["am_objective"], res["am_inputs"] = rep.objective, rep.n_inputs
+    return res
+
+
+def _measure_job(tmp: Path) -> dict:
+    return _measure(sharded=True)
+
+
+def test_two_process_measurement_equals_one_process(tmp_path):
+    ranks = _spawn(_measure_job, tmp_path)
+    single = _measure(sharded=False)
+    assert ranks[0]["n_samples"] == N == single["n_samples"]  # no sample padded or dropped
+    assert ranks[0]["am_inputs"] == N
+    for r in ranks:
+        _close(single, r)
+    assert single["perms"] == ranks[1]["perms"]
