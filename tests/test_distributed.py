@@ -126,3 +126,74 @@ def test_two_process_measurement_equals_one_process(tmp_path):
     for r in ranks:
         _close(single, r)
     assert single["perms"] == ranks[1]["perms"]
+
+
+# ------------------------------------------------------------------------------------- training
+
+TRAIN_N = 50  # batches of 11: 11 (5 + 6 over two ranks: unequal parts), ..., 6 (3 + 3)
+
+
+def _train_setup():
+    from llfc.train import ModelSpec, TrainConfig
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(TRAIN_N + 20, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (TRAIN_N + 20,), generator=g)
+    spec = ModelSpec("mlp", {"input_shape": (1, 8, 8), "num_classes": 10, "widths": [16]})
+    cfg = TrainConfig(epochs=2, batch_size=11, lr=0.05, eval_batch_size=8)
+    return spec, cfg, TensorDataset(x[:TRAIN_N], y[:TRAIN_N]), TensorDataset(x[TRAIN_N:], y[TRAIN_N:])
+
+
+def _train_runs(root: Path) -> dict:
+    from llfc.train import spawn_pair, train
+
+    spec, cfg, tr, te = _train_setup()
+    a, b, logs = spawn_pair(spec, tr, te, cfg, 1, (0, 1, 2, 3), root / "spawn", progress=False)
+    torch.manual_seed(7)
+    full = train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "full", progress=False)
+    torch.manual_seed(7)
+    train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "r", stop_epoch=1, progress=False)
+    torch.manual_seed(8)  # another init: the resumed run must take everything from the checkpoint
+    resumed = train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "r", resume=True,
+                    progress=False)
+    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    return {"a": sd(a), "b": sd(b), "logs": logs, "full": sd(full.model),
+            "resumed": sd(resumed.model), "resumed_log": resumed.log}
+
+
+def _train_job(tmp: Path) -> dict:
+    from llfc.train import train
+
+    out = _train_runs(tmp / "ddp")
+    spec, cfg, tr, te = _train_setup()
+    cfg.lr = 0.05 if dist.get_rank() == 0 else 0.06  # ranks that disagree on the recipe
+    try:
+        train(spec(), tr, te, cfg, data_seed=0, progress=False)
+        out["disagree"] = None
+    except DistributedError as e:
+        out["disagree"] = str(e)
+    return out
+
+
+def test_two_process_ddp_training_equals_one_process_and_resumes(tmp_path):
+    ranks = _spawn(_train_job, tmp_path)
+    single = _train_runs(tmp_path / "single")
+    r0, r1 = ranks
+    for k in ("a", "b", "full"):
+        for name, v in single[k].items():
+            assert torch.equal(r0[k][name], r1[k][name]), (k, name)  # one model on every rank
+            torch.testing.assert_close(r0[k][name], v, rtol=1e-5, atol=1e-6)  # float rounding
+    assert any(not torch.equal(r0["a"][k], r0["b"][k]) for k in r0["a"])  # two children
+    for name in single["full"]:  # resumed after epoch 1 = uninterrupted, bit for bit
+        assert torch.equal(r0["resumed"][name], r0["full"][name]), name
+    for row_1, row_2 in zip(single["logs"]["a"], r0["logs"]["a"]):  # all samples, all ranks
+        assert row_2["train_loss"] == pytest.approx(row_1["train_loss"], rel=1e-5)
+        assert row_2["test_err"] == pytest.approx(row_1["test_err"], abs=1e-12)
+    written = sorted(p.relative_to(tmp_path / "ddp").as_posix() for p in (tmp_path / "ddp").rglob("*"))
+    assert "spawn/parent/last.safetensors" in written and "r/final.safetensors" in written
+    assert not [p for p in written if ".tmp" in p]  # atomic writes by rank 0 only
+    import json
+    meta = json.loads((tmp_path / "ddp" / "spawn" / "a" / "final.json").read_text())
+    assert meta["data_parallel"] == {"world_size": 2}
+    for r in ranks:
+        assert "rank 1 disagrees with rank 0 on the training configuration" in r["disagree"]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,22 @@ from torch.utils.data import Dataset, Subset
 
 from llfc.errors import DistributedError
 
-__all__ = ["is_active", "rank", "world_size", "is_main", "init_from_env", "shutdown", "barrier",
-           "shard_range", "shard_dataset", "check_same", "file_digest", "all_reduce_sum",
-           "reduce_accumulators", "Sum"]
+__all__ = [
+    "Sum",
+    "all_reduce_sum",
+    "barrier",
+    "check_same",
+    "file_digest",
+    "init_from_env",
+    "is_active",
+    "is_main",
+    "rank",
+    "reduce_accumulators",
+    "shard_dataset",
+    "shard_range",
+    "shutdown",
+    "world_size",
+]
 
 #: seconds a collective waits for the other ranks before failing (env ``LLFC_DIST_TIMEOUT``)
 DEFAULT_TIMEOUT_S = 1800
@@ -225,7 +239,7 @@ class Sum:
     def __init__(self, total: Any) -> None:
         self.total = total
 
-    def merge(self, other: "Sum") -> None:
+    def merge(self, other: Sum) -> None:
         """Add ``other.total``."""
         self.total = self.total + other.total
 
