@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from llfc.distributed import check_same, shard_range
 from llfc.errors import DistributedError
@@ -58,17 +58,20 @@ def _close(a, b, path="") -> None:
 
 # ---------------------------------------------------------------------------------------- shards
 
-@pytest.mark.parametrize("n,bs,world", [(50, 8, 2), (50, 8, 3), (7, 1, 7), (1000, 128, 4), (9, 4, 3)])
+@pytest.mark.parametrize("n,bs,world", [(50, 8, 2), (50, 8, 3), (7, 1, 7), (1000, 128, 4), (9, 4, 3),
+                                         (10, 8, 3)])
 def test_shards_are_disjoint_unpadded_whole_batches(n, bs, world):
     parts = [shard_range(n, bs, world, r) for r in range(world)]
     assert [i for p in parts for i in p] == list(range(n))          # disjoint, complete, no padding
-    assert all(len(p) > 0 and p.start % bs == 0 for p in parts)      # whole batches of 1 process
-    assert sum(len(p) for p in parts) == n
+    assert all(p.start % bs == 0 for p in parts if len(p))          # whole batches of 1 process
+    assert len(parts[0]) > 0 and sum(len(p) for p in parts) == n
+    k = -(-n // bs)  # every rank has a batch when there are enough of them
+    assert all(len(p) > 0 for p in parts) == (k >= world)
 
 
-def test_more_ranks_than_batches_is_refused():
-    with pytest.raises(DistributedError, match="3 processes but only 2 batch"):
-        shard_range(10, 8, 3, 0)
+def test_more_ranks_than_samples_is_refused():
+    with pytest.raises(DistributedError, match="3 processes but only 2 sample"):
+        shard_range(2, 8, 3, 0)
 
 
 def test_outside_a_process_group_everything_is_a_no_op():
@@ -104,6 +107,10 @@ def _measure(sharded: bool) -> dict:
     loader = DataLoader(ds, batch_size=BS)
     res = measure_pair(model, sd_a, sd_b, loader, [0.0, 0.3, 0.5, 1.0], sharded=sharded)
     res["stitching"] = stitching_errors(model, sd_a, sd_b, loader, sharded=sharded)
+    few = Subset(data, range(5))  # one batch: rank 1 has nothing to measure and only merges
+    few = shard_dataset(few, BS) if sharded else few
+    res["idle_rank"] = measure_pair(model, sd_a, sd_b, DataLoader(few, batch_size=BS), [0.0, 0.5, 1.0],
+                                    sharded=sharded)
     ma = copy.deepcopy(model)
     ma.load_state_dict(sd_a)
     spec = derive_spec(ma, data[:2][0])
@@ -122,7 +129,7 @@ def test_two_process_measurement_equals_one_process(tmp_path):
     ranks = _spawn(_measure_job, tmp_path)
     single = _measure(sharded=False)
     assert ranks[0]["n_samples"] == N == single["n_samples"]  # no sample padded or dropped
-    assert ranks[0]["am_inputs"] == N
+    assert ranks[0]["am_inputs"] == N and ranks[1]["idle_rank"]["n_samples"] == 5
     for r in ranks:
         _close(single, r)
     assert single["perms"] == ranks[1]["perms"]
@@ -156,7 +163,7 @@ def _train_runs(root: Path) -> dict:
     torch.manual_seed(8)  # another init: the resumed run must take everything from the checkpoint
     resumed = train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "r", resume=True,
                     progress=False)
-    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
     return {"a": sd(a), "b": sd(b), "logs": logs, "full": sd(full.model),
             "resumed": sd(resumed.model), "resumed_log": resumed.log}
 

@@ -79,8 +79,10 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "cpu"
     """Join the process group described by torchrun's environment variables.
 
     Args:
-        backend: "gloo" (CPU) or "nccl" (CUDA); default: "nccl" for a CUDA device, else "gloo".
-        device: the device of the run; with CUDA each rank uses ``cuda:LOCAL_RANK``.
+        backend: "gloo" (CPU, also CUDA tensors) or "nccl" (CUDA); default: the environment
+            variable ``LLFC_DIST_BACKEND``, else "nccl" for a CUDA ``device``, else "gloo".
+        device: the device of the run ("cpu", "cuda", "auto"). With GPUs, each rank's current
+            CUDA device becomes ``cuda:LOCAL_RANK``.
 
     Returns:
         True when a group of more than one process was joined (or already existed); False when
@@ -99,7 +101,8 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "cpu"
                                "torchrun (one process), or install a PyTorch build with it.")
     dev = torch.device(device) if str(device) != "auto" else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    backend = backend or os.environ.get("LLFC_DIST_BACKEND") or (
+        "nccl" if dev.type == "cuda" else "gloo")
     available = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(),
                  "mpi": dist.is_mpi_available()}
     if not available.get(backend, False):
@@ -107,8 +110,9 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "cpu"
         raise DistributedError(
             f"the distributed backend {backend!r} is not available in this PyTorch build "
             f"(available: {have}). Use --device cpu (gloo) or a CUDA build of PyTorch for nccl.")
-    if dev.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local < torch.cuda.device_count():
+        torch.cuda.set_device(local)  # "cuda" means this rank's own GPU from here on
     timeout = _dt.timedelta(seconds=float(os.environ.get("LLFC_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     try:
         dist.init_process_group(backend, timeout=timeout)
@@ -141,27 +145,48 @@ def barrier() -> None:
         _collective(dist.barrier, "waiting for the other ranks")
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. a default output folder named by the clock)."""
+    if not is_active():
+        return value
+    box = [value]
+    _collective(lambda: dist.broadcast_object_list(box, src=0), "receiving rank 0's value")
+    return box[0]
+
+
 def shard_range(n_samples: int, batch_size: int, world: int | None = None,
                 rank_: int | None = None) -> range:
     """The sample indices of one rank's shard: whole batches, contiguous, disjoint, no padding.
 
-    With K = ⌈n_samples / batch_size⌉ batches, rank r gets batches ⌊r·K/W⌋ … ⌊(r+1)·K/W⌋ − 1,
-    i.e. samples ``[⌊r·K/W⌋·bs, min(⌊(r+1)·K/W⌋·bs, N))``. The union over ranks is exactly
-    ``range(n_samples)`` and the batches are those of a single process.
+    With K = ⌈n_samples / batch_size⌉ batches, rank r gets batches ⌈r·K/W⌉ … ⌈(r+1)·K/W⌉ − 1,
+    i.e. samples ``[⌈r·K/W⌉·bs, min(⌈(r+1)·K/W⌉·bs, N))``. The union over ranks is exactly
+    ``range(n_samples)``, the batches are those of a single process, and rank 0 always gets at
+    least one batch; with fewer batches than ranks the last ranks get none (they only take part
+    in the final all-reduce).
 
     Raises:
-        DistributedError: more ranks than batches (a rank would get no sample).
+        DistributedError: more ranks than samples.
     """
     world = world_size() if world is None else world
     rank_ = rank() if rank_ is None else rank_
-    k = -(-n_samples // batch_size)
-    if world > k:
+    if world > n_samples:
         raise DistributedError(
-            f"{world} processes but only {k} batch(es) of {batch_size} from {n_samples} samples: "
-            f"every rank needs at least one batch. Use fewer processes (--nproc_per_node), a "
-            f"smaller batch size, or more samples.")
-    lo, hi = rank_ * k // world, (rank_ + 1) * k // world
-    return range(lo * batch_size, min(hi * batch_size, n_samples))
+            f"{world} processes but only {n_samples} sample(s) to measure: use at most "
+            f"{n_samples} processes (--nproc_per_node) or more samples.")
+    k = -(-n_samples // batch_size)
+    lo, hi = -(-rank_ * k // world), -(-(rank_ + 1) * k // world)
+    return range(min(lo * batch_size, n_samples), min(hi * batch_size, n_samples))
+
+
+class Max:
+    """A mergeable maximum (e.g. a feature dimension that an idle rank never saw)."""
+
+    def __init__(self, total: Any) -> None:
+        self.total = total
+
+    def merge(self, other: "Max") -> None:
+        """Keep the larger value."""
+        self.total = max(self.total, other.total)
 
 
 def shard_dataset(dataset: Dataset, batch_size: int) -> Dataset:

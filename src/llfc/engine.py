@@ -266,9 +266,13 @@ class PairMeter:
     def all_reduce(self) -> None:
         """Combine the accumulators of all ranks (:func:`llfc.distributed.reduce_accumulators`):
         afterwards every rank holds the sums over the union of the ranks' batches."""
-        from llfc.distributed import reduce_accumulators
+        from llfc.distributed import Max, reduce_accumulators
 
         reduce_accumulators(self, self.sum_fields)
+        dims = [Max(acc.dim) for acc in self.acc.values()]  # a rank without batches saw no shape
+        reduce_accumulators(dims, modules=())
+        for acc, d in zip(self.acc.values(), dims):
+            acc.dim = d.total
 
     # ---------------------------------------------------------------- results
     def compute(self) -> dict:
