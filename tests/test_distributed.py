@@ -30,14 +30,23 @@ def _worker(rank: int, world: int, port: int, tmp: str, job) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(job(Path(tmp)), Path(tmp) / f"rank{rank}.pt")
+        job(Path(tmp))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(job, tmp: Path, world: int = 2) -> list:
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp), job), nprocs=world, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def _all_jobs(tmp: Path) -> None:
+    """Everything the 2-process tests check, in one spawn (starting processes is the slow part)."""
+    out = {"measure": _measure(sharded=True), **_train_job(tmp)}
+    torch.save(out, tmp / f"rank{dist.get_rank()}.pt")
+    _dying_rank_job(tmp)  # last: it breaks the group
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, list]:
+    tmp = tmp_path_factory.mktemp("ddp2")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp), _all_jobs), nprocs=2, join=True)
+    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _close(a, b, path="") -> None:
@@ -121,12 +130,8 @@ def _measure(sharded: bool) -> dict:
     return res
 
 
-def _measure_job(tmp: Path) -> dict:
-    return _measure(sharded=True)
-
-
-def test_two_process_measurement_equals_one_process(tmp_path):
-    ranks = _spawn(_measure_job, tmp_path)
+def test_two_process_measurement_equals_one_process(two_ranks):
+    ranks = [r["measure"] for r in two_ranks[1]]
     single = _measure(sharded=False)
     assert ranks[0]["n_samples"] == N == single["n_samples"]  # no sample padded or dropped
     assert ranks[0]["am_inputs"] == N and ranks[1]["idle_rank"]["n_samples"] == 5
@@ -168,7 +173,7 @@ def _train_runs(root: Path) -> dict:
             "resumed": sd(resumed.model), "resumed_log": resumed.log}
 
 
-def _train_job(tmp: Path) -> dict:
+def _train_job(tmp: Path) -> dict:  # returns what the test compares
     from llfc.train import train
 
     out = _train_runs(tmp / "ddp")
@@ -182,8 +187,8 @@ def _train_job(tmp: Path) -> dict:
     return out
 
 
-def test_two_process_ddp_training_equals_one_process_and_resumes(tmp_path):
-    ranks = _spawn(_train_job, tmp_path)
+def test_two_process_ddp_training_equals_one_process_and_resumes(two_ranks, tmp_path):
+    ddp_root, ranks = two_ranks
     single = _train_runs(tmp_path / "single")
     r0, r1 = ranks
     for k in ("a", "b", "full"):
@@ -196,11 +201,71 @@ def test_two_process_ddp_training_equals_one_process_and_resumes(tmp_path):
     for row_1, row_2 in zip(single["logs"]["a"], r0["logs"]["a"]):  # all samples, all ranks
         assert row_2["train_loss"] == pytest.approx(row_1["train_loss"], rel=1e-5)
         assert row_2["test_err"] == pytest.approx(row_1["test_err"], abs=1e-12)
-    written = sorted(p.relative_to(tmp_path / "ddp").as_posix() for p in (tmp_path / "ddp").rglob("*"))
+    written = sorted(p.relative_to(ddp_root / "ddp").as_posix() for p in (ddp_root / "ddp").rglob("*"))
     assert "spawn/parent/last.safetensors" in written and "r/final.safetensors" in written
     assert not [p for p in written if ".tmp" in p]  # atomic writes by rank 0 only
     import json
-    meta = json.loads((tmp_path / "ddp" / "spawn" / "a" / "final.json").read_text())
+    meta = json.loads((ddp_root / "ddp" / "spawn" / "a" / "final.json").read_text())
     assert meta["data_parallel"] == {"world_size": 2}
     for r in ranks:
         assert "rank 1 disagrees with rank 0 on the training configuration" in r["disagree"]
+
+
+# ------------------------------------------------------------------------------- a rank dies
+
+def _dying_rank_job(tmp: Path):
+    from llfc.distributed import shard_dataset
+    from llfc.engine import measure_pair
+
+    model, _, sd_a, sd_b, data = _measure_setup()
+    if dist.get_rank() == 1:
+        os._exit(0)  # dies mid-pass, before the all-reduce, without a word
+    try:
+        measure_pair(model, sd_a, sd_b, DataLoader(shard_dataset(data, BS), batch_size=BS), [0.0, 1.0],
+                     sharded=True)
+        msg = None
+    except DistributedError as e:
+        msg = str(e)
+    torch.save(msg, tmp / "dying.pt")
+
+
+def test_a_rank_dying_mid_pass_is_a_clean_error_on_the_others(two_ranks):
+    msg = torch.load(two_ranks[0] / "dying.pt", weights_only=False)
+    assert msg is not None and "rank 0 of 2" in msg and "another rank stopped" in msg
+
+
+# ------------------------------------------------------------------------- the CLI on torchrun
+
+def test_torchrun_analyze_equals_one_process_and_only_rank_0_prints(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from llfc.checkpoint import save_checkpoint
+    from llfc.cli import main
+    from llfc.models import create_model
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = create_model("mlp", input_shape=(1, 8, 8), num_classes=10, widths=[16])
+        paths.append(str(tmp_path / f"m{seed}"))
+        save_checkpoint(paths[-1], m.state_dict(), {"dataset": "digits", "model": {
+            "name": "mlp", "kwargs": {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [16]}}})
+    args = ["analyze", *paths, "--alphas", "5", "--train-samples", "100", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "llfc", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results, tables and figures in") == 1  # rank 0 alone prints
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["environment"]["world_size"] == 2
+    p1, p2 = one["pairs"]["A vs B"], two["pairs"]["A vs B"]
+    p1.pop("seconds"), p2.pop("seconds")
+    assert p2["n_samples"] == 450  # digits test split: 256 on rank 0, 194 on rank 1, none twice
+    _close(p1, p2)
