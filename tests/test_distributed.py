@@ -83,8 +83,21 @@ def test_more_ranks_than_samples_is_refused():
         shard_range(2, 8, 3, 0)
 
 
-def test_outside_a_process_group_everything_is_a_no_op():
+def test_outside_a_process_group_everything_is_a_no_op(monkeypatch):
+    from llfc.distributed import init_from_env
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env() is False  # plain `llfc ...`: one process, no group
     check_same("anything", "the configuration")  # no group: nothing to compare, no error
+
+
+def test_an_unavailable_backend_is_named_with_the_available_ones(monkeypatch):
+    from llfc.distributed import init_from_env
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    with pytest.raises(DistributedError, match="backend 'nccl' is not available.*available: gloo"):
+        init_from_env(backend="nccl")
 
 
 # ---------------------------------------------------------------------------------- measurement

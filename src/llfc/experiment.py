@@ -490,6 +490,7 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     env = {**environment(dev), "world_size": distributed.world_size()}
     analyze_cfg = {"a": str(path_a), "b": str(path_b), "dataset": dataset, "data_root": data_root,
                    "model": ma, "alphas": grid, "measure": dict(vars(measure)), "seed": seed}
+    distributed.check_same(analyze_cfg, "the analyze options", "Launch every rank with the same command.")
     import yaml
 
     if main:
@@ -546,6 +547,8 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     if checkpoint_exists(out) and not overwrite:
         raise OutputExistsError(f"{out}.safetensors already exists; choose another --out or pass --overwrite.")
     log, _ = _rank_output(log, False)
+    distributed.check_same((method, dataset, seed, activation_samples, batch_size), "the align options",
+                           "Launch every rank with the same command.")
     _check_same_checkpoints(path_a, path_b)
     distributed.barrier()  # every rank has looked at --out before rank 0 writes it
     sd_a, meta_a = load_checkpoint(path_a)
