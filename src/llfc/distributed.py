@@ -21,7 +21,9 @@ function here is a no-op (rank 0 of a world of size 1).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -184,7 +186,7 @@ class Max:
     def __init__(self, total: Any) -> None:
         self.total = total
 
-    def merge(self, other: "Max") -> None:
+    def merge(self, other: Max) -> None:
         """Keep the larger value."""
         self.total = max(self.total, other.total)
 
@@ -193,7 +195,7 @@ def shard_dataset(dataset: Dataset, batch_size: int) -> Dataset:
     """This rank's :func:`shard_range` of ``dataset`` (the dataset itself in one process)."""
     if not is_active():
         return dataset
-    return Subset(dataset, shard_range(len(dataset), batch_size))
+    return Subset(dataset, shard_range(len(dataset), batch_size))  # type: ignore[arg-type]
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
@@ -330,18 +332,20 @@ def reduce_accumulators(obj: Any, sum_fields: Sequence[str] = (),
     """
     if not is_active():
         return
-    holders: list[tuple[Any, Callable[[Any], None]]] = []
+    holders: list[tuple[Any, Callable[[Any], None] | None]] = []
     for name in sum_fields:
         val = getattr(obj, name)
         if isinstance(val, dict):
             for k in val:
-                holders.append((Sum(val[k]), lambda t, d=val, k=k: d.__setitem__(k, t)))
+                holders.append((Sum(val[k]), functools.partial(val.__setitem__, k)))
         else:
-            holders.append((Sum(val), lambda t, name=name: setattr(obj, name, t)))
+            holders.append((Sum(val), functools.partial(setattr, obj, name)))
     skip = {id(getattr(obj, f)) for f in sum_fields}
     attrs = obj if isinstance(obj, (list, tuple, dict)) else {
         k: v for k, v in vars(obj).items() if id(v) not in skip}
-    leaves = [(leaf, None) for leaf in _leaves(attrs, modules)] + holders
+    leaves: list[tuple[Any, Callable[[Any], None] | None]] = [
+        (leaf, None) for leaf in _leaves(attrs, modules)]
+    leaves += holders
     states = [(type(leaf).__name__, _cpu(dict(vars(leaf)))) for leaf, _ in leaves]
     gathered: list[Any] = [None] * world_size()
     _collective(lambda: dist.all_gather_object(gathered, states), "gathering the accumulators")
@@ -351,11 +355,11 @@ def reduce_accumulators(obj: Any, sum_fields: Sequence[str] = (),
     for i, (leaf, setter) in enumerate(leaves):
         dev = _device_of(leaf) if setter is None else (
             leaf.total.device if isinstance(leaf.total, torch.Tensor) else None)
-        merged = type(leaf).__new__(type(leaf))
-        merged.__dict__.update(gathered[0][i][1])
+        merged = copy.copy(leaf)
+        merged.__dict__ = dict(gathered[0][i][1])
         for r in range(1, len(gathered)):
-            other = type(leaf).__new__(type(leaf))
-            other.__dict__.update(gathered[r][i][1])
+            other = copy.copy(leaf)
+            other.__dict__ = dict(gathered[r][i][1])
             merged.merge(other)
         leaf.__dict__.update(_to(vars(merged), dev))
         if setter is not None:
