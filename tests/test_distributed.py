@@ -191,6 +191,11 @@ def _train_job(tmp: Path) -> dict:  # returns what the test compares
 
     out = _train_runs(tmp / "ddp")
     spec, cfg, tr, te = _train_setup()
+    torch.manual_seed(3)  # BatchNorm: each rank normalises its part; rank 0's statistics are kept
+    bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
+                             torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    train(bn, tr, te, cfg, data_seed=9, progress=False)
+    out["bn_buffers"] = {k: v.clone() for k, v in bn.state_dict().items() if "running" in k}
     cfg.lr = 0.05 if dist.get_rank() == 0 else 0.06  # ranks that disagree on the recipe
     try:
         train(spec(), tr, te, cfg, data_seed=0, progress=False)
@@ -222,6 +227,9 @@ def test_two_process_ddp_training_equals_one_process_and_resumes(two_ranks, tmp_
     assert meta["data_parallel"] == {"world_size": 2}
     for r in ranks:
         assert "rank 1 disagrees with rank 0 on the training configuration" in r["disagree"]
+    for k, v in r0["bn_buffers"].items():  # one BatchNorm state on every rank, and a trained one
+        assert torch.equal(v, r1["bn_buffers"][k]), k
+    assert r0["bn_buffers"]["2.running_mean"].abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------- a rank dies

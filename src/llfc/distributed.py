@@ -156,6 +156,14 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def broadcast_tensors(tensors: Sequence[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (no-op outside a process group)."""
+    if not is_active():
+        return
+    for t in tensors:
+        _collective(functools.partial(dist.broadcast, t, 0), "receiving rank 0's tensors")
+
+
 def shard_range(n_samples: int, batch_size: int, world: int | None = None,
                 rank_: int | None = None) -> range:
     """The sample indices of one rank's shard: whole batches, contiguous, disjoint, no padding.

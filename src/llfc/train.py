@@ -760,10 +760,7 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 def _sync_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank, so that evaluation and
     the checkpoint see one model."""
-    import torch.distributed as tdist
-
-    for b in model.buffers():
-        tdist.broadcast(b, 0)
+    distributed.broadcast_tensors(list(model.buffers()))
 
 
 def _epoch_row(e: int, lr0: float, sums: tuple[torch.Tensor, torch.Tensor, int]
