@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -99,7 +100,9 @@ def _measure_overrides(args) -> dict:
 
 
 def _default_out(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from llfc.distributed import broadcast_object  # under torchrun: rank 0's clock names it
+
+    return Path(broadcast_object(str(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")))
 
 
 def cmd_run(args) -> int:
@@ -334,14 +337,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     warnings.filterwarnings("once")
     warnings.showwarning = lambda msg, cat, *a, **k: print(f"llfc: warning: {msg}", file=sys.stderr)
+    from llfc import distributed
+
+    who = ""
+    owned = not distributed.is_active()  # a group set up by the caller is left to the caller
     try:
         if hasattr(args, "threads"):
             from llfc.seeding import set_threads
 
             set_threads(args.threads)
+        if distributed.init_from_env(device=getattr(args, "device", None) or "cpu"):
+            who = f" (rank {distributed.rank()} of {distributed.world_size()})"
+            if not distributed.is_main():  # rank 0 alone prints and draws progress bars
+                warnings.simplefilter("ignore")
+                args.no_progress = True
+                sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except LLFCError as e:
-        print(f"llfc: error: {e}", file=sys.stderr)
+        print(f"llfc: error{who}: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no: a path that is a file, not writable, full...
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -353,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         print("llfc: interrupted. Run the same command again to resume from the last checkpoint.",
               file=sys.stderr)
         return 130
+    finally:
+        if owned:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

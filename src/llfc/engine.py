@@ -110,7 +110,13 @@ class PairMeter:
 
     ``update(x, y)`` takes a batch (x: (B, ...) float32 inputs, y: (B,) int64 labels);
     ``compute()`` returns the results dict documented in docs/results.md (the ``measure`` part).
+    ``all_reduce()`` combines the sums of every rank of a torch.distributed group
+    (:mod:`llfc.distributed`); every accumulator has a ``merge`` method, the plain sums are named
+    in ``sum_fields``.
     """
+
+    #: attributes holding plain per-sample sums (ints, float64 tensors, dicts of them)
+    sum_fields = ("n", "loss", "wrong", "com")
 
     def __init__(self, extractor: FeatureExtractor, sd_a: StateDict, sd_b: StateDict,
                  alphas: Sequence[float], states: Sequence[StateDict] | None = None, *,
@@ -132,11 +138,12 @@ class PairMeter:
         K = len(self.alphas)
         self._alpha_t = torch.tensor(self.alphas, dtype=torch.float64)
         self.n = 0
-        self.loss = torch.zeros(K, dtype=torch.float64)
-        self.wrong = torch.zeros(K, dtype=torch.float64)
+        dev = next(iter(sd_a.values())).device  # sums stay on the device: no per-batch host sync
+        self.loss = torch.zeros(K, dtype=torch.float64, device=dev)
+        self.wrong = torch.zeros(K, dtype=torch.float64, device=dev)
         self.acc = {p.name: _LLFCAcc() for p in self.llfc_probes}
         self.wa = {p.name: _WAAcc() for p in self.wa_probes}
-        self.com = {p.name: torch.zeros(6, dtype=torch.float64) for p in self.com_probes}
+        self.com = {p.name: torch.zeros(6, dtype=torch.float64, device=dev) for p in self.com_probes}
         self._fa = self._fb = None  # per-batch state of update()
         self._scratch = _Scratch()
 
@@ -153,7 +160,7 @@ class PairMeter:
 
         Memory: the feature maps of θ_A, θ_B and *one* θ_α at a time, plus one work buffer per
         feature-map shape; the per-α results are (B,)-vectors. Small per-batch sums (loss, errors,
-        commutativity) are accumulated on the CPU, the rest on the features' device.
+        commutativity) and everything else are accumulated on the features' device.
         """
         fa = self.fx(self.sd_a, x)
         fb = self.fx(self.sd_b, x)
@@ -165,8 +172,8 @@ class PairMeter:
             for k, s in enumerate(self.states):
                 f = fa if s is self.sd_a else fb if s is self.sd_b else self.fx(s, x)
                 logits = f[self.logits.node].to(torch.float64)
-                self.loss[k] += F.cross_entropy(logits, y, reduction="sum").cpu()
-                self.wrong[k] += (logits.argmax(1) != y).sum().cpu()
+                self.loss[k] += F.cross_entropy(logits, y, reduction="sum")
+                self.wrong[k] += (logits.argmax(1) != y).sum()
                 for p in self.llfc_probes:
                     rows[p.name].append(self._llfc_row(p, f, stats[p.node], self.alphas[k]))
                 del f
@@ -254,7 +261,18 @@ class PairMeter:
         sq_left, sq_right = _sq(left).sum(), _sq(right).sum()
         sq_com = _sq(left.sub_(right)).sum()
         sq_h = _sq(torch.sub(ha, hb, out=self._scratch(ha))).sum()
-        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, _sq(ha).sum(), _sq(hb).sum()]).cpu()
+        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, _sq(ha).sum(), _sq(hb).sum()])
+
+    def all_reduce(self) -> None:
+        """Combine the accumulators of all ranks (:func:`llfc.distributed.reduce_accumulators`):
+        afterwards every rank holds the sums over the union of the ranks' batches."""
+        from llfc.distributed import Max, reduce_accumulators
+
+        reduce_accumulators(self, self.sum_fields)
+        dims = [Max(acc.dim) for acc in self.acc.values()]  # a rank without batches saw no shape
+        reduce_accumulators(dims, modules=())
+        for acc, d in zip(self.acc.values(), dims):
+            acc.dim = d.total
 
     # ---------------------------------------------------------------- results
     def compute(self) -> dict:
@@ -328,7 +346,7 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                  absolute: bool = False, allow_extrapolation: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
                  desc: str = "measure", bn_mode: str = "interpolate",
-                 bn_batches: Sequence[torch.Tensor] | None = None) -> dict:
+                 bn_batches: Sequence[torch.Tensor] | None = None, sharded: bool = False) -> dict:
     """Measure LMC, LLFC and the LLFC conditions of (θ_A, θ_B) in one streaming pass.
 
     Args:
@@ -348,6 +366,9 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
             ``"reset"`` (recomputed on ``bn_batches`` for every interior α; see
             :func:`llfc.interpolate.path_states`).
         bn_batches: input tensors (N_i, ...) of training data, needed by ``bn_mode="reset"``.
+        sharded: ``batches`` is this rank's shard of the data (:func:`llfc.distributed.shard_dataset`);
+            the sums of all ranks are combined once, after the pass (:meth:`PairMeter.all_reduce`),
+            so every rank returns the result of the whole data set.
 
     Returns:
         the dict of :meth:`PairMeter.compute`: ``alphas``, ``n_samples``, ``lmc`` (loss, error,
@@ -387,6 +408,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                       absolute=absolute)
     for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
         meter.update(x.to(dev), y.to(dev))
+    if sharded:
+        meter.all_reduce()
     if meter.n == 0:
         raise ConfigError("measure_pair: the data yielded no batch; pass a non-empty loader.")
     return meter.compute()

@@ -57,3 +57,8 @@ def unknown_name(kind: str, name: str, valid) -> UnknownNameError:
     return UnknownNameError(
         f"unknown {kind} {name!r}. Valid {kind}s: {', '.join(valid)}."
     )
+
+
+class DistributedError(LLFCError):
+    """A data-parallel (torchrun) run cannot go on: an unavailable backend, more processes than
+    batches, ranks that disagree on the configuration or the checkpoints, or a rank that died."""

@@ -26,12 +26,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
-from llfc import __version__
+from llfc import __version__, distributed
 from llfc.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     check_finite,
-    load_checkpoint,
     save_checkpoint,
     strip_prefix,
 )
@@ -164,8 +163,11 @@ class Measurer:
         if measure.stitching and measure.stitch_points not in STITCH_POINTS:
             raise ConfigError(f"unknown stitch points {measure.stitch_points!r} (--stitch-points); "
                               f"valid: {', '.join(STITCH_POINTS)}.")
-        self.test = _loader(test_set, measure.batch_size)
-        self.train = _loader(train_subset, measure.batch_size) if train_subset is not None else None
+        # under torchrun each rank measures its unpadded shard; the sums are combined after the pass
+        self.sharded = distributed.is_active()
+        shard = lambda ds: distributed.shard_dataset(ds, measure.batch_size)  # noqa: E731
+        self.test = _loader(shard(test_set), measure.batch_size)
+        self.train = _loader(shard(train_subset), measure.batch_size) if train_subset is not None else None
         self.bn_batches = None
         if measure.bn_mode == "reset":
             g = torch.Generator().manual_seed(derive_seed(seed, "bn-reset"))
@@ -182,19 +184,21 @@ class Measurer:
         res = measure_pair(self.model, sd_a, sd_b, self.test, self.alphas, states=states,
                            kinds=self.m.kinds, names=self.m.probes, conditions=self.m.conditions,
                            absolute=self.m.absolute_cos, device=self.device, progress=self.progress,
-                           desc=f"measure {name} (test)")
+                           desc=f"measure {name} (test)", sharded=self.sharded)
         lmc = {"test": res.pop("lmc")}
         if self.train is not None:
             tr = measure_pair(self.model, sd_a, sd_b, self.train, self.alphas, states=states,
                               llfc=False, conditions=False, device=self.device,
-                              progress=self.progress, desc=f"measure {name} (train subset)")
+                              progress=self.progress, desc=f"measure {name} (train subset)",
+                              sharded=self.sharded)
             lmc["train"] = tr["lmc"]
             lmc["train"]["subset"] = {"n_samples": tr["n_samples"], "master_seed": self.seed,
                                       "seed": derive_seed(self.seed, "train-subset")}
         res["lmc"] = lmc
         if self.m.stitching:
             res["stitching"] = stitching_errors(self.model, sd_a, sd_b, self.test, device=self.device,
-                                                progress=self.progress, points=self.m.stitch_points)
+                                                progress=self.progress, points=self.m.stitch_points,
+                                                sharded=self.sharded)
         if self.m.angles_k:
             res["principal_angles"] = [
                 {"name": k, "k": int(v["k"]), "left": v["left"].tolist(), "right": v["right"].tolist()}
@@ -242,12 +246,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
         incompatible or non-finite checkpoints, invalid α); nothing already written is lost.
     """
     cfg = cfg.resolved()
+    log, progress = _rank_output(log, progress)
     alphas = check_alphas(default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas,
                           cfg.allow_extrapolation)
     device = resolve_device(cfg.device)
     out = Path(out)
     cfg_text = cfg.to_yaml()
     mode = prepare_out_dir(out, overwrite, cfg_text)
+    distributed.check_same(cfg_text, "the configuration (config.yaml)",
+                           "Launch every rank with the same command and config file.")
+    distributed.barrier()  # every rank has looked at --out before rank 0 writes there
     info = dataset_info(cfg.dataset)
     # data first: a missing dataset must fail before anything is written
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
@@ -266,17 +274,20 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
         "seed": cfg.seed, "data_root": str(Path(cfg.data_root or default_data_root()).resolve())}}
     measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
                         alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if mode == "overwrite":
-        _remove_stale_outputs(out, cfg.pairs, log)
-    atomic_write_text(out / "config.yaml", cfg_text)
+    main = distributed.is_main()  # rank 0 alone writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "overwrite":
+            _remove_stale_outputs(out, cfg.pairs, log)
+        atomic_write_text(out / "config.yaml", cfg_text)
     seeds: dict[str, Any] = {
         "master": cfg.seed,
         "spawn": [derive_seed(cfg.seed, "spawn", t) for t in ("init", "data_parent", "data_a", "data_b")],
         "independent": [derive_seed(cfg.seed, "independent", t) for t in ("init_a", "data_a", "init_b", "data_b")],
     }
-    env = {**environment(device), "seeds": seeds}
-    atomic_write_json(out / "environment.json", env)
+    env = {**environment(device), "seeds": seeds, "world_size": distributed.world_size()}
+    if main:
+        atomic_write_json(out / "environment.json", env)
     log(f"llfc {__version__}: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model "
         f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(alphas)} α values, "
         f"device {device} → {out} ({mode})")
@@ -315,10 +326,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
             log(f"[{kind}] aligning the independent pair's B onto A by {method} matching")
             sd_a, sd_b = states["independent"]
             aligned, report = align_state_dicts(arch, sd_a, sd_b, method, train_eval, cfg, device)
-            save_checkpoint(pairs_dir / kind / "b_aligned", aligned,
-                            {"model": spec.to_meta(), **run_meta, "aligned_to": "independent/a",
-                             "method": method, "llfc_version": __version__})
-            atomic_write_json(pairs_dir / kind / "alignment.json", report)
+            if main:
+                save_checkpoint(pairs_dir / kind / "b_aligned", aligned,
+                                {"model": spec.to_meta(), **run_meta, "aligned_to": "independent/a",
+                                 "method": method, "llfc_version": __version__})
+                atomic_write_json(pairs_dir / kind / "alignment.json", report)
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
     for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
         log(f"[{name}] measuring LMC, LLFC and the conditions")
@@ -332,10 +344,18 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
         else:
             pr["train_logs"] = logs.get(name)
         results["pairs"][name] = pr
-    text = write_report(results, out, log)
+    text = write_report(results, out, log) if main else summary_table(results["pairs"])
+    distributed.barrier()  # no rank finishes before results.json is complete
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results
+
+
+def _rank_output(log: Callable[[str], None], progress: bool) -> tuple[Callable[[str], None], bool]:
+    """Rank 0 alone prints and draws progress bars; the other ranks stay silent."""
+    if distributed.is_main():
+        return log, progress
+    return (lambda *_a, **_k: None), False
 
 
 _OUTPUT_FILES = ("results.json", "summary.txt", "lmc.png", "llfc.png", "weak_additivity.png",
@@ -381,13 +401,19 @@ def align_state_dicts(arch: nn.Module, sd_a: dict, sd_b: dict, method: str, trai
     loader, kwargs = None, dict[str, Any]()
     if method in ("activation", "ste"):
         n = min(cfg.align.activation_samples, len(train_eval))
-        loader = _loader(Subset(train_eval, list(range(n))), cfg.align.batch_size)
+        subset = Subset(train_eval, list(range(n)))
+        if method == "activation" and distributed.is_active():  # statistics merged over ranks
+            subset, kwargs = distributed.shard_dataset(subset, cfg.align.batch_size), {"sharded": True}
+        loader = _loader(subset, cfg.align.batch_size)
     if method == "weight":
         kwargs = {"restarts": cfg.align.restarts, "max_iter": cfg.align.max_iter}
     elif method == "ste":
         kwargs = {"epochs": cfg.align.ste_epochs, "lr": cfg.align.ste_lr}
     res = align(ma, mb, example, method=method, loader=loader, seed=cfg.seed, **kwargs)
-    return {k: v.detach().cpu() for k, v in res.state_dict.items()}, res.report
+    aligned = {k: v.detach().cpu() for k, v in res.state_dict.items()}
+    distributed.check_same(aligned, f"the weights aligned by {method} matching",
+                           "Run every rank with the same thread count and library versions.")
+    return aligned, res.report
 
 
 def _model_with(arch: nn.Module, sd: dict) -> nn.Module:
@@ -474,11 +500,13 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     from llfc.config import MeasureConfig
 
     measure = measure or MeasureConfig()
+    log, progress = _rank_output(log, progress)
     grid = check_alphas(default_alphas(alphas) if isinstance(alphas, int) else alphas, allow_extrapolation)
     if measure.test_samples is not None and measure.test_samples < 1:
         raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {measure.test_samples}.")
     out = Path(out)
     prepare_out_dir(out, overwrite)
+    _check_same_checkpoints(path_a, path_b)
     sd_a, meta_a = _load_pair_member(path_a, model, model_args)
     sd_b, meta_b = _load_pair_member(path_b, model, model_args)
     sd_a, sd_b = strip_prefix(sd_a), strip_prefix(sd_b)
@@ -532,21 +560,26 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     measurer = Measurer(arch, test_set, _train_subset(train_eval, measure.train_samples, seed), grid,
                         measure, dev, bn_train=train_eval, progress=progress, seed=seed)
     _check_classes(_model_with(arch, sd_a), test_set, dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    env = environment(dev)
+    main = distributed.is_main()  # rank 0 alone writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    env = {**environment(dev), "world_size": distributed.world_size()}
     analyze_cfg = {"a": str(path_a), "b": str(path_b), "dataset": dataset, "data_root": data_root,
                    "model": ma, "alphas": grid, "measure": dict(vars(measure)), "seed": seed}
+    distributed.check_same(analyze_cfg, "the analyze options", "Launch every rank with the same command.")
     import yaml
 
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(analyze_cfg, sort_keys=False))
-    atomic_write_json(out / "environment.json", env)
+    if main:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(analyze_cfg, sort_keys=False))
+        atomic_write_json(out / "environment.json", env)
     results = _results_header("llfc.analyze", analyze_cfg, env,
                               {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma})
     pr = measurer(sd_a, sd_b, "A vs B")
     pr["kind"], pr["label"] = "checkpoints", f"{Path(path_a).name} vs {Path(path_b).name}"
     pr["checkpoints"] = {"A": str(path_a), "B": str(path_b)}
     results["pairs"]["A vs B"] = pr
-    text = write_report(results, out, log)
+    text = write_report(results, out, log) if main else summary_table(results["pairs"])
+    distributed.barrier()
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results
@@ -564,6 +597,16 @@ def _check_classes(model: nn.Module, dataset, dataset_name: str) -> None:
         raise ConfigError(f"the model has {k} outputs but {dataset_name} has labels up to {int(y.max())}; "
                           f"build it with num_classes for this dataset (--model-args) or pass the "
                           f"--dataset it was trained on.")
+def _check_same_checkpoints(*paths: str | Path) -> None:
+    """Under torchrun: every rank must read byte-identical checkpoint files (SHA-256 compared)."""
+    if not distributed.is_active():
+        return
+    from llfc.checkpoint import checkpoint_paths
+
+    for p in paths:
+        distributed.check_same([distributed.file_digest(f) for f in checkpoint_paths(p)],
+                               f"the checkpoint {p}",
+                               "Give every rank the same files (a shared file system).")
 
 
 def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
@@ -599,6 +642,11 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
         out = out.with_suffix("")
     if checkpoint_exists(out) and not overwrite:
         raise OutputExistsError(f"{out}.safetensors already exists; choose another --out or pass --overwrite.")
+    log, _ = _rank_output(log, False)
+    distributed.check_same((method, dataset, seed, activation_samples, batch_size), "the align options",
+                           "Launch every rank with the same command.")
+    _check_same_checkpoints(path_a, path_b)
+    distributed.barrier()  # every rank has looked at --out before rank 0 writes it
     sd_a, meta_a = _load_pair_member(path_a, model, model_args)
     sd_b, meta_b = _load_pair_member(path_b, model, model_args)
     dataset = dataset or meta_a.get("dataset") or meta_b.get("dataset")
@@ -622,13 +670,16 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     shape = ma.get("kwargs", {}).get("input_shape")
-    loader = None
+    loader, kwargs = None, {}
     if method in ("activation", "ste"):
         if not dataset:
             raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
         train_eval = get_dataset(dataset, "train", data_root, False, augment=False)
         n = min(activation_samples, len(train_eval))
-        loader = _loader(Subset(train_eval, list(range(n))), batch_size)
+        subset = Subset(train_eval, list(range(n)))
+        if method == "activation" and distributed.is_active():  # statistics merged over ranks
+            subset, kwargs = distributed.shard_dataset(subset, batch_size), {"sharded": True}
+        loader = _loader(subset, batch_size)
         example = torch.stack([train_eval[i][0] for i in range(4)])
     else:
         if shape is None:
@@ -638,10 +689,15 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
                               "input_shape nor a dataset; pass --dataset NAME.")
         example = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))
     res = align(_model_with(arch, sd_a), _model_with(arch, sd_b), example, method=method,
-                loader=loader, seed=seed)
+                loader=loader, seed=seed, **kwargs)
     meta = {**meta_b, "aligned_to": str(path_a), "alignment_method": method, "llfc_version": __version__}
-    save_checkpoint(out, {k: v.detach().cpu() for k, v in res.state_dict.items()}, meta)
-    atomic_write_json(Path(str(out) + ".report.json"), res.report)
+    aligned = {k: v.detach().cpu() for k, v in res.state_dict.items()}
+    distributed.check_same(aligned, f"the weights aligned by {method} matching",
+                           "Run every rank with the same thread count and library versions.")
+    if distributed.is_main():
+        save_checkpoint(out, aligned, meta)
+        atomic_write_json(Path(str(out) + ".report.json"), res.report)
+    distributed.barrier()
     log(f"aligned {path_b} onto {path_a} by {method} matching → {out}.safetensors "
         f"(report: {out}.report.json)")
     return res.report

@@ -120,7 +120,7 @@ def _select(extractor: FeatureExtractor, probes: Sequence[str] | None, points: s
 def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                      loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      probes: Sequence[str] | None = None, device: str | torch.device = "cpu",
-                     progress: bool = False, points: str = "official") -> list[dict]:
+                     progress: bool = False, points: str = "official", sharded: bool = False) -> list[dict]:
     """Test error and loss of B with layer ℓ's output replaced by A's, for every probed layer ℓ.
 
     Source: LLFC paper App. B.4 (Tables 2–3) and the official ``scripts/model_stitching.py``,
@@ -141,6 +141,8 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
             ``"official"`` (the official script's: for ResNets conv1, every block output and the
             logits; else every Linear / Conv output except the logits layer) or ``"pre"`` (every
             Linear / Conv output, inside residual blocks too).
+        sharded: ``loader`` is this rank's shard (:func:`llfc.distributed.shard_dataset`); the
+            sums of all ranks are added once, after the pass.
 
     Returns:
         a list of dicts with keys :data:`STITCH_COLUMNS`: first the two endpoints (``role``
@@ -185,13 +187,13 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
 
     n = 0
     L = len(chosen)
-    loss = torch.zeros(L + 2, dtype=torch.float64)
-    wrong = torch.zeros(L + 2, dtype=torch.float64)
+    loss = torch.zeros(L + 2, dtype=torch.float64, device=dev)  # on the device: no per-batch sync
+    wrong = torch.zeros(L + 2, dtype=torch.float64, device=dev)
 
     def fold(k: int, logits: torch.Tensor, y: torch.Tensor) -> None:
         lg = logits.to(torch.float64)
-        loss[k] += F.cross_entropy(lg, y, reduction="sum").cpu()
-        wrong[k] += (lg.argmax(1) != y).sum().cpu()
+        loss[k] += F.cross_entropy(lg, y, reduction="sum")
+        wrong[k] += (lg.argmax(1) != y).sum()
 
     for x, y in tqdm(loader, desc="stitching", disable=None if progress else True, leave=False):
         x, y = x.to(dev), y.to(dev)
@@ -201,6 +203,12 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         for i, (p, m) in enumerate(zip(chosen, stitched)):
             fold(2 + i, functional_call(m, sb, (x, fa[p.node])), y)
         n += len(y)
+    if sharded:
+        from llfc.distributed import all_reduce_sum
+
+        loss, wrong, n_t = all_reduce_sum([loss, wrong, float(n)])
+        n = int(n_t)
+    loss, wrong = loss.cpu(), wrong.cpu()
     if n == 0:
         raise ValueError("stitching_errors: the loader yielded no samples")
 

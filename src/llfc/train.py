@@ -56,11 +56,13 @@ from llfc.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     checkpoint_exists,
+    checkpoint_paths,
     load_training_state,
     save_checkpoint,
     save_training_state,
 )
-from llfc.errors import ConfigError, NonFiniteWeightsError, OutputExistsError
+from llfc import distributed
+from llfc.errors import ConfigError, DistributedError, NonFiniteWeightsError, OutputExistsError
 from llfc.seeding import derive_seed, environment, rng_state, seed_everything, set_deterministic, \
     set_rng_state
 
@@ -343,6 +345,16 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000,
         of samples whose arg-max logit is not the label, in [0, 1]. The model's train/eval mode is
         restored afterwards.
     """
+    loss_sum, wrong, n = _evaluate_sums(model, dataset, batch_size, device)
+    if n == 0:
+        raise ConfigError("cannot evaluate on an empty dataset.")
+    return float(loss_sum) / n, int(wrong) / n
+
+
+@torch.no_grad()
+def _evaluate_sums(model: nn.Module, dataset: Dataset, batch_size: int,
+                   device: str | torch.device | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(Σ cross-entropy float64, wrong-count int64, n) of :func:`evaluate`, kept on the device."""
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -361,9 +373,18 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000,
             n += len(y)
     finally:
         model.train(was_training)
-    if n == 0:
-        raise ConfigError("cannot evaluate on an empty dataset.")
-    return float(loss_sum) / n, int(wrong) / n
+    return loss_sum, wrong, n
+
+
+def _evaluate_all_ranks(model: nn.Module, dataset: Dataset, batch_size: int,
+                        device: torch.device) -> tuple[float, float]:
+    """:func:`evaluate`; under torch.distributed each rank takes its unpadded shard
+    (:func:`llfc.distributed.shard_dataset`) and the sums are added over the ranks."""
+    if not distributed.is_active():
+        return evaluate(model, dataset, batch_size, device)
+    loss_sum, wrong, n = distributed.all_reduce_sum(
+        _evaluate_sums(model, distributed.shard_dataset(dataset, batch_size), batch_size, device))
+    return float(loss_sum) / float(n), float(wrong) / float(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,12 +537,95 @@ def train(
     base_meta["seeds"] = {**dict(seeds or {}), "data": int(data_seed)}
     base_meta["train_config"] = cfg.to_dict()
     base_meta["environment"] = environment(device)
+    world = distributed.world_size() if distributed.is_active() else 1
+    if world > 1:
+        base_meta["data_parallel"] = {"world_size": world}
+        _check_ddp_input(cfg, n, spe, world, data_seed)
+    main = distributed.is_main()
 
     out = Path(out_dir) if out_dir is not None else None
+    start, log, resumed = _restore(model, optimizer, scheduler, cfg, data_seed, out, resume,
+                                   overwrite, start_state, base_meta)
+    if start > stop:
+        raise ConfigError(f"the run is already at epoch {start}, past stop_epoch {stop}.")
+
+    def state_meta() -> dict[str, Any]:
+        return {**base_meta, "log": log}
+
+    if out is not None and main:  # rank 0 alone writes; the others wait at the barriers
+        out.mkdir(parents=True, exist_ok=True)
+        if start == stop and not resumed:  # nothing to train (e.g. spawn at k=0): still save
+            _save_epoch(out, log_name, model, optimizer, scheduler, start, state_meta(), log)
+    distributed.barrier()
+    net = _data_parallel(model, device) if world > 1 else model
+    progress = progress and main
+
+    from tqdm.auto import tqdm
+
+    who = "/".join(str(v) for v in (base_meta.get("pair"), base_meta.get("member")) if v) or log_name
+    bar = tqdm(total=(stop - start) * spe, desc=f"train {who}", disable=None if progress else True,
+               dynamic_ncols=True, leave=True)
+    try:
+        for e in range(start, stop):
+            t0 = time.perf_counter()
+            seed_everything(derive_seed(data_seed, "rng", e))
+            batches = _epoch_batches(n, cfg, data_seed, e, spe)
+            global_sizes = [len(b) for b in batches] if world > 1 else None
+            if world > 1:
+                batches = [_rank_part(b, world, distributed.rank()) for b in batches]
+            loader = _epoch_loader(train_set, batches, cfg, data_seed, e, device)
+            lr0 = float(optimizer.param_groups[0]["lr"])
+            sums = _train_epoch(net, loader, optimizer, scheduler, cfg, device,
+                                _BarUpdate(bar, progress, f"{e + 1}/{stop}", spe), global_sizes)
+            if cfg.schedule_step == "epoch":
+                scheduler.step()
+            if world > 1:
+                _sync_buffers(model)
+                sums = tuple(distributed.all_reduce_sum(sums))  # type: ignore[assignment]
+            row = _epoch_row(e, lr0, sums)
+            if test_set is not None and ((e + 1) % cfg.eval_every == 0 or e + 1 == stop):
+                tl, te = _evaluate_all_ranks(model, test_set, cfg.eval_batch_size, device)
+                row.update(test_loss=tl, test_acc=1.0 - te, test_err=te)
+            row["seconds"] = time.perf_counter() - t0
+            row["data_seed"] = int(data_seed)
+            log.append(row)
+            if out is not None and main:
+                _save_epoch(out, log_name, model, optimizer, scheduler, e + 1, state_meta(), log)
+            distributed.barrier()
+    finally:
+        bar.close()
+
+    if out is not None and main:
+        final_meta = {k: v for k, v in base_meta.items()}
+        final_meta.update(epoch=stop, final=log[-1] if log else None)
+        save_checkpoint(out / "final", model.state_dict(), final_meta)
+    distributed.barrier()
+    return TrainResult(model=model, log=log, epoch=stop, optimizer=optimizer, scheduler=scheduler,
+                       out_dir=out)
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, data_seed: int,
+             out: Path | None, resume: bool, overwrite: bool,
+             start_state: str | os.PathLike | None, base_meta: dict[str, Any]
+             ) -> tuple[int, list[dict[str, Any]], bool]:
+    """Where a run starts: ``(epoch, log rows, resumed)``.
+
+    Loads ``out/last`` (``resume``; same recipe and data seed required, RNG states restored) or
+    else ``start_state`` (a spawn fork: same recipe required) into model, optimizer and
+    scheduler; records ``spawned_from`` in ``base_meta``. A fresh run starts at (0, [], False).
+
+    Raises:
+        OutputExistsError: ``out/last`` exists and neither resume nor overwrite.
+        ConfigError: another recipe or data seed.
+    """
     last = out / "last" if out is not None else None
-    log: list[dict[str, Any]] = []
-    start = 0
-    resumed = False
+    if distributed.is_active():  # every rank must load the very same files
+        for path, what in ((last, "the training state to resume"), (start_state, "the start state")):
+            if path is not None:
+                distributed.check_same(
+                    [distributed.file_digest(p) for p in checkpoint_paths(path)], f"{what} {path}",
+                    "Put the output folder on a file system shared by all ranks.")
     if last is not None and checkpoint_exists(last):
         if resume:
             epoch, rng, smeta = load_training_state(last, model, optimizer, scheduler)
@@ -534,102 +638,156 @@ def train(
                 )
             if rng is not None:
                 set_rng_state(rng)
-            start, log, resumed = epoch, list(smeta.get("log") or []), True
-            for k in ("spawned_from",):
-                if k in smeta:
-                    base_meta[k] = smeta[k]
-        elif not overwrite:
+            if "spawned_from" in smeta:
+                base_meta["spawned_from"] = smeta["spawned_from"]
+            return epoch, list(smeta.get("log") or []), True
+        if not overwrite:
             raise OutputExistsError(
                 f"{out} already holds a training run ({last}.safetensors). Pass resume=True to "
                 f"continue it, overwrite=True to start afresh, or choose another output folder."
             )
-    if not resumed and start_state is not None:
+    if start_state is not None:
         epoch, rng, smeta = load_training_state(start_state, model, optimizer, scheduler)
         _check_recipe(smeta.get("train_config"), cfg, f"the start state {start_state}")
-        start, log = epoch, list(smeta.get("log") or [])
         base_meta["spawned_from"] = {"path": os.fspath(start_state), "epoch": epoch,
                                      "seeds": smeta.get("seeds")}
-    if start > stop:
-        raise ConfigError(f"the run is already at epoch {start}, past stop_epoch {stop}.")
+        return epoch, list(smeta.get("log") or []), False
+    return 0, [], False
 
-    def state_meta() -> dict[str, Any]:
-        return {**base_meta, "log": log}
 
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if start == stop and not resumed:  # nothing to train (e.g. spawn at k=0): still save
-            save_training_state(last, model, optimizer, scheduler, start, rng_state(), state_meta())
-            _write_log(out, log_name, log)
+def _epoch_batches(n: int, cfg: TrainConfig, data_seed: int, e: int, spe: int) -> list[list[int]]:
+    """The sample indices of every batch of 0-based epoch ``e``: ``torch.randperm(n)`` seeded by
+    ``derive_seed(data_seed, "epoch", e)``, cut into ``cfg.batch_size`` pieces, first ``spe``."""
+    g = torch.Generator().manual_seed(derive_seed(data_seed, "epoch", e))
+    order = torch.randperm(n, generator=g)
+    return [b.tolist() for b in order.split(cfg.batch_size)][:spe]
 
-    from tqdm.auto import tqdm
 
-    who = "/".join(str(v) for v in (base_meta.get("pair"), base_meta.get("member")) if v) or log_name
-    bar = tqdm(total=(stop - start) * spe, desc=f"train {who}", disable=None if progress else True,
-               dynamic_ncols=True, leave=True)
-    try:
-        for e in range(start, stop):
-            t0 = time.perf_counter()
-            seed_everything(derive_seed(data_seed, "rng", e))
-            g = torch.Generator().manual_seed(derive_seed(data_seed, "epoch", e))
-            order = torch.randperm(n, generator=g)
-            batches = [b.tolist() for b in order.split(cfg.batch_size)][:spe]
-            loader = DataLoader(
-                train_set, batch_sampler=batches, num_workers=cfg.num_workers,
-                generator=torch.Generator().manual_seed(derive_seed(data_seed, "workers", e)),
-                pin_memory=device.type == "cuda",
-            )
-            lr0 = float(optimizer.param_groups[0]["lr"])
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            for i, (x, y) in enumerate(loader):
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                out_logits = model(x)
-                loss = F.cross_entropy(out_logits, y, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if cfg.schedule_step == "iteration":
-                    scheduler.step()
-                loss_sum += loss.detach().double() * len(y)
-                correct += (out_logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                bar.update(1)
-                if progress and (i % 20 == 0 or i == spe - 1):
-                    bar.set_postfix(epoch=f"{e + 1}/{stop}", loss=f"{float(loss_sum) / seen:.4f}",
-                                    acc=f"{int(correct) / seen:.4f}")
-            if cfg.schedule_step == "epoch":
-                scheduler.step()
-            train_loss = float(loss_sum) / seen
-            if not math.isfinite(train_loss):
-                raise NonFiniteWeightsError(
-                    f"training diverged: the mean training loss of epoch {e + 1} is {train_loss} "
-                    f"(lr {lr0}). Lower the learning rate or add warmup."
-                )
-            row: dict[str, Any] = {"epoch": e + 1, "lr": lr0, "train_loss": train_loss,
-                                   "train_acc": int(correct) / seen, "test_loss": None,
-                                   "test_acc": None, "test_err": None}
-            if test_set is not None and ((e + 1) % cfg.eval_every == 0 or e + 1 == stop):
-                tl, te = evaluate(model, test_set, cfg.eval_batch_size, device)
-                row.update(test_loss=tl, test_acc=1.0 - te, test_err=te)
-            row["seconds"] = time.perf_counter() - t0
-            row["data_seed"] = int(data_seed)
-            log.append(row)
-            if out is not None:
-                save_training_state(last, model, optimizer, scheduler, e + 1, rng_state(),
-                                    state_meta())
-                _write_log(out, log_name, log)
-    finally:
-        bar.close()
+def _epoch_loader(train_set: Dataset, batches: list[list[int]], cfg: TrainConfig, data_seed: int,
+                  e: int, device: torch.device) -> DataLoader:
+    """A DataLoader yielding ``batches`` in order (worker RNGs seeded from data seed and epoch)."""
+    return DataLoader(
+        train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(derive_seed(data_seed, "workers", e)),
+        pin_memory=device.type == "cuda",
+    )
 
-    if out is not None:
-        final_meta = {k: v for k, v in base_meta.items()}
-        final_meta.update(epoch=stop, final=log[-1] if log else None)
-        save_checkpoint(out / "final", model.state_dict(), final_meta)
-    return TrainResult(model=model, log=log, epoch=stop, optimizer=optimizer, scheduler=scheduler,
-                       out_dir=out)
+
+class _BarUpdate:
+    """Advances the training progress bar by one batch; shows running loss/accuracy every 20."""
+
+    def __init__(self, bar: Any, progress: bool, epoch_text: str, spe: int):
+        self.bar, self.progress, self.epoch_text, self.spe = bar, progress, epoch_text, spe
+
+    def __call__(self, i: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
+        self.bar.update(1)
+        if self.progress and (i % 20 == 0 or i == self.spe - 1):
+            self.bar.set_postfix(epoch=self.epoch_text, loss=f"{float(loss_sum) / seen:.4f}",
+                                 acc=f"{int(correct) / seen:.4f}")
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig,
+                 device: torch.device, on_batch: Callable[..., None],
+                 global_sizes: Sequence[int] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One epoch of SGD steps (train mode). Returns ``(loss_sum, correct, seen)``: the float64
+    sum over samples of the training loss, the int64 count of correct arg-max predictions
+    (both on ``device``, no host sync per batch) and the number of samples.
+
+    Data parallel (``model`` wrapped in DistributedDataParallel, ``global_sizes[i]`` = size of
+    the i-th batch over all W ranks): the loss of this rank's part is Σ_local CE · W / |batch|,
+    so that DDP's mean of the W gradients is the gradient of the mean loss over the whole batch,
+    the gradient of one process up to float rounding."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for i, (x, y) in enumerate(loader):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        out_logits = model(x)
+        if global_sizes is None:
+            loss = F.cross_entropy(out_logits, y, label_smoothing=cfg.label_smoothing)
+            batch_loss_sum = loss.detach().double() * len(y)
+        else:
+            ce = F.cross_entropy(out_logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+            loss = ce * (distributed.world_size() / global_sizes[i])
+            batch_loss_sum = ce.detach().double()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cfg.schedule_step == "iteration":
+            scheduler.step()
+        loss_sum += batch_loss_sum
+        correct += (out_logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        on_batch(i, loss_sum, correct, seen)
+    return loss_sum, correct, seen
+
+
+def _check_ddp_input(cfg: TrainConfig, n: int, spe: int, world: int, data_seed: int) -> None:
+    """Refuse a data-parallel run that cannot be exact: ranks with another recipe or seed, or a
+    batch with fewer samples than ranks (a rank would get none).
+
+    Raises:
+        DistributedError: naming the rank or the batch size to change.
+    """
+    distributed.check_same({"recipe": cfg.recipe(), "data_seed": int(data_seed), "n": n},
+                           "the training configuration", "Launch every rank with the same command.")
+    smallest = min(cfg.batch_size, n - (spe - 1) * cfg.batch_size)
+    if smallest < world:
+        raise DistributedError(
+            f"a training batch of {smallest} sample(s) cannot be split over {world} processes "
+            f"(batch_size {cfg.batch_size}, {n} training samples). Use a batch size and a training "
+            f"set whose last batch has at least {world} samples, or fewer processes.")
+
+
+def _rank_part(batch: list[int], world: int, rank: int) -> list[int]:
+    """Rank ``rank``'s contiguous part of one global batch (no padding, no sample twice)."""
+    return batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel (gradients averaged over the ranks after backward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index if device.index is not None
+                                               else torch.cuda.current_device()] if device.type == "cuda"
+                                   else None)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, so that evaluation and
+    the checkpoint see one model."""
+    distributed.broadcast_tensors(list(model.buffers()))
+
+
+def _epoch_row(e: int, lr0: float, sums: tuple[torch.Tensor, torch.Tensor, int]
+               ) -> dict[str, Any]:
+    """The log row of 0-based epoch ``e`` from the epoch's sums (test columns left None).
+
+    Raises:
+        NonFiniteWeightsError: the mean training loss is NaN/Inf.
+    """
+    loss_sum, correct, seen = sums
+    train_loss = float(loss_sum) / seen
+    if not math.isfinite(train_loss):
+        raise NonFiniteWeightsError(
+            f"training diverged: the mean training loss of epoch {e + 1} is {train_loss} "
+            f"(lr {lr0}). Lower the learning rate or add warmup."
+        )
+    return {"epoch": e + 1, "lr": lr0, "train_loss": train_loss,
+            "train_acc": int(correct) / seen, "test_loss": None, "test_acc": None,
+            "test_err": None}
+
+
+def _save_epoch(out: Path, log_name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
+                meta: dict[str, Any], log: list[dict[str, Any]]) -> None:
+    """Write the full training state to ``out/last`` and the log, atomically."""
+    save_training_state(out / "last", model, optimizer, scheduler, epoch, rng_state(), meta)
+    _write_log(out, log_name, log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -750,6 +908,9 @@ def spawn_pair(
                       stacklevel=2)
     base = {**({"model": _model_meta(model_fn)} if _model_meta(model_fn) else {}), **dict(meta or {})}
     base.update(pair="spawn", spawn_epoch=spawn_epoch)
+    if out_dir is None and distributed.is_active():
+        raise ConfigError("spawn_pair under torch.distributed needs out_dir: the children of every "
+                          "rank load the parent state that rank 0 writes there.")
     tmp = tempfile.TemporaryDirectory(prefix="llfc-spawn-") if out_dir is None else None
     try:
         root = Path(tmp.name if tmp is not None else out_dir)

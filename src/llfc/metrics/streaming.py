@@ -48,6 +48,22 @@ class RunningMoments:
         self.m2 = self.m2 + bm2 + delta**2 * (self.n * b / n)
         self.n = n
 
+    def merge(self, other: "RunningMoments") -> None:
+        """Fold in another accumulator's samples (e.g. another rank's; Chan et al.'s pairwise
+        update with n_B = other.n, mean_B, M2_B): δ = mean_B − mean, mean += δ·n_B/n,
+        M2 += M2_B + δ²·n·n_B/n with n = n + n_B."""
+        if other.mean is None:
+            return
+        if self.mean is None:
+            self.n, self.mean, self.m2 = other.n, other.mean.clone(), other.m2.clone()
+            return
+        b = other.n
+        n = self.n + b
+        delta = other.mean.to(self.mean.device) - self.mean
+        self.mean = self.mean + delta * (b / n)
+        self.m2 = self.m2 + other.m2.to(self.m2.device) + delta**2 * (self.n * b / n)
+        self.n = n
+
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) over all samples seen.
 
@@ -73,6 +89,14 @@ class RunningSum:
         s = values.detach().to(torch.float64).sum(0)
         self.total = s if self.total is None else self.total + s
         self.n += values.shape[0]
+
+    def merge(self, other: "RunningSum") -> None:
+        """Add another accumulator's sum and count (e.g. another rank's)."""
+        if other.total is None:
+            return
+        t = other.total.to(self.total.device) if self.total is not None else other.total.clone()
+        self.total = t if self.total is None else self.total + t
+        self.n += other.n
 
     def compute(self) -> torch.Tensor:
         """The float64 sum of everything seen (shape ``shape``)."""

@@ -73,6 +73,24 @@ class CrossMoments:
         self.mean_b += db * (m / tot)
         self.count = tot
 
+    def merge(self, other: "CrossMoments") -> None:
+        """Fold in another accumulator's samples (e.g. another rank's), with the same pairwise
+        formulas as :meth:`update` (count m = other.count, means ν = other's, K = other's M)."""
+        m = other.count
+        if m == 0:
+            return
+        dev = self.m_ab.device
+        tot = self.count + m
+        da = other.mean_a.to(dev) - self.mean_a
+        db = other.mean_b.to(dev) - self.mean_b
+        w = self.count * m / tot
+        self.m_ab += other.m_ab.to(dev) + torch.outer(da, db) * w
+        self.m_aa += other.m_aa.to(dev) + da * da * w
+        self.m_bb += other.m_bb.to(dev) + db * db * w
+        self.mean_a += da * (m / tot)
+        self.mean_b += db * (m / tot)
+        self.count = tot
+
     def cross(self) -> torch.Tensor:
         """E[a bᵀ] = M_ab / N + μ_a μ_bᵀ, shape (n_a, n_b), float64."""
         return self.m_ab / self.count + torch.outer(self.mean_a, self.mean_b)
@@ -188,9 +206,12 @@ def accumulate_moments(
     max_batches: int | None = None,
     device: str | torch.device = "cpu",
     nodes: str = "post_activation",
+    sharded: bool = False,
 ) -> tuple[dict[str, CrossMoments], int]:
     """One streaming pass: per group, :class:`CrossMoments` of A's and B's features (both models see
-    the same batches, in eval mode, without gradients). Returns (moments per group, inputs seen)."""
+    the same batches, in eval mode, without gradients). Returns (moments per group, inputs seen).
+    ``sharded``: ``loader`` is this rank's shard (:func:`llfc.distributed.shard_dataset`); the
+    moments of all ranks are merged once, after the pass, so every rank returns the totals."""
     groups = {}
     for g in spec.groups:
         refs = spec.feature_nodes(g, nodes)
@@ -216,6 +237,12 @@ def accumulate_moments(
                                 _group_samples(fb, refs, spec.sizes[g]))
             seen += int(inputs[0].shape[0])
             del fa, fb
+    if sharded:
+        from llfc.distributed import Sum, reduce_accumulators
+
+        total = Sum(seen)
+        reduce_accumulators([*stats.values(), total], modules=())
+        seen = total.total
     if seen == 0:
         raise ConfigError("activation matching got an empty loader (or max_batches=0); give it training batches.")
     return stats, seen
@@ -231,6 +258,7 @@ def activation_matching(
     device: str | torch.device = "cpu",
     correlation: bool = False,
     nodes: str = "post_activation",
+    sharded: bool = False,
 ) -> tuple[dict[str, torch.Tensor], ActivationMatchingReport]:
     """Git Re-Basin activation matching: per group, the assignment maximising feature similarity.
 
@@ -245,6 +273,8 @@ def activation_matching(
         nodes: ``"post_activation"`` (the group's last activation output) or ``"all_activations"``
             (every activation output of the group, e.g. each block of a residual stream, pooled
             into one set of samples).
+        sharded: ``loader`` is this rank's shard; the statistics of all ranks are merged
+            (:func:`accumulate_moments`), so every rank computes the same permutation.
 
     Returns:
         ``(perms, report)`` with ``perms[g][i]`` the index of B's unit matched to A's unit i, and an
@@ -256,7 +286,7 @@ def activation_matching(
     t0 = time.perf_counter()
     spec.resolve_sizes(model_a.state_dict())
     stats, seen = accumulate_moments(model_a, model_b, spec, loader, max_batches=max_batches, device=device,
-                                     nodes=nodes)
+                                     nodes=nodes, sharded=sharded)
     perms, obj, obj_id, counts = {}, {}, {}, {}
     for g, st in stats.items():
         C = (st.correlation() if correlation else st.cross()).cpu().numpy()
