@@ -22,6 +22,7 @@ from llfc.permutation.spec import (
     DEFAULT_RTOL,
     AxisRef,
     FeatAxis,
+    HeadAxes,
     NodeRef,
     PermutationSpec,
     _as_tuple,
@@ -30,6 +31,15 @@ from llfc.permutation.spec import (
 )
 
 __all__ = ["TraceContext", "derive_spec", "trace"]
+
+#: Why a tensor whose feature dimension is split into attention heads cannot go through an operation.
+HEADS_REASON = (
+    "it acts on attention heads split into (heads, head_dim) dimensions in a way that is not permutation-"
+    "equivariant: only reshapes/views that split or merge the two, transpose/permute, unary elementwise ops, "
+    "dropout, multiplication by a scalar and scaled_dot_product_attention keep the symmetry of heads and of "
+    "the dimensions within a head (rotary position embeddings, grouped-query attention and slicing of head "
+    "dimensions are not permutation symmetries), so llfc refuses rather than permute half of the model"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +77,11 @@ class _UnionFind:
         self.parent[hi] = lo
         self.fixed[lo] = self.fixed[lo] or self.fixed[hi]
         return True
+
+
+def _head_root_path(node: fx.Node) -> str:
+    path = _node_path(node)
+    return path if path != "<top level>" else ""
 
 
 def _node_path(node: fx.Node) -> str:
@@ -115,6 +130,15 @@ class TraceContext:
         self.params: dict[tuple[str, int], tuple[FeatAxis, int]] = {}
         self.node: fx.Node | None = None
         self._modules = dict(model.named_modules())
+        # attention heads: element -> (H, d_h) for units split into heads; head links (q/k element,
+        # v element, attention module path) whose heads share one permutation
+        self.splits: dict[int, tuple[int, int]] = {}
+        self.head_links: list[tuple[int, int, str]] = []
+        # get_attr nodes (and expand/slices of them) reading a parameter: node -> (key, dim shift,
+        # dims sliced); bound by the op that combines them with features (class token, position table)
+        self.param_src: dict[fx.Node, tuple[str, int, frozenset]] = {}
+        # ops returning tuples (nn.MultiheadAttention): node -> per-element feature axes
+        self.tuple_axes: dict[fx.Node, tuple[Any, ...]] = {}
 
     # -- reading ---------------------------------------------------------------------------
     def arg(self, i: int, name: str, default: Any = None) -> Any:
@@ -125,7 +149,20 @@ class TraceContext:
         return node.kwargs.get(name, default)
 
     def axis(self, value: Any) -> FeatAxis | None:
-        """Feature axis of an fx node argument (``None`` for constants and unpermuted tensors)."""
+        """Feature axis of an fx node argument (``None`` for constants and unpermuted tensors).
+
+        Raises:
+            UnsupportedOperationError: the argument carries attention heads split into two
+                dimensions (:class:`HeadAxes`); handlers that understand heads read
+                :meth:`raw_axis` instead.
+        """
+        ax = self.raw_axis(value)
+        if isinstance(ax, HeadAxes):
+            self.fail(HEADS_REASON)
+        return ax
+
+    def raw_axis(self, value: Any) -> FeatAxis | HeadAxes | None:
+        """Like :meth:`axis`, but returns a :class:`HeadAxes` as it is."""
         if isinstance(value, fx.Node):
             return self.axes.get(value)
         return None
@@ -160,15 +197,41 @@ class TraceContext:
         if len(a.parts) != len(b.parts) or any(pa[1] != pb[1] for pa, pb in zip(a.parts, b.parts)):
             self.fail("it combines two feature axes with different structure (concatenated/flattened differently)")
         for (ea, _), (eb, _) in zip(a.parts, b.parts):
-            if not self.uf.union(ea, eb):
-                self.fail(f"it combines feature axes of different sizes ({self.uf.size[ea]} vs {self.uf.size[eb]})")
+            self.join_elements(ea, eb)
 
-    def fix(self, a: FeatAxis | None) -> None:
+    def fix(self, a: FeatAxis | HeadAxes | None) -> None:
         """Mark the groups of ``a`` as not permutable (they reach the model's input or output)."""
         if a is None:
             return
-        for e, _ in a.parts:
+        for e in ([a.elem] if isinstance(a, HeadAxes) else [e for e, _ in a.parts]):
             self.uf.fixed[self.uf.find(e)] = True
+
+    def split_heads(self, elem: int, n_heads: int, head_dim: int) -> None:
+        """Declare that the units of ``elem`` are ``n_heads`` contiguous heads of ``head_dim`` units."""
+        r = self.uf.find(elem)
+        prev = self.splits.get(r)
+        if prev is not None and prev != (n_heads, head_dim):
+            self.fail(f"its units are split into {n_heads} heads of {head_dim} here and {prev[0]} heads of "
+                      f"{prev[1]} elsewhere")
+        self.splits[r] = (n_heads, head_dim)
+
+    def join_elements(self, ea: int, eb: int) -> None:
+        """Require two union-find elements to share one permutation (keeps their head split)."""
+        ra, rb = self.uf.find(ea), self.uf.find(eb)
+        sa, sb = self.splits.get(ra), self.splits.get(rb)
+        if sa is not None and sb is not None and sa != sb:
+            self.fail(f"it combines units split into {sa[0]} heads of {sa[1]} with units split into {sb[0]} heads "
+                      f"of {sb[1]}")
+        if not self.uf.union(ea, eb):
+            self.fail(f"it combines feature axes of different sizes ({self.uf.size[ra]} vs {self.uf.size[rb]})")
+        split = sa or sb
+        if split is not None:
+            self.splits[self.uf.find(ea)] = split
+
+    def link_heads(self, qk_elem: int, v_elem: int, path: str | None = None) -> None:
+        """Queries/keys ``qk_elem`` and values ``v_elem`` of one attention (module ``path``, default
+        the current node's): one permutation of heads."""
+        self.head_links.append((qk_elem, v_elem, _head_root_path(self.node) if path is None else path))
 
     def bind(self, key: str, axis: int, ax: FeatAxis, *, segment_offset: int = 0) -> None:
         """Declare that state-dict entry ``key`` is reordered along ``axis`` with feature axis ``ax``."""
@@ -284,6 +347,9 @@ def derive_spec(
             continue
         if node.op == "get_attr":
             ctx.axes[node] = None
+            t = _get_attr_tensor(gm, node)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1:
+                ctx.param_src[node] = (str(node.target), 0, frozenset())
             continue
         found = _lookup(node, gm)
         if found is None:
@@ -306,6 +372,13 @@ def derive_spec(
     return spec
 
 
+def _get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Any:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _node_leaves(obj: Any) -> list[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg(obj, lambda n: out.append(n) or n)
@@ -320,40 +393,119 @@ def _meta_leaves(obj: Any) -> list[Any]:
     return [obj]
 
 
-def _build_spec(ctx: TraceContext, order: list[tuple[fx.Node, str]]) -> PermutationSpec:
+def _head_sets(ctx: TraceContext) -> tuple[dict[int, int], dict[int, str], dict[int, str]]:
+    """Union of the roots whose heads share one permutation: root -> head-set id (its smallest root),
+    head-set id -> attention path, root -> role (``"qk"`` or ``"ov"``)."""
     uf = ctx.uf
-    refs: dict[int, list[AxisRef]] = {}
+    parent: dict[int, int] = {}
+
+    def find(r: int) -> int:
+        while parent.setdefault(r, r) != r:
+            r = parent[r]
+        return r
+
+    role: dict[int, str] = {}
+    paths: dict[int, str] = {}
+    for qk, v, path in ctx.head_links:
+        rq, rv = uf.find(qk), uf.find(v)
+        role.setdefault(rq, "qk")
+        role.setdefault(rv, "ov")
+        a, b = find(rq), find(rv)
+        lo, hi = min(a, b), max(a, b)
+        parent[hi] = lo
+        paths.setdefault(rq, path)
+    for r in ctx.splits:
+        find(uf.find(r))
+    sets = {r: find(r) for r in list(parent)}
+    set_path = {}
+    for r, s in sorted(sets.items()):
+        set_path.setdefault(s, paths.get(r, uf.origin[r] or f"group{r}"))
+    return sets, set_path, role
+
+
+def _build_spec(ctx: TraceContext, order: list[tuple[fx.Node, str]]) -> PermutationSpec:
+    """Turn the union-find into named groups.
+
+    A root split into heads (:meth:`TraceContext.split_heads`) gives one group of heads per head set
+    (block d_h on each axis, shared by the linked q/k and v/o roots) and one group per head and root
+    (``<attention>.qk.h{i}`` / ``<attention>.ov.h{i}``, d_h units at offset i·d_h); the heads group
+    lists them in ``spec.heads``. A head set with a fixed member is not permuted at all.
+    """
+    uf = ctx.uf
+    sets, set_path, role = _head_sets(ctx)
+    fixed_set = {s for r, s in sets.items() if uf.fixed[r]}
+    split = {r: hw for r, hw in ctx.splits.items() if r == uf.find(r)}
+    # a "unit" is a plain root (int), a head set ("heads", set id) or a head of a root ("head", root, i)
+    refs: dict[Any, list[AxisRef]] = {}
+
+    def add(unit_key: Any, ref: AxisRef) -> None:
+        refs.setdefault(unit_key, []).append(ref)
+
     for (key, axis), (ax, base) in ctx.params.items():
         off = base
         for e, b in ax.parts:
             r = uf.find(e)
-            if not uf.fixed[r]:
-                refs.setdefault(r, []).append(AxisRef(key, axis, b, off))
+            if r in split:
+                if sets[r] not in fixed_set:
+                    n_heads, dh = split[r]
+                    add(("heads", sets[r]), AxisRef(key, axis, b * dh, off))
+                    for i in range(n_heads):
+                        add(("head", r, i), AxisRef(key, axis, b, off + i * dh * b))
+            elif not uf.fixed[r]:
+                add(r, AxisRef(key, axis, b, off))
             off += uf.size[e] * b
+
+    def sort_key(u: Any) -> tuple:
+        if isinstance(u, int):
+            return (u, 0, 0, 0)
+        if u[0] == "heads":
+            return (u[1], 1, 0, 0)
+        return (sets[u[1]], 2, u[1], u[2])
+
     sd_order = {k: i for i, k in enumerate(ctx.model.state_dict().keys())}
-    names: dict[int, str] = {}
+    names: dict[Any, str] = {}
     used: set[str] = set()
-    for root in sorted(refs):
-        base = uf.origin[root] or f"group{root}"
+    for u in sorted(refs, key=sort_key):
+        if isinstance(u, int):
+            base = uf.origin[u] or f"group{u}"
+        elif u[0] == "heads":
+            base = f"{set_path[u[1]]}.heads".lstrip(".")
+        else:
+            base = f"{set_path[sets[u[1]]]}.{role.get(u[1], 'units')}.h{u[2]}".lstrip(".")
         name, k = base, 1
         while name in used:
             k += 1
             name = f"{base}#{k}"
         used.add(name)
-        names[root] = name
+        names[u] = name
     spec = PermutationSpec(groups={}, sizes={}, nodes={})
-    for root in sorted(refs):
-        g = names[root]
-        spec.groups[g] = sorted(refs[root], key=lambda r: (sd_order.get(r.key, 1 << 30), r.axis, r.offset))
-        spec.sizes[g] = uf.size[root]
+    for u in sorted(refs, key=sort_key):
+        g = names[u]
+        spec.groups[g] = sorted(refs[u], key=lambda r: (sd_order.get(r.key, 1 << 30), r.axis, r.offset))
+        if isinstance(u, int):
+            spec.sizes[g] = uf.size[u]
+        elif u[0] == "heads":
+            spec.sizes[g] = next(split[r][0] for r, s in sets.items() if s == u[1] and r in split)
+            spec.heads[g] = {}
+        else:
+            spec.sizes[g] = split[u[1]][1]
+            hg = names[("heads", sets[u[1]])]
+            spec.heads[hg].setdefault(role.get(u[1], "units"), []).append(g)
         spec.nodes[g] = []
     for node, kind in order:
         ax = ctx.axes[node]
+        if not isinstance(ax, FeatAxis):
+            continue
         off = 0
         for e, b in ax.parts:
             r = uf.find(e)
             if r in names and b == 1:
                 spec.nodes[names[r]].append(NodeRef(node.name, ax.dim, off, kind))
+            elif r in split and b == 1 and ("heads", sets[r]) in names:
+                n_heads, dh = split[r]
+                spec.nodes[names[("heads", sets[r])]].append(NodeRef(node.name, ax.dim, off, role.get(r, "units")))
+                for i in range(n_heads):
+                    spec.nodes[names[("head", r, i)]].append(NodeRef(node.name, ax.dim, off + i * dh, kind))
             off += uf.size[e] * b
     return spec
 

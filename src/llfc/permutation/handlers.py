@@ -18,8 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llfc.permutation.graph import TraceContext
-from llfc.permutation.spec import FeatAxis
+from llfc.permutation.graph import HEADS_REASON, TraceContext
+from llfc.permutation.spec import FeatAxis, HeadAxes
 
 __all__ = ["Handler", "register_handler", "passthrough"]
 
@@ -84,17 +84,21 @@ def _first_axis(ctx: TraceContext) -> FeatAxis | None:
     return ctx.axis(ctx.arg(0, "input"))
 
 
-def passthrough(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    """Output has the feature axis of the first argument (elementwise, per-channel, equivariant ops)."""
-    ax = ctx.axis(node.args[0]) if node.args else None
+def passthrough(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
+    """Output has the feature axis of the first argument (elementwise, per-channel, equivariant ops).
+
+    Attention heads (:class:`HeadAxes`) pass through too: a unary elementwise op, dropout or a
+    softmax over any dimension commutes with every permutation of heads and within-head units.
+    """
+    ax = ctx.raw_axis(node.args[0]) if node.args else None
     if ax is None and "input" in node.kwargs:
-        ax = ctx.axis(node.kwargs["input"])
+        ax = ctx.raw_axis(node.kwargs["input"])
     return ax
 
 
 def _channel_passthrough(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     """Pooling/padding-free spatial ops: the units must sit on dimension 1 with block 1."""
-    ax = passthrough(ctx, node)
+    ax = _first_axis(ctx)
     if ax is None:
         return None
     shape = ctx.shape(node.args[0]) if node.args else None
@@ -110,7 +114,9 @@ def _linear(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     shape = ctx.shape(node.args[0])
     rank = len(shape)
     if inp is not None and inp.dim != rank - 1:
-        return inp  # Linear acts on another dimension: the units pass through untouched
+        if not all(ctx.uf.fixed[ctx.uf.find(e)] for e, _ in inp.parts):
+            return inp  # Linear acts on another dimension: the units pass through untouched
+        inp = None  # a fixed axis elsewhere (the token dimension of a (B, T, F) model input): new units
     if inp is not None:
         ctx.bind(ctx.param_key("weight"), 1, inp)
     out = ctx.new_axis(mod.out_features, rank - 1)
@@ -227,11 +233,49 @@ def _reshape_axis(ctx: TraceContext, ax: FeatAxis, in_shape: Sequence[int], out_
     raise AssertionError  # unreachable
 
 
-def _flatten(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    ax = _first_axis(ctx)
+def _split_heads(ctx: TraceContext, ax: FeatAxis, in_shape: Sequence[int], out_shape: Sequence[int]) -> HeadAxes | None:
+    """A view that splits the feature dimension d of D units into (H, d_h) at dimensions (d, d+1),
+    leaving the other dimensions alone: the units become H attention heads of d_h (``None`` if the
+    reshape is not such a split)."""
+    d = ax.dim
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if len(ax.parts) != 1 or ax.parts[0][1] != 1 or len(out_shape) != len(in_shape) + 1:
+        return None
+    if out_shape[:d] != in_shape[:d] or out_shape[d + 2:] != in_shape[d + 1:]:
+        return None
+    n_heads, dh = out_shape[d], out_shape[d + 1]
+    if n_heads * dh != in_shape[d] or n_heads < 1 or dh < 1:
+        return None
+    e = ax.parts[0][0]
+    ctx.split_heads(e, n_heads, dh)
+    return HeadAxes(d, d + 1, e)
+
+
+def _merge_heads(ctx: TraceContext, ax: HeadAxes, in_shape: Sequence[int], out_shape: Sequence[int]) -> FeatAxis:
+    """A reshape merging adjacent (heads, head_dim) dimensions back into one feature dimension."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    h = ax.head_dim
+    if (ax.inner_dim == h + 1 and len(out_shape) == len(in_shape) - 1 and out_shape[:h] == in_shape[:h]
+            and out_shape[h + 1:] == in_shape[h + 2:] and out_shape[h] == in_shape[h] * in_shape[h + 1]):
+        return FeatAxis(h, ((ax.elem, 1),))
+    ctx.fail(f"it reshapes {in_shape} to {out_shape}, which does not merge the (heads, head_dim) dimensions "
+             f"{h}, {ax.inner_dim} back into one (e.g. it folds heads into the batch); " + HEADS_REASON)
+    raise AssertionError  # unreachable
+
+
+def _flatten(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
+    ax = ctx.raw_axis(node.args[0]) if node.args else None
     if ax is None:
         return None
-    return _reshape_axis(ctx, ax, ctx.shape(node.args[0]), ctx.shape(node))
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    if tuple(in_shape) == tuple(out_shape):
+        return ax
+    if isinstance(ax, HeadAxes):
+        return _merge_heads(ctx, ax, in_shape, out_shape)
+    heads = _split_heads(ctx, ax, in_shape, out_shape)
+    if heads is not None:
+        return heads
+    return _reshape_axis(ctx, ax, in_shape, out_shape)
 
 
 def _reshape(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
@@ -246,11 +290,16 @@ def _broadcast_dim(ax: FeatAxis, in_rank: int, out_rank: int) -> FeatAxis:
     return FeatAxis(out_rank - (in_rank - ax.dim), ax.parts)
 
 
-def _elementwise(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    """Binary/n-ary elementwise ops with broadcasting (add, mul, sub, div, ...)."""
+def _elementwise(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
+    """Binary/n-ary elementwise ops with broadcasting (add, mul, sub, div, ...).
+
+    An operand that reads a parameter (``get_attr``, e.g. ViT's position table ``x + pos_embed``)
+    along the permuted dimension has that parameter axis bound to the units."""
     out_shape = ctx.shape(node)
     if out_shape is None:
         return None
+    if any(isinstance(ctx.raw_axis(a), HeadAxes) for a in list(node.args) + list(node.kwargs.values())):
+        return _elementwise_heads(ctx, node)
     out_rank = len(out_shape)
     result: FeatAxis | None = None
     plain: list[fx.Node] = []
@@ -278,8 +327,57 @@ def _elementwise(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
             s = ctx.shape(a)
             k = len(s) - (out_rank - result.dim)
             if 0 <= k < len(s) and s[k] != 1:
+                if _bind_param_src(ctx, a, k, result):
+                    continue
                 ctx.fail(f"it combines the permuted units with an unpermuted tensor {a.name!r} of shape {tuple(s)} "
-                         "(e.g. a parameter read with get_attr) along the same dimension")
+                         "along the same dimension")
+    return result
+
+
+def _bind_param_src(ctx: TraceContext, a: Any, k: int, ax: FeatAxis) -> bool:
+    """If fx node ``a`` reads a parameter (a class token, a position table; maybe expanded), bind
+    its dimension ``k`` (a dimension of ``a``'s tensor) to ``ax`` and return True."""
+    src = ctx.param_src.get(a) if isinstance(a, fx.Node) else None
+    if src is None:
+        return False
+    key, shift, sliced = src
+    if k - shift < 0 or k in sliced:
+        return False
+    ctx.bind(key, k - shift, ax)
+    return True
+
+
+def _elementwise_heads(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
+    """Elementwise ops on attention heads: all operands with heads share them; other operands must
+    be constant over both the head and the within-head dimensions (a scalar, or a mask over tokens)."""
+    out_rank = len(ctx.shape(node))
+    result: HeadAxes | None = None
+    plain = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        if not isinstance(a, fx.Node) or ctx.shape(a) is None:
+            continue
+        ax = ctx.raw_axis(a)
+        s = ctx.shape(a)
+        if isinstance(ax, FeatAxis):
+            ctx.fail(HEADS_REASON)
+        if ax is None:
+            plain.append(a)
+            continue
+        shift = out_rank - len(s)
+        ax = HeadAxes(ax.head_dim + shift, None if ax.inner_dim is None else ax.inner_dim + shift, ax.elem)
+        if result is None:
+            result = ax
+        elif (result.head_dim, result.inner_dim) != (ax.head_dim, ax.inner_dim):
+            ctx.fail(HEADS_REASON)
+        else:
+            ctx.join_elements(result.elem, ax.elem)
+    for a in plain:
+        s = ctx.shape(a)
+        for dim in (result.head_dim, result.inner_dim):
+            k = None if dim is None else len(s) - (out_rank - dim)
+            if k is not None and 0 <= k < len(s) and s[k] != 1:
+                ctx.fail(f"it combines attention heads with the tensor {a.name!r} of shape {tuple(s)}, which varies "
+                         f"along the head or within-head dimension (e.g. rotary position embeddings); " + HEADS_REASON)
     return result
 
 
@@ -311,6 +409,11 @@ def _cat(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     axes = [ctx.axis(t) for t in tensors]
     if all(a is None for a in axes):
         return None
+    ref = next(a for a in axes if a is not None)
+    if dim != ref.dim:  # a parameter concatenated along another dimension (ViT's class token)
+        for i, (t, a) in enumerate(zip(tensors, axes)):
+            if a is None and _bind_param_src(ctx, t, ref.dim, ref):
+                axes[i] = ref
     if any(a is None for a in axes):
         ctx.fail("it concatenates permuted features with unpermuted tensors")
     if any(a.dim != axes[0].dim for a in axes):
@@ -325,8 +428,14 @@ def _cat(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     return FeatAxis(dim, tuple(parts))
 
 
-def _permute(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    ax = _first_axis(ctx)
+def _move_dims(ax: FeatAxis | HeadAxes, where: Callable[[int], int]) -> FeatAxis | HeadAxes:
+    if isinstance(ax, HeadAxes):
+        return HeadAxes(where(ax.head_dim), None if ax.inner_dim is None else where(ax.inner_dim), ax.elem)
+    return FeatAxis(where(ax.dim), ax.parts)
+
+
+def _permute(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
+    ax = ctx.raw_axis(node.args[0])
     if ax is None:
         return None
     rank = len(ctx.shape(node.args[0]))
@@ -334,25 +443,51 @@ def _permute(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     dims = [d % rank for d in dims]
-    return FeatAxis(dims.index(ax.dim), ax.parts)
+    return _move_dims(ax, dims.index)
 
 
-def _transpose(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    ax = _first_axis(ctx)
+def _transpose(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
+    ax = ctx.raw_axis(node.args[0])
     if ax is None:
         return None
     rank = len(ctx.shape(node.args[0]))
     d0, d1 = ctx.arg(1, "dim0") % rank, ctx.arg(2, "dim1") % rank
-    dim = d1 if ax.dim == d0 else d0 if ax.dim == d1 else ax.dim
-    return FeatAxis(dim, ax.parts)
+    return _move_dims(ax, lambda d: d1 if d == d0 else d0 if d == d1 else d)
+
+
+def _expand(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
+    """``Tensor.expand``: new leading dimensions shift the units; a parameter stays a parameter."""
+    src = node.args[0]
+    out_rank = len(ctx.shape(node))
+    shift = out_rank - len(ctx.shape(src))
+    if src in ctx.param_src:
+        key, s0, sliced = ctx.param_src[src]
+        ctx.param_src[node] = (key, s0 + shift, frozenset(d + shift for d in sliced))
+    ax = ctx.axis(src)
+    if ax is None:
+        return None
+    if ctx.shape(src)[ax.dim] != ctx.shape(node)[ax.dim + shift]:
+        ctx.fail("it expands the permuted dimension")
+    return FeatAxis(ax.dim + shift, ax.parts)
 
 
 def _getitem(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     src = node.args[0]
+    idx = node.args[1]
+    if src in ctx.tuple_axes:  # an element of a tuple output (nn.MultiheadAttention's (output, weights))
+        item = ctx.tuple_axes[src][idx] if isinstance(idx, int) and idx < len(ctx.tuple_axes[src]) else None
+        if isinstance(item, str):
+            ctx.fail(item)
+        return item
+    if src in ctx.param_src and not isinstance(idx, fx.Node):
+        items = idx if isinstance(idx, tuple) else (idx,)
+        key, shift, sliced = ctx.param_src[src]
+        if all(isinstance(it, slice) for it in items):  # slices keep a parameter's dimensions (pos_embed[:, :T])
+            cut = {i for i, it in enumerate(items) if it != slice(None)}
+            ctx.param_src[node] = (key, shift, sliced | frozenset(cut))
     ax = ctx.axis(src)
     if ax is None:
         return None
-    idx = node.args[1]
     if not isinstance(idx, tuple):
         idx = (idx,)
     d = ax.dim
@@ -454,8 +589,12 @@ def _register_builtins() -> None:
     register_handler(operator.getitem, _getitem)
     register_handler(F.pad, _pad)
     register_handler(getattr, _no_axis)
+    register_handler("expand", _expand)
     for name in ["size", "dim", "numel"]:
         register_handler(name, _no_axis)
 
 
 _register_builtins()
+
+
+import llfc.permutation.attention  # noqa: E402,F401  (registers the transformer handlers)

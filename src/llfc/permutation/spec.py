@@ -38,6 +38,7 @@ __all__ = [
     "AxisRef",
     "NodeRef",
     "FeatAxis",
+    "HeadAxes",
     "PermutationSpec",
     "SpecCheckError",
     "TraceContext",
@@ -102,6 +103,22 @@ class FeatAxis(NamedTuple):
     parts: tuple[tuple[int, int], ...]
 
 
+class HeadAxes(NamedTuple):
+    """The attention-head axes of a traced tensor whose units were split by a view into heads.
+
+    Attributes:
+        head_dim: tensor dimension of the heads (e.g. 1 of (B, H, T, d_h)).
+        inner_dim: tensor dimension of the units within a head (e.g. 3), ``None`` when the
+            within-head units were contracted (attention scores (B, H, T, T)).
+        elem: the union-find element of the units (its size is H·d_h, split by
+            ``TraceContext.split_heads``).
+    """
+
+    head_dim: int
+    inner_dim: int | None
+    elem: int
+
+
 @dataclass
 class PermutationSpec:
     """Which state-dict axes share a permutation.
@@ -112,6 +129,12 @@ class PermutationSpec:
         sizes: group name -> number of units ``n`` (the permutation has length ``n``).
         nodes: group name -> fx nodes whose output carries the group's units (block 1), in graph
             order. Empty for hand-written specs unless given.
+        heads: attention heads as units: heads-group name -> ``{"qk": [...], "ov": [...]}``, the
+            groups of the dimensions within each head, in head order (``"qk"``: one permutation per
+            head shared by the query and key rows; ``"ov"``: shared by the value rows and the
+            output projection's columns). A heads group moves blocks of d_h positions; the groups
+            of head i act at offset i·d_h, *after* the heads (position (i, a) of the permuted tensor
+            takes position (perm_heads[i], perm_within_i[a]) of the input).
 
     Build one with :func:`derive_spec` or by hand with :meth:`from_groups`. ``str(spec)`` prints a
     table. Convention for permutations (``perms[g]``, LongTensor of length ``sizes[g]``):
@@ -122,6 +145,7 @@ class PermutationSpec:
     groups: dict[str, list[AxisRef]]
     sizes: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, list[NodeRef]] = field(default_factory=dict)
+    heads: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -131,6 +155,7 @@ class PermutationSpec:
         state_dict: Mapping[str, torch.Tensor] | None = None,
         sizes: Mapping[str, int] | None = None,
         nodes: Mapping[str, Iterable[Sequence[Any]]] | None = None,
+        heads: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     ) -> "PermutationSpec":
         """A hand-written spec.
 
@@ -142,12 +167,15 @@ class PermutationSpec:
             sizes: optional explicit sizes (override inference).
             nodes: optional name -> iterable of ``(node_name, dim[, offset[, kind]])`` for
                 activation matching.
+            heads: optional heads-group name -> ``{"qk": [group per head], "ov": [...]}`` (see the
+                class docstring).
 
         Sizes that are neither given nor inferable are inferred later from the state dict passed
         to :func:`~llfc.permutation.apply_permutation` or the matching functions.
         """
         g2 = {str(g): [AxisRef(*ref) for ref in refs] for g, refs in groups.items()}
-        spec = cls(groups=g2, sizes=dict(sizes or {}))
+        spec = cls(groups=g2, sizes=dict(sizes or {}),
+                   heads={g: {k: list(v) for k, v in h.items()} for g, h in (heads or {}).items()})
         if nodes:
             for g, refs in nodes.items():
                 lst = []
@@ -241,7 +269,12 @@ class PermutationSpec:
             "groups": {g: [list(r) for r in refs] for g, refs in self.groups.items()},
             "sizes": dict(self.sizes),
             "nodes": {g: [list(n) for n in ns] for g, ns in self.nodes.items()},
+            "heads": {g: {k: list(v) for k, v in h.items()} for g, h in self.heads.items()},
         }
+
+    def within_head_groups(self) -> set[str]:
+        """Names of the groups of dimensions within a head (children of a heads group)."""
+        return {c for h in self.heads.values() for kids in h.values() for c in kids}
 
     def __str__(self) -> str:
         lines = [f"PermutationSpec: {len(self.groups)} groups, "
@@ -291,9 +324,33 @@ def _outputs_flat(out: Any) -> torch.Tensor:
     return torch.cat([t.detach().double().reshape(-1) for t in leaves])
 
 
+def untie_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second and later names of tied parameters (one ``nn.Parameter`` under
+    several names, e.g. GPT's ``head.weight`` = ``tok_emb.weight``), for ``torch.func.functional_call``.
+
+    Raises:
+        SpecCheckError: two names of one tied parameter hold different values (a permutation spec
+            moved them differently).
+    """
+    out = dict(state)
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in out:
+            continue
+        if id(p) in first:
+            keep = first[id(p)]
+            if not torch.equal(out[keep], out[name]):
+                raise SpecCheckError(f"{name!r} and {keep!r} are one tied parameter but hold different values "
+                                     "(the permutation spec moves them differently).")
+            del out[name]
+        else:
+            first[id(p)] = name
+    return out
+
+
 def _run(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: tuple) -> torch.Tensor:
     with torch.no_grad():
-        out = torch.func.functional_call(model, dict(state), _clone_inputs(inputs), strict=False)
+        out = torch.func.functional_call(model, untie_state(model, state), _clone_inputs(inputs), strict=False)
     return _outputs_flat(out)
 
 
@@ -322,7 +379,7 @@ def _warn_if_insensitive(model: nn.Module, sd, example_input: Any, rtol: float) 
     model.eval()
     try:
         with torch.no_grad():
-            out = torch.func.functional_call(model, dict(sd), _clone_inputs(inputs), strict=False)
+            out = torch.func.functional_call(model, untie_state(model, sd), _clone_inputs(inputs), strict=False)
     finally:
         model.train(was_training)
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
