@@ -166,7 +166,7 @@ class Measurer:
         t0 = time.perf_counter()
         res = measure_pair(self.model, sd_a, sd_b, self.test, self.alphas, states=states,
                            kinds=self.m.kinds, names=self.m.probes, conditions=self.m.conditions,
-                           absolute=self.m.absolute_cos, device=self.device, progress=self.progress,
+                           absolute=self.m.absolute_cos, per_token=self.m.per_token, device=self.device, progress=self.progress,
                            desc=f"measure {name} (test)")
         lmc = {"test": res.pop("lmc")}
         if self.train is not None:
@@ -228,9 +228,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     mode = prepare_out_dir(out, overwrite, cfg_text)
     info = dataset_info(cfg.dataset)
     # data first: a missing dataset must fail before anything is written
-    train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
-    train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False)
-    test_set = get_dataset(cfg.dataset, "test", cfg.data_root, False)
+    dopt = cfg.dataset_args or None
+    train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, options=dopt)
+    train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False, options=dopt)
+    test_set = get_dataset(cfg.dataset, "test", cfg.data_root, False, options=dopt)
+    info = getattr(test_set, "info", info)  # a text dataset's shape (context,) and vocabulary size
     if cfg.measure.test_samples:
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
     # everything that can be checked is checked before anything is written
@@ -444,14 +446,15 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     arch = create_model(ma["name"], **ma.get("kwargs", {}))
     info = dataset_info(dataset)
     shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
-    if shape != tuple(info.input_shape):
+    dopt = {"context": shape[-1]} if info.modality == "text" else None  # windows the model takes
+    if dopt is None and shape != tuple(info.input_shape):
         raise ConfigError(
             f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
             f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
             f"--dataset the models were trained on."
         )
-    train_eval = get_dataset(dataset, "train", data_root, download, augment=False)
-    test_set = get_dataset(dataset, "test", data_root, False)
+    train_eval = get_dataset(dataset, "train", data_root, download, augment=False, options=dopt)
+    test_set = get_dataset(dataset, "test", data_root, False, options=dopt)
     if measure.test_samples:
         test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
     if measure.test_samples is not None and measure.test_samples < 1:
