@@ -498,6 +498,7 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     from llfc.checkpoint import checkpoint_exists
     from llfc.models import create_model
     from llfc.permutation import align
+    from llfc.permutation.align import example_input_for
 
     out = Path(out)
     if out.suffix == ".safetensors":
@@ -530,7 +531,7 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
         if shape is None:
             raise ConfigError("cannot tell the input shape: the checkpoint records neither the model's "
                               "input_shape nor a dataset; pass --dataset NAME.")
-        example = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))
+        example = example_input_for(arch, shape, 4, torch.Generator().manual_seed(seed))
     res = align(_model_with(arch, sd_a), _model_with(arch, sd_b), example, method=method,
                 loader=loader, seed=seed)
     meta = {**meta_b, "aligned_to": str(path_a), "alignment_method": method, "llfc_version": __version__}

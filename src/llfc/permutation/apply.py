@@ -134,14 +134,41 @@ def identity_permutation(spec: PermutationSpec) -> dict[str, torch.Tensor]:
     return {g: torch.arange(spec.sizes[g]) for g in spec.groups}
 
 
-def invert(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse permutations: ``apply(invert(p), apply(p, sd)) == sd``."""
-    return {g: torch.argsort(torch.as_tensor(p)) for g, p in perms.items()}
+def invert(perms: Mapping[str, torch.Tensor], spec: PermutationSpec | None = None) -> dict[str, torch.Tensor]:
+    """Inverse permutations: ``apply(invert(p, spec), apply(p, sd)) == sd``.
+
+    ``spec`` is needed only for attention heads (``spec.heads``): there the within-head permutation
+    at position i acts after the heads, so the inverse within head j is the inverse of the one at
+    position perm_heads⁻¹[j].
+    """
+    out = {g: torch.argsort(torch.as_tensor(p)) for g, p in perms.items()}
+    for hg, roles in (spec.heads.items() if spec is not None else ()):
+        if hg not in perms:
+            continue
+        back = out[hg]
+        for kids in roles.values():
+            if all(k in perms for k in kids):
+                for j, kid in enumerate(kids):
+                    out[kid] = torch.argsort(torch.as_tensor(perms[kids[int(back[j])]]))
+    return out
 
 
-def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Permutations equal to applying ``first`` and then ``second``: ``result[g] = first[g][second[g]]``."""
-    return {g: torch.as_tensor(first[g])[torch.as_tensor(second[g])] for g in first}
+def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor],
+            spec: PermutationSpec | None = None) -> dict[str, torch.Tensor]:
+    """Permutations equal to applying ``first`` and then ``second``: ``result[g] = first[g][second[g]]``.
+
+    With attention heads (``spec.heads``, needed then) the within-head permutation at position i is
+    ``first[within at second_heads[i]][second[within at i]]``.
+    """
+    out = {g: torch.as_tensor(first[g])[torch.as_tensor(second[g])] for g in first}
+    for hg, roles in (spec.heads.items() if spec is not None else ()):
+        if hg not in first:
+            continue
+        s2 = torch.as_tensor(second[hg])
+        for kids in roles.values():
+            for i, kid in enumerate(kids):
+                out[kid] = torch.as_tensor(first[kids[int(s2[i])]])[torch.as_tensor(second[kid])]
+    return out
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
