@@ -29,8 +29,8 @@ from llfc.permutation import (
 )
 from llfc.permutation.spec import relative_output_change
 
-VIT = dict(input_shape=(1, 8, 8), num_classes=5, width=16, depth=2, heads=4, mlp_ratio=2, patch=4)
-GPT = dict(input_shape=(6,), num_classes=11, width=16, depth=2, heads=4, mlp_ratio=2, tie_weights=True)
+VIT = {"input_shape": (1, 8, 8), "num_classes": 5, "width": 16, "depth": 2, "heads": 4, "mlp_ratio": 2, "patch": 4}
+GPT = {"input_shape": (6,), "num_classes": 11, "width": 16, "depth": 2, "heads": 4, "mlp_ratio": 2, "tie_weights": True}
 
 
 def _perturbed(name, kw, seed=0):
@@ -65,7 +65,7 @@ def gpt_spec():
 
 
 def test_vit_groups_are_heads_within_heads_mlp_and_one_residual_stream(vit_spec):
-    m, spec = vit_spec
+    _m, spec = vit_spec
     H, dh, d = 4, 4, 16
     assert set(spec.heads) == {"blocks.0.attn.heads", "blocks.1.attn.heads"}
     assert spec.heads["blocks.0.attn.heads"] == {"qk": [f"blocks.0.attn.qk.h{i}" for i in range(H)],
@@ -269,7 +269,7 @@ def test_activation_matching_recovers_planted_permutation(name, vit_spec, gpt_sp
     inv = invert(p, spec)
     for g in spec.groups:
         assert torch.equal(perms[g], inv[g]), g
-    assert rep.n_samples[f"blocks.0.attn.heads/qk"] == 2 * 3 * 16 * (5 if name == "vit" else 6)
+    assert rep.n_samples["blocks.0.attn.heads/qk"] == 2 * 3 * 16 * (5 if name == "vit" else 6)
 
 
 def test_weight_matching_lowers_the_midpoint_loss_of_two_trained_vits():

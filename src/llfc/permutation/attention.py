@@ -88,7 +88,6 @@ def _constant(ctx: TraceContext, node: fx.Node) -> None:
     for a in list(node.args) + list(node.kwargs.values()):
         if isinstance(a, fx.Node) and ctx.raw_axis(a) is not None:
             ctx.fail("it builds a new tensor from permuted features (e.g. a mask computed from activations)")
-    return None
 
 
 def _matmul(ctx: TraceContext, node: fx.Node) -> None:
@@ -98,7 +97,6 @@ def _matmul(ctx: TraceContext, node: fx.Node) -> None:
             ctx.fail("it multiplies permuted activations as matrices (an attention written with matmul/bmm/einsum): "
                      "llfc derives attention symmetries from torch.nn.functional.scaled_dot_product_attention and "
                      "nn.MultiheadAttention; rewrite the attention with F.scaled_dot_product_attention")
-    return None
 
 
 def _repeat_heads(ctx: TraceContext, node: fx.Node) -> None:
@@ -107,7 +105,6 @@ def _repeat_heads(ctx: TraceContext, node: fx.Node) -> None:
         if isinstance(a, fx.Node) and ctx.raw_axis(a) is not None:
             ctx.fail(GQA_REASON if isinstance(ctx.raw_axis(a), HeadAxes) else
                      "it repeats permuted units (they would no longer be permutable one by one)")
-    return None
 
 
 def _is_elementwise_activation(act: object) -> bool:
@@ -191,7 +188,6 @@ def _multihead_attention(ctx: TraceContext, node: fx.Node) -> None:
         weights = ("its per-head attention weights (average_attn_weights=False) are used: they expose the order of "
                    "the heads")
     ctx.tuple_axes[node] = (out, weights)
-    return None
 
 
 def _encoder_layer(ctx: TraceContext, prefix: str, mod: nn.TransformerEncoderLayer, ax: FeatAxis) -> FeatAxis:

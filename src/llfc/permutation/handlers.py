@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from llfc.permutation.graph import HEADS_REASON, TraceContext
 from llfc.permutation.spec import FeatAxis, HeadAxes
 
-__all__ = ["Handler", "register_handler", "passthrough"]
+__all__ = ["Handler", "passthrough", "register_handler"]
 
 Handler = Callable[[TraceContext, fx.Node], "FeatAxis | None"]
 _MODULE_HANDLERS: dict[type, tuple[Handler, str]] = {}
@@ -597,4 +597,4 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
-import llfc.permutation.attention  # noqa: E402,F401  (registers the transformer handlers)
+import llfc.permutation.attention  # noqa: F401  (registers the transformer handlers attention.py imports this module)

@@ -246,7 +246,8 @@ def weight_matching(
                 a_seg = A[r.key].narrow(r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
                 b_seg = other_axes_permuted(r.key, r.axis, perms).narrow(
                     r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
-                S += torch.einsum("iam,jbm->ijab", a_seg.reshape(n_heads, dh, -1), b_seg.reshape(n_heads, dh, -1))
+                prod = a_seg.reshape(n_heads * dh, -1) @ b_seg.reshape(n_heads * dh, -1).T  # ((i,a), (j,b))
+                S += prod.reshape(n_heads, dh, n_heads, dh).transpose(1, 2)
             S64 = S.double().cpu().numpy()
             cols = np.zeros((n_heads, n_heads, dh), dtype=np.int64)
             for i in range(n_heads):
@@ -326,7 +327,7 @@ def weight_matching(
             best = (dict(perms), history, sweeps, converged, rs)
 
     perms, history, sweeps, converged, best_rs = best
-    aligned = apply_permutation(spec, perms, sd_b)
+    aligned = apply_permutation(spec, perms, B64)  # float64 copies: no second conversion below
     report = WeightMatchingReport(
         objective=history[-1],
         objective_identity=_objective(A64, B64, keys),
@@ -337,8 +338,8 @@ def weight_matching(
         converged=converged,
         time_s=0.0,
         moved_fraction=moved_fraction(perms),
-        distance_before=weight_distances(sd_a, sd_b, keys),
-        distance_after=weight_distances(sd_a, aligned, keys),
+        distance_before=weight_distances(A64, B64, keys),
+        distance_after=weight_distances(A64, aligned, keys),
     )
     report.time_s = time.perf_counter() - t0
     return perms, report
