@@ -309,3 +309,18 @@ def test_weight_matching_lowers_the_midpoint_loss_of_two_trained_vits():
     plain, matched = mid_loss(b.state_dict()) - end, mid_loss(sb) - end
     assert matched < plain
     assert relative_output_change(b, b.state_dict(), sb, x[:16]) < 1e-5
+
+
+def test_run_with_a_model_llfc_cannot_permute_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`llfc run` with a permutation pair derives the spec before training: an unpermutable model
+    (here ResNet-20's zero-padding shortcut) exits with llfc's error and leaves no output folder."""
+    from llfc.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: digits\nmodel: resnet20\nmodel_args: {width: 0.25, shortcut: A}\n"
+                   "pairs: [permutation-weight]\n")
+    out = tmp_path / "r"
+    code = main(["run", "--config", str(cfg), "--out", str(out), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "pad" in err.lower() and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

@@ -241,6 +241,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(device)})
     seed_everything(cfg.seed)
     arch = spec()
+    if any(k in cfg.pairs for k in PERMUTATION_KINDS):  # a model llfc cannot permute is refused now
+        from llfc.permutation import derive_spec
+
+        derive_spec(arch, torch.stack([train_eval[i][0] for i in range(min(2, len(train_eval)))]))
     measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
                         alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,7 +525,9 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     if method in ("activation", "ste"):
         if not dataset:
             raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
-        train_eval = get_dataset(dataset, "train", data_root, False, augment=False)
+        text = dataset_info(dataset).modality == "text" and shape is not None
+        train_eval = get_dataset(dataset, "train", data_root, False, augment=False,
+                                 options={"context": int(shape[-1])} if text else None)
         n = min(activation_samples, len(train_eval))
         loader = _loader(Subset(train_eval, list(range(n))), batch_size)
         example = torch.stack([train_eval[i][0] for i in range(4)])

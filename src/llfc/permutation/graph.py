@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from llfc.errors import UnsupportedOperationError
+from llfc.errors import ConfigError, UnsupportedOperationError
 from llfc.permutation.spec import (
     DEFAULT_RTOL,
     AxisRef,
@@ -325,6 +325,14 @@ def derive_spec(
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*_clone_inputs(inputs))
+    except Exception as exc:  # the model's own error (shape mismatch, a torch._assert, ...)
+        cause = exc.__cause__ or exc
+        raise ConfigError(
+            f"{type(model).__name__} cannot run on the example input of shape "
+            f"{[tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]} "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); the permutation spec is "
+            "derived from one forward pass, so give an example batch the model accepts (example_input= / --dataset)."
+        ) from exc
     finally:
         model.train(was_training)
 

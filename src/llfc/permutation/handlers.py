@@ -597,4 +597,4 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
-import llfc.permutation.attention  # noqa: F401  (registers the transformer handlers attention.py imports this module)
+import llfc.permutation.attention  # noqa: F401  (registers the transformer handlers; attention.py imports this module)
