@@ -244,7 +244,7 @@ def _split_heads(ctx: TraceContext, ax: FeatAxis, in_shape: Sequence[int], out_s
     if out_shape[:d] != in_shape[:d] or out_shape[d + 2:] != in_shape[d + 1:]:
         return None
     n_heads, dh = out_shape[d], out_shape[d + 1]
-    if n_heads * dh != in_shape[d] or n_heads < 1 or dh < 1:
+    if n_heads * dh != in_shape[d] or n_heads < 2 or dh < 2:  # unsqueeze is not a split into heads
         return None
     e = ax.parts[0][0]
     ctx.split_heads(e, n_heads, dh)
