@@ -43,21 +43,22 @@ def axis_index(
     """Index vector ``idx`` such that the permuted entry is ``t.index_select(axis, idx)``.
 
     Composes every group segment on (key, axis); positions outside all segments stay in place.
-    Returns ``None`` if no group in ``perms`` touches that axis.
+    Segments nest only for attention heads (a heads group of block d_h and the groups within each
+    head, block 1): coarser segments act first, so position (i, a) takes (perm_heads[i],
+    perm_within_i[a]) (``idx = idx_heads[idx_within]``). Disjoint segments (concatenated features)
+    compose in any order. Returns ``None`` if no group in ``perms`` touches that axis.
     """
-    idx = None
-    for g, refs in spec.groups.items():
-        if g not in perms:
-            continue
-        for r in refs:
-            if r.key != key or r.axis != axis:
-                continue
-            if idx is None:
-                idx = torch.arange(length)
-            p = perms[g]
-            n = p.numel()
-            seg = (p[:, None] * r.block + torch.arange(r.block)[None, :]).reshape(-1) + r.offset
-            idx[r.offset: r.offset + n * r.block] = seg
+    segs = [(r, perms[g]) for g, refs in spec.groups.items() if g in perms
+            for r in refs if r.key == key and r.axis == axis]
+    if not segs:
+        return None
+    idx = torch.arange(length)
+    for r, p in sorted(segs, key=lambda rp: -rp[0].block):
+        n = p.numel()
+        seg = (p[:, None] * r.block + torch.arange(r.block)[None, :]).reshape(-1) + r.offset
+        step = torch.arange(length)
+        step[r.offset: r.offset + n * r.block] = seg
+        idx = idx[step]
     return idx
 
 
@@ -91,11 +92,21 @@ def apply_permutation(
         if g in ps:
             for r in refs:
                 axes.setdefault(r.key, set()).add(r.axis)
+    done: dict[tuple, list[torch.Tensor]] = {}
     for key, ax_set in axes.items():
-        t = state_dict[key]
+        t = src = state_dict[key]
         for ax in sorted(ax_set):
             idx = axis_index(spec, ps, key, ax, t.shape[ax])
             t = t.index_select(ax, idx.to(t.device))
+        # tied entries (one storage under two keys, e.g. GPT's unembedding and token embedding)
+        # permuted alike stay one tensor
+        alias = (src.device, src.data_ptr(), tuple(src.shape), src.stride()) if src.numel() else None
+        for prev in done.get(alias, []):
+            if torch.equal(prev, t):
+                t = prev
+                break
+        else:
+            done.setdefault(alias, []).append(t)
         out[key] = t
     return out
 
