@@ -48,6 +48,22 @@ def test_forward_shapes_and_names():
     assert t.head.weight is t.tok_emb.weight
 
 
+def test_param_counts_by_hand():
+    """Per block: 2 LayerNorms (4d), q/k/v/o (4(d² + d)), fc1 (d·rd + rd), fc2 (rd·d + d)."""
+    def block(d, r):
+        return 4 * d + 4 * (d * d + d) + (d * r * d + r * d) + (r * d * d + d)
+
+    d = 64   # MNIST ViT: conv 1·d·7² + d, class token d, 17 positions, 4 blocks, ln_f, head d·10 + 10
+    want = (49 * d + d) + d + 17 * d + 4 * block(d, 4) + 2 * d + (d * 10 + 10)
+    assert sum(p.numel() for p in create_model("vit").parameters()) == want == 205_066
+    d = 128  # char GPT, V = 65, T = 64: embeddings, 2 blocks, ln_f, unembedding d·V (no bias)
+    want = 65 * d + 64 * d + 2 * block(d, 4) + 2 * d + d * 65
+    g = create_model("gpt", input_shape=(64,), num_classes=65)
+    assert sum(p.numel() for p in g.parameters()) == want == 421_632
+    tied = create_model("gpt", input_shape=(64,), num_classes=65, tie_weights=True)
+    assert sum(p.numel() for p in tied.parameters()) == want - d * 65
+
+
 def test_causal_mask():
     """A change of token t changes no logit before t, and does change the logits from t on."""
     torch.manual_seed(0)
