@@ -324,3 +324,19 @@ def test_run_with_a_model_llfc_cannot_permute_is_refused_before_anything_is_writ
     err = capsys.readouterr().err
     assert code != 0 and "pad" in err.lower() and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_ste_runs_on_a_tied_language_model(gpt_spec):
+    """Git Re-Basin's STE on (B, T, V) logits with a tied unembedding: per-token cross-entropy, one free
+    tensor for the tied pair; the result is a permutation that keeps B's function."""
+    from llfc.permutation import ste_matching
+
+    m, spec = gpt_spec
+    b = _perturbed("gpt", GPT, seed=1)
+    g = torch.Generator().manual_seed(2)
+    loader = [(torch.randint(0, 11, (8, 6), generator=g), torch.randint(0, 11, (8, 6), generator=g)) for _ in range(2)]
+    perms, rep = ste_matching(m, spec, m.state_dict(), b.state_dict(), loader)
+    assert rep.steps == 2 and all(torch.isfinite(torch.tensor(rep.losses)))
+    out = apply_permutation(spec, perms, b.state_dict())
+    assert out["head.weight"] is out["tok_emb.weight"]
+    assert relative_output_change(b, b.state_dict(), out, _gpt_x()) < 1e-5
