@@ -108,6 +108,8 @@ def build(name):
         return ResNet20LN(4), (3, 32, 32)
     if name == "tv_resnet18":
         return torchvision.models.resnet18(num_classes=10), (3, 32, 32)
+    if name == "vit_w256_d6_h8":  # GLMC's CIFAR-10 ViT size: 6 blocks, width 256, 8 heads, patch 4
+        return create_model("vit", input_shape=(3, 32, 32), num_classes=10, width=256, depth=6, heads=8), (3, 32, 32)
     raise KeyError(name)
 
 
@@ -119,9 +121,9 @@ def bench_weight_matching(name):
     torch.manual_seed(1)
     b, _ = build(name)
     a.eval(), b.eval()
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     spec = derive_spec(a, torch.randn(2, *shape))
-    t_spec = time.perf_counter() - t
+    t_spec, cpu_spec = time.perf_counter() - t, time.process_time() - c0
     c = time.process_time()
     perms, rep = weight_matching(spec, a.state_dict(), b.state_dict(), seed=0)
     cpu = time.process_time() - c
@@ -130,6 +132,7 @@ def bench_weight_matching(name):
         "params_M": sum(p.numel() for p in a.parameters()) / 1e6,
         "groups": len(spec.groups),
         "derive_spec_s": t_spec,
+        "derive_spec_cpu_s": cpu_spec,
         "weight_matching_s": rep.time_s,
         "weight_matching_cpu_s": cpu,
         "sweeps": rep.n_sweeps,
@@ -182,7 +185,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/matching.json")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="mlp,vgg16,resnet20_ln_x1,resnet20_ln_x4,tv_resnet18")
+    ap.add_argument("--models", default="mlp,vgg16,resnet20_ln_x1,resnet20_ln_x4,tv_resnet18,vit_w256_d6_h8")
     ap.add_argument("--am-samples", default="1000,10000")
     ap.add_argument("--am-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -192,20 +195,23 @@ def main(argv=None):
         return
 
     wm = []
-    print(f"weight matching (two independent random inits, {args.threads} threads, restarts=1)")
-    print(f"{'model':<16} {'params':>8} {'groups':>6} {'spec s':>7} {'match s':>8} {'cpu s':>7} {'sweeps':>6} {'moved':>6}")
+    print(f"weight matching (two independent random inits, {args.threads} threads, restarts=1; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(f"{'model':<16} {'params':>8} {'groups':>6} {'spec s':>7} {'match s':>8} {'cpu s':>7} {'sweeps':>6} {'moved':>6} "
+          f"{'total s':>7}")
     for name in args.models.split(","):
         r = bench_weight_matching(name)
         wm.append(r)
         print(f"{r['model']:<16} {r['params_M']:>7.2f}M {r['groups']:>6} {r['derive_spec_s']:>7.2f} "
-              f"{r['weight_matching_s']:>8.2f} {r['weight_matching_cpu_s']:>7.2f} {r['sweeps']:>6} {r['moved_fraction_mean']:>6.2f}")
+              f"{r['weight_matching_s']:>8.2f} {r['weight_matching_cpu_s']:>7.2f} {r['sweeps']:>6} {r['moved_fraction_mean']:>6.2f} "
+              f"{r['derive_spec_s'] + r['weight_matching_s']:>7.2f}")
 
     am = []
     print("\nactivation matching memory (resnet20_ln_x1, batches of 250, fresh process each)")
     print(f"{'samples':>8} {'time s':>7} {'RSS before MiB':>15} {'peak RSS MiB':>13} {'increase MiB':>13}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    for n in [int(s) for s in args.am_samples.split(",")]:
+    for n in [int(s) for s in args.am_samples.split(",") if s]:
         out = subprocess.run([sys.executable, __file__, "--am-child", str(n), "--threads", str(args.threads)],
                              check=True, capture_output=True, text=True, env=env).stdout
         r = json.loads(out.strip().splitlines()[-1])
@@ -216,6 +222,7 @@ def main(argv=None):
 
     result = {
         "torch": torch.__version__,
+        "load_average_1min_at_end": os.getloadavg()[0],
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "weight_matching": wm,

@@ -12,6 +12,8 @@ SMALL = {
     "mlp": {"input_shape": [1, 8, 8], "widths": [16, 16]},
     "lenet": {"input_shape": [1, 28, 28]},
     "resnet50": {"input_shape": [3, 32, 32], "width": 0.25},
+    "vit": {"input_shape": [1, 28, 28], "width": 16, "depth": 1, "heads": 2},
+    "gpt": {"input_shape": [8], "width": 16, "depth": 1, "heads": 2},  # token ids in, (N, T, 7) out
 }
 
 
@@ -29,7 +31,7 @@ def test_every_model_has_probes_and_its_logits(name):
     torch.manual_seed(0)
     m = _small(name).eval()
     shape = (SMALL.get(name) or {}).get("input_shape", [3, 32, 32])
-    x = torch.randn(2, *shape)
+    x = torch.randint(0, 7, (2, *shape)) if name == "gpt" else torch.randn(2, *shape)
     fe = FeatureExtractor(m)
     kinds = {p.kind for p in fe.probes}
     assert fe.probes[-1].kind == "logits"

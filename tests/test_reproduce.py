@@ -20,7 +20,8 @@ from llfc.train import TrainConfig
 
 ALL = [(s, e.name) for s in reproduce.SCALES for e in reproduce.list_experiments(s)]
 PAPER = ["cifar10-mlp", "cifar10-resnet20-spawn", "cifar10-resnet20ln-permute",
-         "cifar10-vgg16-spawn", "mnist-mlp", "tinyimagenet-resnet50-spawn"]
+         "cifar10-vgg16-spawn", "cifar10-vit", "mnist-mlp", "tinyimagenet-resnet50-spawn",
+         "tinyshakespeare-gpt"]
 REPO = Path(__file__).resolve().parents[1]
 HAS_PERMUTATION = importlib.util.find_spec("llfc.permutation") is not None
 
@@ -78,11 +79,18 @@ def test_config_resolves_and_model_builds(scale, name):
     TrainConfig.from_dict(c.train)  # valid training recipe
     assert ExperimentConfig.from_dict(yaml.safe_load(c.to_yaml())).resolved() == c
     info = dataset_info(c.dataset)
-    with torch.device("meta"):  # shape check without allocating (ResNet-20 x32 has 297M parameters)
-        m = create_model(c.model, input_shape=info.input_shape, num_classes=info.num_classes,
-                         **c.model_args)
-        out = m.eval()(torch.empty(2, *info.input_shape))
-    assert tuple(out.shape) == (2, info.num_classes)
+    if info.modality == "text":  # windows of dataset_args' context; next-token logits per position
+        shape = (int(c.dataset_args.get("context", info.input_shape[0])),)
+        with torch.device("meta"):
+            m = create_model(c.model, input_shape=shape, num_classes=info.num_classes, **c.model_args)
+            out = m.eval()(torch.zeros(2, *shape, dtype=torch.long))
+        assert tuple(out.shape) == (2, *shape, info.num_classes)
+    else:
+        with torch.device("meta"):  # shape check without allocating (ResNet-20 x32 has 297M parameters)
+            m = create_model(c.model, input_shape=info.input_shape, num_classes=info.num_classes,
+                             **c.model_args)
+            out = m.eval()(torch.empty(2, *info.input_shape))
+        assert tuple(out.shape) == (2, info.num_classes)
     d = reproduce.dry_run_config(c)
     assert d.train["max_batches_per_epoch"] == 2 and d.train["epochs"] <= 2
     assert d.measure.test_samples <= 64 and d.measure.train_samples <= 64
@@ -105,6 +113,9 @@ NARROW = {
     ("paper", "cifar10-resnet20-spawn"): {"model_args": {"width": 0.5}},
     ("cpu", "tinyimagenet-resnet50-spawn"): {"model_args": {"width": 0.125}},
 }
+for _key in [("paper", "cifar10-vit"), ("paper", "tinyshakespeare-gpt"), ("cpu", "cifar10-vit"),
+             ("cpu", "mnist-vit"), ("cpu", "tinyshakespeare-gpt")]:  # transformers: 1 narrow block
+    NARROW[_key] = {"model_args": {"width": 16, "depth": 1, "heads": 2}}
 
 
 @pytest.fixture
@@ -122,6 +133,10 @@ def fake_data(monkeypatch):
 
     for name in llfc.data.list_datasets():
         monkeypatch.setitem(llfc.data._LOADERS, name, make(name))
+    # text: a random text long enough for N_TEST test windows of the longest context (256)
+    g = torch.Generator().manual_seed(2)
+    text = "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (10 * N_TEST * 257 + 10,), generator=g))
+    monkeypatch.setattr(llfc.data, "read_text", lambda name, root, download=False: text)
 
 
 @pytest.mark.parametrize("scale,name", ALL)
@@ -139,10 +154,13 @@ def test_dry_run_end_to_end(scale, name, fake_data, tmp_path):
     assert set(res["pairs"]) == set(pairs)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["train"]["max_batches_per_epoch"] == 2
+    n_test = N_TEST
+    if dataset_info(cfg.dataset).modality == "text":  # test windows of the fake text, at most 64
+        n_test = min(64, len(llfc.data.get_dataset(cfg.dataset, "test", tmp_path, options=cfg.dataset_args)))
     for kind, pr in saved["pairs"].items():
         err = pr["lmc"]["test"]["error"]
         assert len(err) == 5 and all(0.0 <= e <= 1.0 for e in err)
-        assert pr["n_samples"] == N_TEST
+        assert pr["n_samples"] == n_test
         assert pr["llfc"], kind
     if "spawn" in pairs:
         assert saved["pairs"]["spawn"]["spawn_epoch"] == 1

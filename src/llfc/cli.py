@@ -63,6 +63,9 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
                    "write --alphas=-0.2,0.5 for values starting with a minus sign")
     g.add_argument("--allow-extrapolation", action="store_true", help="accept α outside [0, 1]")
     g.add_argument("--abs-cos", action="store_true", help="use the official code's 1−|cos| instead of 1−cos")
+    g.add_argument("--per-token", action="store_true",
+                   help="for (B, T, D) token features: per-token cosine averaged over tokens "
+                        "(default: the paper's per-sample cosine of the flattened T·D vector)")
     g.add_argument("--kinds", type=str, help="probe kinds to measure, comma-separated (pre,norm,post,residual,logits)")
     g.add_argument("--probes", type=str, help="probe names to measure, comma-separated (see `llfc probes`)")
     g.add_argument("--test-samples", type=int, help="measure on the first N test samples (default: all)")
@@ -79,6 +82,8 @@ def _measure_overrides(args) -> dict:
     m = {}
     if args.abs_cos:
         m["absolute_cos"] = True
+    if getattr(args, "per_token", False):
+        m["per_token"] = True
     if args.kinds:
         m["kinds"] = args.kinds.split(",")
     if args.probes:

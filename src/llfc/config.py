@@ -44,6 +44,12 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                   "weight_decay": 5e-4, "schedule": "cosine", "augment": False},
     },
 }
+DATASET_DEFAULTS["tinyshakespeare"] = {  # a small character GPT (nanoGPT's recipe family: AdamW)
+    "model": "gpt", "model_args": {"width": 128, "depth": 2, "heads": 4}, "spawn_epoch": 1,
+    "train": {"epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1,
+              "betas": [0.9, 0.99], "schedule": "cosine", "schedule_step": "iteration",
+              "warmup_epochs": 0.1, "augment": False},
+}
 DATASET_DEFAULTS["fashion-mnist"] = DATASET_DEFAULTS["mnist"]
 _FALLBACK = DATASET_DEFAULTS["cifar10"]
 
@@ -56,6 +62,8 @@ class MeasureConfig:
         kinds: probe kinds (None: all of llfc.probe.KINDS).
         probes: explicit probe names (overrides kinds).
         absolute_cos: use the official code's 1 − |cos| instead of 1 − cos.
+        per_token: for (B, T, D) token features, the per-token cosine averaged over tokens
+            instead of the per-sample cosine of the flattened T·D vector (paper's convention).
         conditions: measure weak additivity and commutativity.
         test_samples: use the first N test samples (None: all).
         train_samples: size of the fixed random train subset for the train-set LMC curve (0: skip).
@@ -72,6 +80,7 @@ class MeasureConfig:
     kinds: list[str] | None = None
     probes: list[str] | None = None
     absolute_cos: bool = False
+    per_token: bool = False
     conditions: bool = True
     test_samples: int | None = None
     train_samples: int = 1000
@@ -113,6 +122,8 @@ class ExperimentConfig:
         data_root: folder in torchvision's layout (None: $LLFC_DATA_ROOT or ./data).
         download: let torchvision download missing data.
         model, model_args: registry name and architecture arguments (None: dataset default).
+        dataset_args: dataset options (text datasets: ``context``, ``stride``; see
+            :func:`llfc.data.get_text_dataset`).
         pairs: pair kinds to build: spawn, independent, permutation-weight,
             permutation-activation, permutation-ste.
         spawn_epoch: k, the epoch at which the spawned pair forks (0 allowed).
@@ -130,6 +141,7 @@ class ExperimentConfig:
     download: bool = False
     model: str | None = None
     model_args: dict[str, Any] | None = None
+    dataset_args: dict[str, Any] = field(default_factory=dict)
     pairs: list[str] = field(default_factory=lambda: ["spawn", "independent"])
     spawn_epoch: int | None = None
     seed: int = 0

@@ -1,5 +1,6 @@
 """Dataset registry: ``digits`` (default, bundled with scikit-learn), ``mnist``, ``fashion-mnist``,
-``cifar10``, ``cifar100`` and ``tiny-imagenet``.
+``cifar10``, ``cifar100``, ``tiny-imagenet`` and the character-level text ``tinyshakespeare``
+(windows of characters, see :class:`TextDataset`).
 
 Every dataset is held in memory as one uint8 (or float) image tensor of shape (N, C, H, W) and an
 int64 label tensor of shape (N,). Items are float32 images normalised with the dataset's channel
@@ -38,6 +39,9 @@ class DatasetInfo:
         mean, std: per-channel normalisation constants (on the [0, 1] scale).
         augment: whether training-set augmentation (crop + flip) is the default.
         needs_files: False only for datasets bundled with a Python package.
+        modality: "image" (items (C, H, W) float32, label int64) or "text" (items: int64 token
+            windows (T,) and next-token targets (T,); input_shape = (T,), num_classes = vocabulary
+            size).
     """
 
     name: str
@@ -47,6 +51,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     augment: bool = False
     needs_files: bool = True
+    modality: str = "image"
 
 
 def _crop_flip(size: int):
@@ -162,6 +167,7 @@ def get_dataset(
     root: str | os.PathLike | None = None,
     download: bool = False,
     augment: bool | None = None,
+    options: dict | None = None,
 ) -> ArrayDataset:
     """Load ``split`` ("train" or "test") of dataset ``name``.
 
@@ -171,16 +177,26 @@ def get_dataset(
         root: data folder in torchvision's layout; default :func:`default_data_root`.
         download: let torchvision download missing files (needs internet).
         augment: crop+flip augmentation; default the dataset's own default, train split only.
+        options: dataset options; text datasets take ``context`` (window length T) and
+            ``stride`` (see :func:`get_text_dataset`); image datasets take none.
+
+    Returns:
+        an :class:`ArrayDataset`, or a :class:`TextDataset` for text datasets.
 
     Raises:
         UnknownNameError: unknown dataset.
-        ConfigError: unknown split.
+        ConfigError: unknown split; an option the dataset does not take.
         DataNotFoundError: the files are not in ``root`` (names the folder and the two fixes).
     """
     info = dataset_info(name)
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     rootp = Path(root) if root is not None else default_data_root()
+    if info.modality == "text":
+        return get_text_dataset(name, split, rootp, download, **(options or {}))
+    if options:
+        raise ConfigError(f"dataset {name!r} takes no options, got {sorted(options)}; remove "
+                          f"dataset_args (only text datasets take context/stride).")
     images, labels = _LOADERS[name](split, rootp, download)
     if augment is None:
         augment = info.augment and split == "train"
@@ -512,3 +528,157 @@ def _load_tiny_imagenet(split, root, download):
         except (OSError, NameError):
             pass
     return images, labels_t
+
+
+# --------------------------------------------------------------------------------------------
+# character-level text (Tiny Shakespeare; the corpus of char-rnn and nanoGPT)
+
+_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                    "tinyshakespeare/input.txt")
+_TEXT_FILES = {"tinyshakespeare": ("tinyshakespeare/input.txt", _SHAKESPEARE_URL)}
+TEXT_TRAIN_FRACTION = 0.9
+
+
+class CharVocab:
+    """Character vocabulary: the sorted distinct characters of a text, id = position.
+
+    Args:
+        chars: the characters (sorted and deduplicated here).
+
+    Raises (``encode``):
+        ConfigError: a character that is not in the vocabulary (names it and its position).
+    """
+
+    def __init__(self, chars):
+        self.chars = sorted(set(chars))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str, where: str = "the text") -> torch.Tensor:
+        """Token ids of ``text``: int64 tensor (len(text),)."""
+        try:
+            return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+        except KeyError as e:
+            pos = text.index(e.args[0])
+            raise ConfigError(
+                f"{where} holds the character {e.args[0]!r} (at position {pos}) that is not in the "
+                f"vocabulary of {len(self)} characters the model was built for; remove or replace "
+                f"it, or build the vocabulary (and the model) from a text that contains it."
+            ) from None
+
+    def decode(self, ids) -> str:
+        """The text of token ids (any iterable of ints)."""
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+class TextDataset(Dataset):
+    """Fixed-length windows of a token sequence as samples (nanoGPT's character LM data).
+
+    Sample i is ``x = ids[s·i : s·i + T]`` and ``y = ids[s·i + 1 : s·i + T + 1]`` (the next
+    character at every position), s = ``stride`` (default T: non-overlapping windows).
+
+    Args:
+        ids: int64 token ids (L,).
+        context: window length T (≥ 1).
+        vocab: the :class:`CharVocab` (its size is the model's number of classes).
+        name: dataset name (for :attr:`info` and messages).
+        split: "train" or "test" (for messages).
+        stride: offset between consecutive windows (≥ 1).
+
+    Attributes:
+        info: a :class:`DatasetInfo` with input_shape (T,) and num_classes = len(vocab).
+
+    Items: ``(x, y)``, both int64 (T,).
+
+    Raises:
+        ConfigError: T or stride < 1; a text shorter than one window (L < T + 1).
+    """
+
+    def __init__(self, ids: torch.Tensor, context: int, vocab: CharVocab, name: str = "text",
+                 split: str = "train", stride: int | None = None):
+        context = int(context)
+        stride = context if stride is None else int(stride)
+        if context < 1 or stride < 1:
+            raise ConfigError(f"{name} {split}: context and stride must be ≥ 1, got context={context}, "
+                              f"stride={stride}.")
+        if len(ids) < context + 1:
+            raise ConfigError(
+                f"{name} {split}: the text has {len(ids)} characters, shorter than one window of "
+                f"context={context} plus its next character; use a shorter context "
+                f"(dataset_args: {{context: N}} with N < {len(ids)}) or a longer text."
+            )
+        self.ids, self.context, self.stride, self.vocab = ids, context, stride, vocab
+        self.augment = False  # text has no augmentation
+        self.n = (len(ids) - 1 - context) // stride + 1
+        self.info = DatasetInfo(name, (context,), len(vocab), mean=(), std=(), modality="text")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, idx):
+        start = torch.as_tensor(idx, dtype=torch.long) * self.stride
+        if len(start) and (start.min() < 0 or start.max() >= self.n * self.stride):
+            raise IndexError(f"window index out of range [0, {self.n})")
+        w = self.ids[start[:, None] + torch.arange(self.context + 1)]
+        return list(zip(w[:, :-1].unbind(0), w[:, 1:].unbind(0)))
+
+
+def read_text(name: str, root: Path, download: bool = False) -> str:
+    """The whole text of text dataset ``name`` from ``root`` (fetched first with ``download``).
+
+    Raises:
+        DataNotFoundError: the file is missing (names it, the URL and the fixes) or unreadable.
+    """
+    rel, url = _TEXT_FILES[name]
+    path = root / rel
+    if not path.is_file() and download:
+        import urllib.request
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DataNotFoundError(
+                f"could not download {name} from {url} into {path} ({e}). Without internet, save "
+                f"that file as DIR/{rel} and pass --data-root DIR."
+            ) from None
+    if not path.is_file():
+        raise _missing(name, path.parent, f"{path.name} (the file {url})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataNotFoundError(f"{name}: {path} cannot be read as UTF-8 text ({e}); replace it "
+                                f"with the original file {url}.") from None
+
+
+def get_text_dataset(name: str, split: str, root: Path, download: bool = False,
+                     context: int = 128, stride: int | None = None) -> TextDataset:
+    """Split ``split`` of a character-level text dataset, as windows of ``context`` characters.
+
+    The vocabulary is the set of characters of the whole text (so both splits share it); the
+    first 90% of the characters are the train split and the last 10% the test split, by
+    position, as in nanoGPT's ``data/shakespeare_char/prepare.py``.
+
+    Raises:
+        ConfigError: an unknown option value; a split shorter than one window.
+        DataNotFoundError: the text file is missing.
+    """
+    text = read_text(name, root, download)
+    vocab = CharVocab(text)
+    ids = vocab.encode(text, f"{name} ({root / _TEXT_FILES[name][0]})")
+    cut = int(len(ids) * TEXT_TRAIN_FRACTION)
+    part = ids[:cut] if split == "train" else ids[cut:]
+    return TextDataset(part, context, vocab, name, split, stride)
+
+
+@register_dataset(DatasetInfo("tinyshakespeare", (128,), 65, mean=(), std=(), modality="text"))
+def _load_tinyshakespeare(split, root, download):  # pragma: no cover - text goes through get_text_dataset
+    raise AssertionError("text datasets are loaded by get_text_dataset")

@@ -13,8 +13,10 @@ What is measured (α weights A: θ_α = α·θ_A + (1−α)·θ_B):
   f_int = α f_A + (1−α) f_B (mean, std over samples, and the whole-tensor version); the baseline
   d_AB = 1 − cos(f_A, f_B); the least-squares scale s = ⟨f_α, f_int⟩/‖f_int‖² (per sample and
   whole tensor; official code's ``coef``) and c = 1/s (Def. 2, App. B.2).
-* Weak additivity per ReLU probe and α (Def. 3): 1 − cos(σ(α g_A + (1−α) g_B), α σ(g_A) +
-  (1−α) σ(g_B)) with g each network's own pre-activation; sign agreement P[g_A·g_B ≥ 0].
+* Weak additivity per activation probe and α (Def. 3): 1 − cos(σ(α g_A + (1−α) g_B), α σ(g_A) +
+  (1−α) σ(g_B)) with g each network's own pre-activation; sign agreement P[g_A·g_B ≥ 0]. Def. 3
+  and Theorem 1 are stated for σ = ReLU; for other elementwise σ (GELU in transformers) the same
+  distance is measured, without the theorem's guarantee.
 * Commutativity per Linear/Conv layer whose input is not the model input (Def. 4, Fig. 7):
   Dist_com = dist(W_A H_A + W_B H_B, W_A H_B + W_B H_A), Dist_W = dist(W_A, W_B),
   Dist_H = dist(H_A, H_B), dist(X, Y) = ‖X−Y‖²_F/(‖X‖_F‖Y‖_F), H the layer's input, weights
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from llfc.metrics.cosine import coef_from_sq, cosine_distance_from_sq, dist_from_sums
-from llfc.metrics.lmc import barriers
+from llfc.metrics.lmc import as_classification, barriers
 from llfc.metrics.streaming import RunningMoments, RunningSum
 from llfc.probe import FeatureExtractor, Probe
 
@@ -108,7 +110,8 @@ class PairMeter:
         conditions: measure weak additivity and commutativity.
         absolute: use the official code's 1 − |cos| instead of the signed 1 − cos.
 
-    ``update(x, y)`` takes a batch (x: (B, ...) float32 inputs, y: (B,) int64 labels);
+    ``update(x, y)`` takes a batch (x: (B, ...) inputs, y: (B,) int64 labels, or (B, T) next-token
+    targets of a language model whose logits are (B, T, V): loss and error are then per token);
     ``compute()`` returns the results dict documented in docs/results.md (the ``measure`` part).
     ``all_reduce()`` combines the sums of every rank of a torch.distributed group
     (:mod:`llfc.distributed`); every accumulator has a ``merge`` method, the plain sums are named
@@ -116,7 +119,7 @@ class PairMeter:
     """
 
     #: attributes holding plain per-sample sums (ints, float64 tensors, dicts of them)
-    sum_fields = ("n", "loss", "wrong", "com")
+    sum_fields = ("n", "n_targets", "loss", "wrong", "com")
 
     def __init__(self, extractor: FeatureExtractor, sd_a: StateDict, sd_b: StateDict,
                  alphas: Sequence[float], states: Sequence[StateDict] | None = None, *,
@@ -133,11 +136,11 @@ class PairMeter:
         self.llfc, self.conditions, self.absolute = llfc, conditions, absolute
         self.logits = next(p for p in extractor.probes if p.kind == "logits")
         self.llfc_probes = [p for p in extractor.probes] if llfc else []
-        self.wa_probes = [p for p in extractor.probes if p.is_relu and p.input_node] if conditions else []
+        self.wa_probes = [p for p in extractor.probes if p.kind == "post" and p.input_node] if conditions else []
         self.com_probes = [p for p in extractor.probes if self._commutable(p)] if conditions else []
         K = len(self.alphas)
         self._alpha_t = torch.tensor(self.alphas, dtype=torch.float64)
-        self.n = 0
+        self.n = self.n_targets = 0
         dev = next(iter(sd_a.values())).device  # sums stay on the device: no per-batch host sync
         self.loss = torch.zeros(K, dtype=torch.float64, device=dev)
         self.wrong = torch.zeros(K, dtype=torch.float64, device=dev)
@@ -165,15 +168,16 @@ class PairMeter:
         fa = self.fx(self.sd_a, x)
         fb = self.fx(self.sd_b, x)
         self.n += x.shape[0]
+        self.n_targets += y.numel()  # N samples, or N·T tokens of a language model
         self._fa, self._fb = fa, fb
         try:
             stats = {p.node: self._endpoint_stats(p.node) for p in self.llfc_probes}
             rows: dict[str, list[torch.Tensor]] = {p.name: [] for p in self.llfc_probes}
             for k, s in enumerate(self.states):
                 f = fa if s is self.sd_a else fb if s is self.sd_b else self.fx(s, x)
-                logits = f[self.logits.node].to(torch.float64)
-                self.loss[k] += F.cross_entropy(logits, y, reduction="sum")
-                self.wrong[k] += (logits.argmax(1) != y).sum()
+                logits, t = as_classification(f[self.logits.node].to(torch.float64), y)
+                self.loss[k] += F.cross_entropy(logits, t, reduction="sum")
+                self.wrong[k] += (logits.argmax(1) != t).sum()
                 for p in self.llfc_probes:
                     rows[p.name].append(self._llfc_row(p, f, stats[p.node], self.alphas[k]))
                 del f
@@ -227,7 +231,8 @@ class PairMeter:
             elif a == 0.0:
                 rows.append(torch.stack([sqb, torch.zeros_like(sqb)], 1))
             else:
-                u = torch.lerp(gB, gA, a, out=self._scratch(gA, 0)).relu_()
+                u = torch.lerp(gB, gA, a, out=self._scratch(gA, 0))
+                u = u.relu_() if p.is_relu else self._activation(p)(u)
                 v = torch.lerp(rB, rA, a, out=self._scratch(rA, 1))
                 rows.append(torch.stack([_sq(u), _sq(v.sub_(u))], 1))
         R = torch.stack(rows, 1)                          # (B, K, 2): ‖u‖², ‖u − v‖²
@@ -236,6 +241,16 @@ class PairMeter:
         acc.sums.update(torch.stack([R[..., 0], sq_v, R[..., 1]], 2))
         agree = torch.mul(gA, gB, out=self._scratch(gA, 0)).ge_(0)  # 1.0 where g_A·g_B ≥ 0
         acc.sign.update(agree.mean(1, dtype=torch.float64))
+
+    def _activation(self, p: Probe):
+        """σ of a non-ReLU ``post`` probe as a function (the traced module, or the traced call with
+        its constant arguments), applied to the interpolated pre-activation in weak additivity."""
+        if p.module is not None:
+            return self.fx.module(p.module)
+        node = next(n for n in self.fx.gm.graph.nodes if n.name == p.node)
+        if node.op == "call_method":
+            return lambda t: getattr(t, node.target)(*node.args[1:], **node.kwargs)
+        return lambda t: node.target(t, *node.args[1:], **node.kwargs)
 
     def _update_com(self, p: Probe) -> None:
         mod = self.fx.module(p.module)
@@ -280,8 +295,8 @@ class PairMeter:
         if self.n == 0:
             raise RuntimeError("PairMeter.compute() before any update()")
         K = len(self.alphas)
-        loss = (self.loss / self.n).tolist()
-        err = (self.wrong / self.n).tolist()
+        loss = (self.loss / self.n_targets).tolist()
+        err = (self.wrong / self.n_targets).tolist()
         out: dict = {
             "alphas": self.alphas,
             "n_samples": self.n,
@@ -316,7 +331,7 @@ class PairMeter:
                 S = acc.sums.compute()
                 sm, ss = acc.sign.compute()
                 wa.append({
-                    "name": p.name, "pre_activation": p.input_node,
+                    "name": p.name, "pre_activation": p.input_node, "activation": p.op,
                     "sign_agreement": {"mean": float(sm), "std": float(ss)},
                     "distance": {"mean": dm.tolist(), "std": ds.tolist(),
                                  "whole": cosine_distance_from_sq(S[:, 0], S[:, 1], S[:, 2],
@@ -339,11 +354,31 @@ class PairMeter:
         return out
 
 
+class TokenRows:
+    """A feature extractor whose (B, T, D) outputs are returned as (B·T, D) token rows.
+
+    With it, every per-sample statistic of :class:`PairMeter` becomes a per-token one: the
+    per-token cosine distance averaged over all B·T tokens (``measure.per_token``), instead of the
+    paper's per-sample cosine of the flattened T·D vector (§3). Whole-tensor distances and
+    commutativity are the same either way; features of any other rank pass unchanged.
+    """
+
+    def __init__(self, extractor: FeatureExtractor):
+        self._fx = extractor
+
+    def __getattr__(self, name):
+        return getattr(self._fx, name)
+
+    def __call__(self, state_dict: StateDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self._fx(state_dict, x)
+        return {k: v.reshape(-1, v.shape[-1]) if v.ndim == 3 else v for k, v in out.items()}
+
+
 def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], alphas: Sequence[float], *,
                  states: Sequence[StateDict] | None = None, kinds: Sequence[str] | None = None,
                  names: Sequence[str] | None = None, llfc: bool = True, conditions: bool = True,
-                 absolute: bool = False, allow_extrapolation: bool = False,
+                 absolute: bool = False, per_token: bool = False, allow_extrapolation: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
                  desc: str = "measure", bn_mode: str = "interpolate",
                  bn_batches: Sequence[torch.Tensor] | None = None, sharded: bool = False) -> dict:
@@ -359,6 +394,9 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
             ``bn_mode`` / ``bn_batches`` are not used.
         kinds, names: probe selection (see :mod:`llfc.probe`).
         llfc, conditions, absolute: see :class:`PairMeter`.
+        per_token: for (B, T, D) features (transformers), per-token cosine distances averaged
+            over tokens (:class:`TokenRows`) instead of the per-sample cosine of the flattened
+            T·D vector (the paper's convention, default).
         device: where to compute.
         progress: show a tqdm progress bar.
         bn_mode: BatchNorm running statistics along the path, as ``llfc run --bn-mode``:
@@ -399,6 +437,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     if not llfc and not conditions:  # LMC only: evaluate the logits and nothing else
         kinds, names = ["logits"], None
     extractor = FeatureExtractor(model, kinds=kinds, names=names)
+    if per_token:
+        extractor = TokenRows(extractor)
     dev = torch.device(device)
     move = (lambda sd: {k: v.to(dev) for k, v in sd.items()}) if dev.type != "cpu" else (lambda sd: sd)
     sa, sb = move(sd_a), move(sd_b)

@@ -183,8 +183,8 @@ class Measurer:
         t0 = time.perf_counter()
         res = measure_pair(self.model, sd_a, sd_b, self.test, self.alphas, states=states,
                            kinds=self.m.kinds, names=self.m.probes, conditions=self.m.conditions,
-                           absolute=self.m.absolute_cos, device=self.device, progress=self.progress,
-                           desc=f"measure {name} (test)", sharded=self.sharded)
+                           absolute=self.m.absolute_cos, per_token=self.m.per_token, device=self.device,
+                           progress=self.progress, desc=f"measure {name} (test)", sharded=self.sharded)
         lmc = {"test": res.pop("lmc")}
         if self.train is not None:
             tr = measure_pair(self.model, sd_a, sd_b, self.train, self.alphas, states=states,
@@ -258,9 +258,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     distributed.barrier()  # every rank has looked at --out before rank 0 writes there
     info = dataset_info(cfg.dataset)
     # data first: a missing dataset must fail before anything is written
-    train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
-    train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False)
-    test_set: Any = get_dataset(cfg.dataset, "test", cfg.data_root, False)  # or a Subset of it
+    dopt = cfg.dataset_args or None
+    train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, options=dopt)
+    train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False, options=dopt)
+    test_set: Any = get_dataset(cfg.dataset, "test", cfg.data_root, False, options=dopt)  # or a Subset
+    info = getattr(test_set, "info", info)  # a text dataset's shape (context,) and vocabulary size
     if cfg.measure.test_samples:
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
     # everything that can be checked is checked before anything is written
@@ -272,6 +274,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     arch = spec()
     run_meta = {"dataset": cfg.dataset, "run": {
         "seed": cfg.seed, "data_root": str(Path(cfg.data_root or default_data_root()).resolve())}}
+    if any(k in cfg.pairs for k in PERMUTATION_KINDS):  # a model llfc cannot permute is refused now
+        from llfc.permutation import derive_spec
+
+        derive_spec(arch, torch.stack([train_eval[i][0] for i in range(min(2, len(train_eval)))]))
     measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
                         alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
     main = distributed.is_main()  # rank 0 alone writes
@@ -546,14 +552,15 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     info = dataset_info(dataset)
     shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
-    if shape != tuple(info.input_shape):
+    dopt = {"context": shape[-1]} if info.modality == "text" else None  # windows the model takes
+    if dopt is None and shape != tuple(info.input_shape):
         raise ConfigError(
             f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
             f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
             f"--dataset the models were trained on."
         )
-    train_eval = get_dataset(dataset, "train", data_root, download, augment=False)
-    test_set: Any = get_dataset(dataset, "test", data_root, False)  # or a Subset of it
+    train_eval = get_dataset(dataset, "train", data_root, download, augment=False, options=dopt)
+    test_set: Any = get_dataset(dataset, "test", data_root, False, options=dopt)  # or a Subset of it
     if measure.test_samples:
         test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
     # the data against the model (input shape, probes, BN batches): still nothing written
@@ -631,6 +638,7 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     """
     from llfc.checkpoint import TORCH_SUFFIXES, checkpoint_exists
     from llfc.permutation import align
+    from llfc.permutation.align import example_input_for
 
     out = Path(out)
     if out.is_dir():
@@ -674,7 +682,9 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     if method in ("activation", "ste"):
         if not dataset:
             raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
-        train_eval = get_dataset(dataset, "train", data_root, False, augment=False)
+        text = dataset_info(dataset).modality == "text" and shape is not None
+        train_eval = get_dataset(dataset, "train", data_root, False, augment=False,
+                                 options={"context": int(shape[-1])} if text else None)
         n = min(activation_samples, len(train_eval))
         subset = Subset(train_eval, list(range(n)))
         if method == "activation" and distributed.is_active():  # statistics merged over ranks
@@ -687,7 +697,7 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
         if shape is None:
             raise ConfigError("cannot tell the input shape: the checkpoint records neither the model's "
                               "input_shape nor a dataset; pass --dataset NAME.")
-        example = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))
+        example = example_input_for(arch, shape, 4, torch.Generator().manual_seed(seed))
     res = align(_model_with(arch, sd_a), _model_with(arch, sd_b), example, method=method,
                 loader=loader, seed=seed, **kwargs)
     meta = {**meta_b, "aligned_to": str(path_a), "alignment_method": method, "llfc_version": __version__}

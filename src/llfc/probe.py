@@ -213,6 +213,10 @@ class FeatureExtractor:
         self.all_probes = self._discover()
         self.probes = select_probes(self.all_probes, kinds=kinds, names=names)
         self._keys = set(self.gm.state_dict().keys())
+        # tied parameters (e.g. a GPT's unembedding shared with its token embedding) are passed
+        # to functional_call once, under their first name
+        first = {n for n, _ in self.gm.named_parameters()}
+        self._keys -= {n for n, _ in self.gm.named_parameters(remove_duplicate=False)} - first
         needed: list[str] = []
         for p in self.probes:
             for nn_name in (p.node, p.input_node):

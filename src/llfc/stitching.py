@@ -45,6 +45,7 @@ from torch.func import functional_call
 
 from llfc.errors import IncompatibleModelsError
 from llfc.interpolate import check_compatible
+from llfc.metrics.lmc import as_classification
 from llfc.probe import FeatureExtractor, Probe, _trace
 
 __all__ = ["stitching_errors", "stitched_module", "official_points", "STITCH_COLUMNS", "STITCH_POINTS"]
@@ -191,7 +192,7 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     wrong = torch.zeros(L + 2, dtype=torch.float64, device=dev)
 
     def fold(k: int, logits: torch.Tensor, y: torch.Tensor) -> None:
-        lg = logits.to(torch.float64)
+        lg, y = as_classification(logits.to(torch.float64), y)
         loss[k] += F.cross_entropy(lg, y, reduction="sum")
         wrong[k] += (lg.argmax(1) != y).sum()
 
@@ -202,7 +203,7 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         fold(1, functional_call(plain, sb, (x,)), y)
         for i, (p, m) in enumerate(zip(chosen, stitched)):
             fold(2 + i, functional_call(m, sb, (x, fa[p.node])), y)
-        n += len(y)
+        n += y.numel()  # samples, or tokens of a language model
     if sharded:
         from llfc.distributed import all_reduce_sum
 

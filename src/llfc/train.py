@@ -63,6 +63,7 @@ from llfc.checkpoint import (
 )
 from llfc import distributed
 from llfc.errors import ConfigError, DistributedError, NonFiniteWeightsError, OutputExistsError
+from llfc.metrics.lmc import as_classification
 from llfc.seeding import derive_seed, environment, rng_state, seed_everything, set_deterministic, \
     set_rng_state
 
@@ -335,8 +336,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000,
     """Mean cross-entropy and error rate of ``model`` on ``dataset`` (eval mode, no grad).
 
     Args:
-        model: classifier returning logits (N, num_classes).
-        dataset: items (x, y) with int64 labels.
+        model: classifier returning logits (N, num_classes), or a language model returning
+            next-token logits (N, T, V) (loss and error are then per token).
+        dataset: items (x, y) with int64 labels (or (T,) next-token targets).
         batch_size: evaluation batch size (does not change the result beyond float rounding).
         device: default: the device of the model's first parameter (CPU if it has none).
 
@@ -367,7 +369,7 @@ def _evaluate_sums(model: nn.Module, dataset: Dataset, batch_size: int,
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            out, y = as_classification(model(x), y)
             loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
             wrong += (out.argmax(1) != y).sum()
             n += len(y)
@@ -706,13 +708,14 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     for i, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        out_logits = model(x)
+        per = y[0].numel() if y.dim() > 1 else 1  # targets per sample: 1, or T tokens of a language model
+        out_logits, y = as_classification(model(x), y)
         if global_sizes is None:
             loss = F.cross_entropy(out_logits, y, label_smoothing=cfg.label_smoothing)
             batch_loss_sum = loss.detach().double() * len(y)
         else:
             ce = F.cross_entropy(out_logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
-            loss = ce * (distributed.world_size() / global_sizes[i])
+            loss = ce * (distributed.world_size() / (global_sizes[i] * per))
             batch_loss_sum = ce.detach().double()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

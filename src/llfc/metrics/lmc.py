@@ -60,3 +60,25 @@ def barriers(alphas: Sequence[float], losses: Sequence[float], errors: Sequence[
         "error_barrier_entezari": entezari_barrier(alphas, errors),
         "loss_barrier_entezari": entezari_barrier(alphas, losses),
     }
+
+
+def as_classification(logits, y):
+    """Logits and targets as one classification per row, for the loss and error of LMC.
+
+    An image classifier's logits (N, C) with labels (N,) are returned unchanged. A language
+    model's next-token logits (N, T, V) with targets (N, T) become (N·T, V) and (N·T,): every token
+    is one prediction, so the mean cross-entropy is the mean per-token loss (nats/token) and the
+    error the per-token next-token error (as reported by nanoGPT and GLMC for Tiny Shakespeare).
+    Logits already given as token rows (N·T, V) with targets (N, T) are accepted too.
+
+    Raises:
+        ValueError: the logits and targets do not fit either layout.
+    """
+    if logits.ndim == 2 and y.ndim == 2 and logits.shape[0] == y.numel():  # token rows already
+        return logits, y.reshape(-1)
+    if logits.ndim == y.ndim + 1 and tuple(logits.shape[:-1]) == tuple(y.shape):
+        if y.ndim == 1:
+            return logits, y
+        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit targets of shape "
+                     f"{tuple(y.shape)}: expected (N, C) with (N,) or (N, T, V) with (N, T)")

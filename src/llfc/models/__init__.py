@@ -3,7 +3,7 @@
 Importing this package registers every built-in architecture.
 """
 
-from llfc.models import lenet, mlp, resnet, vgg  # noqa: F401  (importing them registers the architectures)
+from llfc.models import lenet, mlp, resnet, transformer, vgg  # noqa: F401  (importing them registers the architectures)
 from llfc.models.registry import create_model, list_models, model_factory, register_model
 
 __all__ = ["create_model", "list_models", "model_factory", "register_model"]

@@ -9,6 +9,13 @@ node (the post-activation output; for convolutional maps every spatial position 
 and perms[g] = argmax_P Σ_i C_g[i, P(i)], one ``scipy.optimize.linear_sum_assignment(maximize=True)``
 per group. Groups are matched independently (the permutations of earlier groups do not enter).
 
+Attention heads (``spec.heads``) are matched as units, as in weight matching: with C the
+cross-moment of all H·d_h units of a role (QK: the query and key projections' outputs; OV: the value
+projection's output and the attention output before W_o, pooled as samples), the gain of sending
+head j of B to head i of A is Σ_role max_π Σ_a C[(i, a), (j, π(a))], one d_h×d_h assignment per pair
+and role; one assignment over heads follows, then the within-head permutations of the chosen pairs
+(Theus et al., "Generalized LMC for Transformers", NeurIPS 2025, §3).
+
 The moments are accumulated in one streaming pass in float64 with Chan et al.'s pairwise update of
 means and centred co-moments, so memory is O(n²) per group, independent of the number of samples.
 """
@@ -210,10 +217,28 @@ def accumulate_moments(
 ) -> tuple[dict[str, CrossMoments], int]:
     """One streaming pass: per group, :class:`CrossMoments` of A's and B's features (both models see
     the same batches, in eval mode, without gradients). Returns (moments per group, inputs seen).
+
+    A heads group ``g`` gets one entry per role, keyed ``(g, role)``, over all H·d_h units; its
+    within-head groups get none (see :func:`activation_matching`).
     ``sharded``: ``loader`` is this rank's shard (:func:`llfc.distributed.shard_dataset`); the
     moments of all ranks are merged once, after the pass, so every rank returns the totals."""
-    groups = {}
+    groups, sizes = {}, {}
+    within = spec.within_head_groups()
     for g in spec.groups:
+        if g in within:
+            continue
+        if g in spec.heads:
+            for role, kids in spec.heads[g].items():
+                refs = [r for r in spec.nodes.get(g, []) if r.kind == role]
+                if not refs:
+                    raise ConfigError(
+                        f"the attention heads {g!r} have no feature node for their {role.upper()} units (e.g. "
+                        "nn.MultiheadAttention computes them inside one module), so activation matching cannot read "
+                        "them; use weight matching (--method weight / method='weight') for this model."
+                    )
+                groups[(g, role)] = refs
+                sizes[(g, role)] = spec.sizes[g] * spec.sizes[kids[0]]
+            continue
         refs = spec.feature_nodes(g, nodes)
         if not refs:
             raise ConfigError(
@@ -221,10 +246,11 @@ def accumulate_moments(
                 "Derive the spec with derive_spec(...) or give nodes= to PermutationSpec.from_groups."
             )
         groups[g] = refs
+        sizes[g] = spec.sizes[g]
     names = sorted({r.node for refs in groups.values() for r in refs})
     ext_a = NodeOutputs(model_a, names).to(device).eval()
     ext_b = NodeOutputs(model_b, names).to(device).eval()
-    stats = {g: CrossMoments(spec.sizes[g], spec.sizes[g], device) for g in spec.groups}
+    stats = {g: CrossMoments(sizes[g], sizes[g], device) for g in groups}
     seen = 0
     with torch.no_grad():
         for bi, batch in enumerate(loader):
@@ -233,8 +259,7 @@ def accumulate_moments(
             inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in _batch_inputs(batch))
             fa, fb = ext_a(*inputs), ext_b(*inputs)
             for g, refs in groups.items():
-                stats[g].update(_group_samples(fa, refs, spec.sizes[g]),
-                                _group_samples(fb, refs, spec.sizes[g]))
+                stats[g].update(_group_samples(fa, refs, sizes[g]), _group_samples(fb, refs, sizes[g]))
             seen += int(inputs[0].shape[0])
             del fa, fb
     if sharded:
@@ -288,22 +313,56 @@ def activation_matching(
     stats, seen = accumulate_moments(model_a, model_b, spec, loader, max_batches=max_batches, device=device,
                                      nodes=nodes, sharded=sharded)
     perms, obj, obj_id, counts = {}, {}, {}, {}
+    head_blocks: dict[str, dict[str, np.ndarray]] = {}
     for g, st in stats.items():
         C = (st.correlation() if correlation else st.cross()).cpu().numpy()
+        if isinstance(g, tuple):  # (heads group, role): all H·d_h units of one role
+            head_blocks.setdefault(g[0], {})[g[1]] = C
+            counts[f"{g[0]}/{g[1]}"] = st.count
+            continue
         _, ci = linear_sum_assignment(C, maximize=True)
         perms[g] = torch.as_tensor(ci, dtype=torch.long)
         n = C.shape[0]
         obj[g] = float(C[np.arange(n), ci].mean())
         obj_id[g] = float(np.trace(C) / n)
         counts[g] = st.count
+    for g, blocks in head_blocks.items():
+        perms.update(_match_heads(spec, g, blocks, obj, obj_id))
     report = ActivationMatchingReport(
         statistic="correlation" if correlation else "cross_moment",
         n_samples=counts,
         n_inputs=seen,
         objective=obj,
         objective_identity=obj_id,
-        nodes={g: [r.node for r in spec.feature_nodes(g, nodes)] for g in spec.groups},
+        nodes={g: [r.node for r in (spec.nodes.get(g, []) if g in spec.heads else spec.feature_nodes(g, nodes))]
+               for g in spec.groups if g not in spec.within_head_groups()},
         moved_fraction=moved_fraction(perms),
     )
     report.time_s = time.perf_counter() - t0
     return perms, report
+
+
+def _match_heads(spec: PermutationSpec, g: str, blocks: Mapping[str, np.ndarray], obj: dict, obj_id: dict
+                 ) -> dict[str, torch.Tensor]:
+    """Heads as units from the per-role similarity matrices ``blocks[role]`` ((H·d_h)², A rows, B
+    columns): per pair (i, j) and role the best within-head assignment, then one over heads."""
+    n_heads = spec.sizes[g]
+    total = np.zeros((n_heads, n_heads))
+    cols = {}
+    for role, C in blocks.items():
+        dh = C.shape[0] // n_heads
+        S = C.reshape(n_heads, dh, n_heads, dh).transpose(0, 2, 1, 3)
+        cols[role] = np.zeros((n_heads, n_heads, dh), dtype=np.int64)
+        for i in range(n_heads):
+            for j in range(n_heads):
+                _, ci = linear_sum_assignment(S[i, j], maximize=True)
+                cols[role][i, j] = ci
+                total[i, j] += S[i, j][np.arange(dh), ci].mean()
+        obj_id[g + "/" + role] = float(np.trace(C) / C.shape[0])
+    _, sigma = linear_sum_assignment(total, maximize=True)
+    out = {g: torch.as_tensor(sigma, dtype=torch.long)}
+    for role, kids in spec.heads[g].items():
+        for i, kid in enumerate(kids):
+            out[kid] = torch.as_tensor(cols[role][i, sigma[i]], dtype=torch.long)
+    obj[g] = float(total[np.arange(n_heads), sigma].mean() / max(1, len(blocks)))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,26 @@ from llfc.permutation.spec import DEFAULT_RTOL, PermutationSpec, SpecCheckError,
 from llfc.permutation.ste import ste_matching
 from llfc.permutation.weight_matching import moved_fraction, weight_distances, weight_matching
 
-__all__ = ["AlignResult", "align"]
+__all__ = ["AlignResult", "align", "example_input_for"]
+
+
+def example_input_for(model: nn.Module, shape: Sequence[int], n: int = 4,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random example batch for spec derivation: (n, *shape) float32 N(0, 1) values, or int64
+    token ids in [0, num_embeddings) when the model's input feeds an ``nn.Embedding`` (a language
+    model such as ``gpt``; only shapes matter for the spec, but an embedding needs valid ids)."""
+    from llfc.permutation.graph import trace
+
+    gm = trace(model)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for user in node.users:
+            if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), nn.Embedding):
+                vocab = gm.get_submodule(str(user.target)).num_embeddings
+                return torch.randint(0, vocab, (n, *shape), generator=generator)
+        break
+    return torch.randn(n, *shape, generator=generator)
 
 
 @dataclass

@@ -43,21 +43,22 @@ def axis_index(
     """Index vector ``idx`` such that the permuted entry is ``t.index_select(axis, idx)``.
 
     Composes every group segment on (key, axis); positions outside all segments stay in place.
-    Returns ``None`` if no group in ``perms`` touches that axis.
+    Segments nest only for attention heads (a heads group of block d_h and the groups within each
+    head, block 1): coarser segments act first, so position (i, a) takes (perm_heads[i],
+    perm_within_i[a]) (``idx = idx_heads[idx_within]``). Disjoint segments (concatenated features)
+    compose in any order. Returns ``None`` if no group in ``perms`` touches that axis.
     """
-    idx = None
-    for g, refs in spec.groups.items():
-        if g not in perms:
-            continue
-        for r in refs:
-            if r.key != key or r.axis != axis:
-                continue
-            if idx is None:
-                idx = torch.arange(length)
-            p = perms[g]
-            n = p.numel()
-            seg = (p[:, None] * r.block + torch.arange(r.block)[None, :]).reshape(-1) + r.offset
-            idx[r.offset: r.offset + n * r.block] = seg
+    segs = [(r, perms[g]) for g, refs in spec.groups.items() if g in perms
+            for r in refs if r.key == key and r.axis == axis]
+    if not segs:
+        return None
+    idx = torch.arange(length)
+    for r, p in sorted(segs, key=lambda rp: -rp[0].block):
+        n = p.numel()
+        seg = (p[:, None] * r.block + torch.arange(r.block)[None, :]).reshape(-1) + r.offset
+        step = torch.arange(length)
+        step[r.offset: r.offset + n * r.block] = seg
+        idx = idx[step]
     return idx
 
 
@@ -91,12 +92,22 @@ def apply_permutation(
         if g in ps:
             for r in refs:
                 axes.setdefault(r.key, set()).add(r.axis)
+    done: dict[tuple, list[torch.Tensor]] = {}
     for key, ax_set in axes.items():
-        t = state_dict[key]
+        t = src = state_dict[key]
         for ax in sorted(ax_set):
             idx = axis_index(spec, ps, key, ax, t.shape[ax])
             assert idx is not None  # a group in ps touches this axis
             t = t.index_select(ax, idx.to(t.device))
+        # tied entries (one storage under two keys, e.g. GPT's unembedding and token embedding)
+        # permuted alike stay one tensor
+        alias = (src.device, src.data_ptr(), tuple(src.shape), src.stride()) if src.numel() else None
+        for prev in done.get(alias, []):
+            if torch.equal(prev, t):
+                t = prev
+                break
+        else:
+            done.setdefault(alias, []).append(t)
         out[key] = t
     return out
 
@@ -124,14 +135,41 @@ def identity_permutation(spec: PermutationSpec) -> dict[str, torch.Tensor]:
     return {g: torch.arange(spec.sizes[g]) for g in spec.groups}
 
 
-def invert(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse permutations: ``apply(invert(p), apply(p, sd)) == sd``."""
-    return {g: torch.argsort(torch.as_tensor(p)) for g, p in perms.items()}
+def invert(perms: Mapping[str, torch.Tensor], spec: PermutationSpec | None = None) -> dict[str, torch.Tensor]:
+    """Inverse permutations: ``apply(invert(p, spec), apply(p, sd)) == sd``.
+
+    ``spec`` is needed only for attention heads (``spec.heads``): there the within-head permutation
+    at position i acts after the heads, so the inverse within head j is the inverse of the one at
+    position perm_heads⁻¹[j].
+    """
+    out = {g: torch.argsort(torch.as_tensor(p)) for g, p in perms.items()}
+    for hg, roles in (spec.heads.items() if spec is not None else ()):
+        if hg not in perms:
+            continue
+        back = out[hg]
+        for kids in roles.values():
+            if all(k in perms for k in kids):
+                for j, kid in enumerate(kids):
+                    out[kid] = torch.argsort(torch.as_tensor(perms[kids[int(back[j])]]))
+    return out
 
 
-def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Permutations equal to applying ``first`` and then ``second``: ``result[g] = first[g][second[g]]``."""
-    return {g: torch.as_tensor(first[g])[torch.as_tensor(second[g])] for g in first}
+def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor],
+            spec: PermutationSpec | None = None) -> dict[str, torch.Tensor]:
+    """Permutations equal to applying ``first`` and then ``second``: ``result[g] = first[g][second[g]]``.
+
+    With attention heads (``spec.heads``, needed then) the within-head permutation at position i is
+    ``first[within at second_heads[i]][second[within at i]]``.
+    """
+    out = {g: torch.as_tensor(first[g])[torch.as_tensor(second[g])] for g in first}
+    for hg, roles in (spec.heads.items() if spec is not None else ()):
+        if hg not in first:
+            continue
+        s2 = torch.as_tensor(second[hg])
+        for kids in roles.values():
+            for i, kid in enumerate(kids):
+                out[kid] = torch.as_tensor(first[kids[int(s2[i])]])[torch.as_tensor(second[kid])]
+    return out
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

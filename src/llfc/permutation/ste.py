@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from llfc.errors import ConfigError
 from llfc.permutation.apply import apply_permutation
-from llfc.permutation.spec import PermutationSpec
+from llfc.permutation.spec import PermutationSpec, untie_state
 from llfc.permutation.weight_matching import weight_matching
 
 
@@ -54,7 +54,8 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
             BatchNorm uses the running statistics of the midpoint).
         spec: permutation spec of the architecture.
         sd_a, sd_b: state dicts of A and B (not modified).
-        loader: training batches (x, y), x float (N, ...), y int64 (N,).
+        loader: training batches (x, y), x float (N, ...), y int64 (N,); or a language model's
+            token windows x (N, T) and next tokens y (N, T) (mean per-token cross-entropy).
         epochs: passes over ``loader``; ``max_steps`` caps the number of steps.
         lr, momentum: SGD on θ̃ (Git Re-Basin's MNIST MLP: lr 1e-2 (as here), momentum 0.9).
         seed: seed of each step's weight matching.
@@ -73,8 +74,14 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
     model = model.to(dev).eval()
     a = {k: v.to(dev) for k, v in sd_a.items()}
     b = {k: v.to(dev) for k, v in sd_b.items()}
-    free = {k: v.detach().clone().requires_grad_(True) for k, v in a.items() if v.is_floating_point()}
-    opt = torch.optim.SGD(free.values(), lr=lr, momentum=momentum)
+    first: dict[int, str] = {}  # tied parameters (GPT's head.weight = tok_emb.weight) share one free tensor
+    alias = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+    free: dict[str, torch.Tensor] = {}
+    for k, v in a.items():
+        if v.is_floating_point():
+            src = alias.get(k, k)
+            free[k] = free[src] if src in free else v.detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD(list({id(t): t for t in free.values()}.values()), lr=lr, momentum=momentum)
     report, best = SteReport(), None
     step = 0
     for _ in range(epochs):
@@ -87,7 +94,10 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
                 pb = apply_permutation(spec, perms, b)
             mid = {k: 0.5 * (a[k] + (pb[k] + free[k] - free[k].detach())) if k in free else a[k]
                    for k in a}
-            loss = F.cross_entropy(functional_call(model, mid, (x,)), y)
+            logits = functional_call(model, untie_state(model, mid), (x,))
+            if logits.dim() == y.dim() + 1 and logits.dim() > 2:  # (B, T, V) language-model logits
+                logits, y = logits.flatten(0, -2), y.flatten()
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad()
             loss.backward()
             opt.step()

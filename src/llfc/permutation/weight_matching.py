@@ -15,6 +15,17 @@ linear assignment (``scipy.optimize.linear_sum_assignment(S_g, maximize=True)``)
 is accepted only if it raises ⟨S_g, P_g⟩ by more than ``tol`` (relative); sweeps stop when no group
 improves. Several restarts (the first from ``init``, the others from random permutations) keep the
 best J.
+
+Attention heads (``spec.heads``) are matched as units (Theus et al., "Generalized LMC for
+Transformers", NeurIPS 2025, §3; Verma & Elbayad 2024): with the residual stream fixed, the gain of
+sending head j of B to head i of A is
+
+    c[i, j] = max_π Σ_(q,k refs) ⟨A_i, π B_j⟩ + max_ρ Σ_(v,o refs) ⟨A_i, ρ B_j⟩ ,
+
+each max one d_h×d_h linear assignment over the dimensions within the head (the QK and OV
+permutations); one assignment over c gives the heads, and the within-head permutations of the
+chosen pairs come after. This step maximises J exactly over heads and within-head permutations
+jointly, so it replaces the coordinate step of the heads group and of its within-head groups.
 """
 
 from __future__ import annotations
@@ -167,10 +178,14 @@ def weight_matching(
     # Per group: a constant similarity part (keys permuted along this axis only) and dynamic terms.
     # Dynamic terms keep B's group segment with the group axis moved to the front (contiguous), so
     # permuting B's other axes is one index_select per axis followed by a free reshape.
+    within = spec.within_head_groups()
     static: dict[str, torch.Tensor] = {}
     dynamic: dict[str, list[tuple[AxisRef, torch.Tensor, torch.Tensor]]] = {}
     for g, refs in spec.groups.items():
         n = spec.sizes[g]
+        if g in spec.heads or g in within:
+            static[g], dynamic[g] = torch.zeros(0), []  # matched by heads_step
+            continue
         S0 = torch.zeros(n, n, dtype=dtype, device=device)
         dyn = []
         for r in refs:
@@ -212,10 +227,54 @@ def weight_matching(
             S += prod
         return S
 
+    def other_axes_permuted(key: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = B[key]
+        for ax in axes_of_key[key]:
+            if ax != axis:
+                t = t.index_select(ax, axis_index(spec, perms, key, ax, t.shape[ax]).to(t.device))
+        return t
+
+    def heads_step(g: str, perms: dict[str, torch.Tensor]) -> bool:
+        """Heads group g and its within-head groups, jointly (see the module docstring)."""
+        n_heads = spec.sizes[g]
+        total = np.zeros((n_heads, n_heads))
+        old = 0.0
+        choice: dict[str, np.ndarray] = {}
+        for role, kids in spec.heads[g].items():
+            dh = spec.sizes[kids[0]]
+            S = torch.zeros(n_heads, n_heads, dh, dh, dtype=dtype, device=device)
+            for r in spec.groups[kids[0]]:  # head i's segment starts i·d_h·block after head 0's
+                a_seg = A[r.key].narrow(r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
+                b_seg = other_axes_permuted(r.key, r.axis, perms).narrow(
+                    r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
+                prod = a_seg.reshape(n_heads * dh, -1) @ b_seg.reshape(n_heads * dh, -1).T  # ((i,a), (j,b))
+                S += prod.reshape(n_heads, dh, n_heads, dh).transpose(1, 2)
+            S64 = S.double().cpu().numpy()
+            cols = np.zeros((n_heads, n_heads, dh), dtype=np.int64)
+            for i in range(n_heads):
+                for j in range(n_heads):
+                    _, ci = linear_sum_assignment(S64[i, j], maximize=True)
+                    cols[i, j] = ci
+                    total[i, j] += S64[i, j][np.arange(dh), ci].sum()
+            cur = perms[g].numpy()
+            old += sum(S64[i, cur[i]][np.arange(dh), perms[kids[i]].numpy()].sum() for i in range(n_heads))
+            choice[role] = cols
+        _, sigma = linear_sum_assignment(total, maximize=True)
+        new = total[np.arange(n_heads), sigma].sum()
+        if not new > old + tol * max(1.0, abs(old)):
+            return False
+        perms[g] = torch.as_tensor(sigma, dtype=torch.long)
+        version[g] += 1
+        for role, kids in spec.heads[g].items():
+            for i, kid in enumerate(kids):
+                perms[kid] = torch.as_tensor(choice[role][i, sigma[i]], dtype=torch.long)
+                version[kid] += 1
+        return True
+
     A64 = {k: sd_a[k].detach().double() for k in keys}
     B64 = {k: sd_b[k].detach().double() for k in keys}
 
-    groups = list(spec.groups)
+    groups = [g for g in spec.groups if g not in within]
     gen = torch.Generator().manual_seed(seed)
     best = None
     restart_objs: list[float] = []
@@ -235,6 +294,9 @@ def weight_matching(
             progress = False
             for gi in torch.randperm(len(groups), generator=gen).tolist():
                 g = groups[gi]
+                if g in spec.heads:
+                    progress = heads_step(g, perms) or progress
+                    continue
                 n = spec.sizes[g]
                 S = similarity(g, perms).double().cpu().numpy()
                 _, ci = linear_sum_assignment(S, maximize=True)
@@ -267,7 +329,7 @@ def weight_matching(
 
     assert best is not None  # restarts ≥ 1
     perms, history, sweeps, converged, best_rs = best
-    aligned = apply_permutation(spec, perms, sd_b)
+    aligned = apply_permutation(spec, perms, B64)  # float64 copies: no second conversion below
     report = WeightMatchingReport(
         objective=history[-1],
         objective_identity=_objective(A64, B64, keys),
@@ -278,8 +340,8 @@ def weight_matching(
         converged=converged,
         time_s=0.0,
         moved_fraction=moved_fraction(perms),
-        distance_before=weight_distances(sd_a, sd_b, keys),
-        distance_after=weight_distances(sd_a, aligned, keys),
+        distance_before=weight_distances(A64, B64, keys),
+        distance_after=weight_distances(A64, aligned, keys),
     )
     report.time_s = time.perf_counter() - t0
     return perms, report
