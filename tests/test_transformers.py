@@ -237,3 +237,42 @@ def test_per_token_vs_flattened_cosine():
     # the whole-tensor distance does not depend on the convention; the LM loss neither
     assert tok["llfc"][-1]["distance"]["whole"][k] == pytest.approx(flat["llfc"][-1]["distance"]["whole"][k])
     assert tok["lmc"]["loss"] == pytest.approx(flat["lmc"]["loss"])
+
+
+def test_text_run_analyze_and_cli(tmp_path, capsys):
+    """`llfc run` on a text dataset (context from dataset_args), `llfc analyze` of its checkpoints
+    (the context comes from the model's input shape) with the per-token cosine, `llfc probes`."""
+    from llfc.cli import main
+    from llfc.config import ExperimentConfig
+    from llfc.experiment import run_experiment
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    text = "".join("abcdefgh \n"[int(i)] for i in torch.randint(0, 10, (3000,), generator=g))
+    root = _text_root(tmp_path, text)
+    cfg = ExperimentConfig.from_dict({
+        "dataset": "tinyshakespeare", "data_root": str(root), "dataset_args": {"context": 12},
+        "model": "gpt", "model_args": {"width": 8, "depth": 1, "heads": 2}, "pairs": ["independent"],
+        "alphas": [0, 0.5, 1], "train": {"epochs": 1, "batch_size": 8, "max_batches_per_epoch": 2,
+                                         "optimizer": "adamw", "lr": 1e-3},
+        "measure": {"test_samples": 16, "train_samples": 8, "stitching": False, "angles_k": 0}})
+    res = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    pr = res["pairs"]["independent"]
+    assert res["model"]["kwargs"]["input_shape"] == [12] and res["model"]["kwargs"]["num_classes"] == 10
+    assert pr["n_samples"] == 16 and {w["activation"] for w in pr["weak_additivity"]} == {"GELU"}
+    a = tmp_path / "run" / "pairs" / "independent" / "a" / "final.safetensors"
+    b = tmp_path / "run" / "pairs" / "independent" / "b" / "final.safetensors"
+    assert main(["analyze", str(a), str(b), "--out", str(tmp_path / "an"), "--data-root", str(root),
+                 "--per-token", "--no-conditions", "--test-samples", "16", "--train-samples", "0",
+                 "--alphas", "0,0.5,1", "--no-progress"]) == 0
+    import json
+    an = json.loads((tmp_path / "an" / "results.json").read_text())["pairs"]["A vs B"]
+    # the same test loss as the run (the per-token cosine does not change LMC)
+    assert an["lmc"]["test"]["loss"] == pytest.approx(pr["lmc"]["test"]["loss"], rel=1e-9)
+    ly = {x["name"]: x for x in an["llfc"]}
+    assert ly["blocks.0.mlp.act"]["dim"] == 32   # per token: one row of r·d = 32 per token
+    capsys.readouterr()
+    assert main(["probes", "gpt", "--dataset", "tinyshakespeare", "--model-args",
+                 '{"width": 8, "depth": 1, "heads": 2}']) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.mlp.act" in out and "weak additivity" in out and "(128, 32)" in out

@@ -202,12 +202,12 @@ def cmd_probes(args) -> int:
     fe = FeatureExtractor(model)
     probes = select_probes(fe.all_probes, kinds=args.kinds.split(",") if args.kinds else None)
     feats = fe.__class__(model, names=[p.name for p in probes if p.kind != "logits"])
-    x = torch.zeros(1, *info.input_shape)
+    x = torch.zeros(1, *info.input_shape, dtype=torch.long if info.modality == "text" else None)
     shapes = {k: tuple(v.shape[1:]) for k, v in feats(model.state_dict(), x).items()}
     print(f"{'name':<32} {'kind':<9} {'op':<14} {'feature shape':<18} conditions")
     for p in probes:
         cond = []
-        if p.is_relu:
+        if p.kind == "post" and p.input_node:  # ReLU, or any elementwise σ (GELU) without Theorem 1
             cond.append("weak additivity")
         if p.kind in ("pre", "logits") and p.input_node and not p.from_input:
             cond.append("commutativity")
@@ -223,6 +223,10 @@ def cmd_list(args) -> int:
     print("datasets:")
     for n in list_datasets():
         i = dataset_info(n)
+        if i.modality == "text":
+            print(f"  {n:<15} text: windows of {i.input_shape[0]} characters (dataset_args: "
+                  f"{{context: T}}), {i.num_classes}-character vocabulary")
+            continue
         print(f"  {n:<15} input {i.input_shape}, {i.num_classes} classes"
               + ("" if i.needs_files else " (bundled, no files needed)"))
     print("models:")
