@@ -597,13 +597,15 @@ def _check_classes(model: nn.Module, dataset, dataset_name: str) -> None:
     mid-run)."""
     n = min(256, len(dataset))
     x = torch.stack([dataset[i][0] for i in range(n)])
-    y = torch.as_tensor([int(dataset[i][1]) for i in range(n)])
+    y = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(n)])  # labels, or (T,) next tokens
     with torch.no_grad():
         k = model(x[:1]).shape[-1]
     if int(y.max()) >= k:
         raise ConfigError(f"the model has {k} outputs but {dataset_name} has labels up to {int(y.max())}; "
                           f"build it with num_classes for this dataset (--model-args) or pass the "
                           f"--dataset it was trained on.")
+
+
 def _check_same_checkpoints(*paths: str | Path) -> None:
     """Under torchrun: every rank must read byte-identical checkpoint files (SHA-256 compared)."""
     if not distributed.is_active():
