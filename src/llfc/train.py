@@ -455,6 +455,8 @@ def train(
     progress: bool = True,
     seeds: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    save_at_iterations: Sequence[int] = (),
+    stop_iteration: int | None = None,
 ) -> TrainResult:
     """Train ``model`` with recipe ``cfg``; randomness depends only on ``data_seed`` and epoch.
 
@@ -484,6 +486,16 @@ def train(
             ``data`` is added.
         meta: further JSON-able metadata for the checkpoints (``model``: ``{"name", "kwargs"}``
             makes them loadable with :func:`llfc.checkpoint.build_model`; ``dataset``...).
+        save_at_iterations: global iteration counts (optimizer steps since the start of the
+            schedule) at which the full training state is saved to ``out_dir/iter-<N>`` (spawn
+            points of a sweep over k in iterations, :mod:`llfc.sweep`). A state inside an epoch
+            records ``batch_in_epoch``; one at an epoch boundary equals ``last`` after that epoch.
+        stop_iteration: stop after this many global iterations (may end inside an epoch; that
+            partial epoch is not logged). Overrides ``stop_epoch``.
+
+    A start state saved inside epoch e (``batch_in_epoch`` = j > 0) continues epoch e with this
+    run's own data order for e, skipping its first j batches (so a child spawned inside an epoch
+    takes the remaining spe − j steps of that epoch in its own order).
 
     Returns:
         :class:`TrainResult`.
@@ -509,6 +521,15 @@ def train(
     if n == 0:
         raise ConfigError("the training set is empty.")
     spe = steps_per_epoch(n, cfg)
+    save_at = sorted({int(i) for i in save_at_iterations})
+    if stop_iteration is not None:
+        if not 0 <= int(stop_iteration) <= cfg.epochs * spe:
+            raise ConfigError(f"stop_iteration must be in [0, epochs × steps per epoch = "
+                              f"{cfg.epochs * spe}], got {stop_iteration}.")
+        stop = math.ceil(int(stop_iteration) / spe) if spe else 0
+    if save_at and not (0 <= save_at[0] and save_at[-1] <= cfg.epochs * spe):
+        raise ConfigError(f"save_at_iterations must lie in [0, {cfg.epochs * spe}] (epochs × steps "
+                          f"per epoch), got {save_at}.")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, spe)
 
@@ -521,6 +542,7 @@ def train(
     last = out / "last" if out is not None else None
     log: list[dict[str, Any]] = []
     start = 0
+    start_batch = 0
     resumed = False
     if last is not None and checkpoint_exists(last):
         if resume:
@@ -547,16 +569,25 @@ def train(
         epoch, rng, smeta = load_training_state(start_state, model, optimizer, scheduler)
         _check_recipe(smeta.get("train_config"), cfg, f"the start state {start_state}")
         start, log = epoch, list(smeta.get("log") or [])
+        start_batch = int(smeta.get("batch_in_epoch") or 0)
         base_meta["spawned_from"] = {"path": os.fspath(start_state), "epoch": epoch,
+                                     "iteration": epoch * spe + start_batch,
                                      "seeds": smeta.get("seeds")}
     if start > stop:
         raise ConfigError(f"the run is already at epoch {start}, past stop_epoch {stop}.")
 
-    def state_meta() -> dict[str, Any]:
-        return {**base_meta, "log": log}
+    def state_meta(**extra) -> dict[str, Any]:
+        return {**base_meta, "log": log, **extra}
+
+    def save_iteration(it: int, epoch: int, batch: int) -> None:
+        if out is not None and it in save_at:
+            save_training_state(out / f"iter-{it}", model, optimizer, scheduler, epoch, rng_state(),
+                                state_meta(iteration=it, batch_in_epoch=batch))
 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if start == 0 and start_batch == 0:
+            save_iteration(0, 0, 0)
         if start == stop and not resumed:  # nothing to train (e.g. spawn at k=0): still save
             save_training_state(last, model, optimizer, scheduler, start, rng_state(), state_meta())
             _write_log(out, log_name, log)
@@ -572,7 +603,10 @@ def train(
             seed_everything(derive_seed(data_seed, "rng", e))
             g = torch.Generator().manual_seed(derive_seed(data_seed, "epoch", e))
             order = torch.randperm(n, generator=g)
-            batches = [b.tolist() for b in order.split(cfg.batch_size)][:spe]
+            skip = start_batch if e == start else 0
+            batches = [b.tolist() for b in order.split(cfg.batch_size)][:spe][skip:]
+            if stop_iteration is not None:
+                batches = batches[:max(0, int(stop_iteration) - e * spe - skip)]
             loader = DataLoader(
                 train_set, batch_sampler=batches, num_workers=cfg.num_workers,
                 generator=torch.Generator().manual_seed(derive_seed(data_seed, "workers", e)),
@@ -597,12 +631,16 @@ def train(
                 correct += (out_logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 bar.update(1)
+                if skip + i + 1 < spe:
+                    save_iteration(e * spe + skip + i + 1, e, skip + i + 1)
                 if progress and (i % 20 == 0 or i == spe - 1):
                     bar.set_postfix(epoch=f"{e + 1}/{stop}", loss=f"{float(loss_sum) / seen:.4f}",
                                     acc=f"{int(correct) / seen:.4f}")
+            if skip + len(batches) < spe:  # stop_iteration inside this epoch: not logged
+                break
             if cfg.schedule_step == "epoch":
                 scheduler.step()
-            train_loss = float(loss_sum) / seen
+            train_loss = float(loss_sum) / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise NonFiniteWeightsError(
                     f"training diverged: the mean training loss of epoch {e + 1} is {train_loss} "
@@ -621,9 +659,12 @@ def train(
                 save_training_state(last, model, optimizer, scheduler, e + 1, rng_state(),
                                     state_meta())
                 _write_log(out, log_name, log)
+            save_iteration((e + 1) * spe, e + 1, 0)
     finally:
         bar.close()
 
+    if stop_iteration is not None:
+        stop = min(stop, int(stop_iteration) // spe) if spe else 0
     if out is not None:
         final_meta = {k: v for k, v in base_meta.items()}
         final_meta.update(epoch=stop, final=log[-1] if log else None)
