@@ -19,7 +19,7 @@ Sweep config (YAML; ``llfc sweep CONFIG``)::
       spawn_iteration: [0, 10, 50, 100, 500]   # k in optimizer steps
       spawn_epoch: [1]                          # k in epochs (joined with spawn_iteration: one k axis)
       seed: [0, 1, 2]
-      pair: [spawn]             # spawn, independent, permutation-weight, ...
+      pair: [spawn]             # spawn, independent, permutation-weight, ... (default: base.pairs)
       # width: [32, 64]         # MLP: every hidden layer; other models: their `width` argument
       # model_args: [{...}, {...}], model: [mlp, {model: vgg11, model_args: {...}}], dataset: [...]
     point_figures: true         # each point's own figures (lmc.png, llfc.png, ...)
@@ -65,7 +65,7 @@ import yaml
 
 from llfc import criteria
 from llfc.checkpoint import atomic_write_json, atomic_write_text, checkpoint_exists, load_checkpoint
-from llfc.config import PAIR_KINDS, ExperimentConfig
+from llfc.config import ExperimentConfig
 from llfc.errors import ConfigError, LLFCError, OutputExistsError
 
 __all__ = ["GRID_KEYS", "SweepConfig", "SweepPoint", "expand", "run_sweep", "aggregate", "ROW_COLUMNS",
@@ -274,7 +274,7 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
     varying = {k for k, v in g.items() if len(v) > 1}
     for ds, (model, margs), extra, width, pair in itertools.product(
             g.get("dataset", [None]), models, g.get("model_args", [None]), g.get("width", [None]),
-            g.get("pair", [None])):
+            g.get("pair", base.pairs if isinstance(base.pairs, list) else [None])):
         d = base.to_dict()
         if ds is not None:
             d["dataset"] = ds
@@ -289,9 +289,6 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
         probe = ExperimentConfig.from_dict(d, where="sweep point").resolved()
         if width is not None:
             probe = dataclasses.replace(probe, model_args=_with_width(probe.model, probe.model_args, width))
-        if len(probe.pairs) != 1:
-            raise SweepError(f"every sweep point is one pair: give the pair kinds as the grid axis "
-                             f"`pair: [...]` (base has pairs {probe.pairs}); valid: {', '.join(PAIR_KINDS)}.")
         kind = probe.pairs[0]
         tcfg = TrainConfig.from_dict(probe.train)
         check_alphas(default_alphas(probe.alphas) if isinstance(probe.alphas, int) else probe.alphas,
@@ -399,6 +396,14 @@ def _parent_done(job: dict) -> bool:
     return all(checkpoint_exists(d / m / "final") for m in ("a", "b"))
 
 
+def _saved_epoch(path: Path) -> int:
+    """Completed epochs of a training state's JSON sidecar (0 when there is none)."""
+    from llfc.checkpoint import checkpoint_paths
+
+    j = checkpoint_paths(path)[1]
+    return int(json.loads(j.read_text()).get("epoch", 0)) if j.is_file() else 0
+
+
 def train_parent(job: dict) -> dict:
     """A shared run: a spawn parent trained once to the largest k, its full training state saved at
     every k of the grid (``iter-<k>``); or an independent pair (``a/``, ``b/``). Resumes a killed run.
@@ -415,7 +420,7 @@ def train_parent(job: dict) -> dict:
     if _parent_done(job):
         return {"dir": job["dir"], "seconds": 0.0, "skipped": True}
     from llfc.seeding import seed_everything
-    from llfc.train import independent_pair, train
+    from llfc.train import independent_pair, steps_per_epoch, train
 
     cfg = ExperimentConfig.from_dict(job["config"])
     train_set, _, test_set, spec, tcfg = _data(cfg)
@@ -426,9 +431,14 @@ def train_parent(job: dict) -> dict:
         seed_everything(init)
         model = spec()
         its = sorted(job["iterations"])
-        train(model, train_set, test_set, tcfg, data_seed=data_p, out_dir=d, resume=True,
-              progress=False, seeds={"init": init}, meta={**meta, "pair": "spawn", "member": "parent"},
-              save_at_iterations=its, stop_iteration=its[-1])
+        # resume from `last` only when no spawn state before it is missing (else retrain: deterministic)
+        done_epochs = _saved_epoch(d / "last")
+        missing = [k for k in its if not checkpoint_exists(d / f"iter-{k}")]
+        resume = not missing or min(missing) >= done_epochs * steps_per_epoch(len(train_set), tcfg)
+        train(model, train_set, test_set, tcfg, data_seed=data_p, out_dir=d, resume=resume,
+              overwrite=not resume, progress=False, seeds={"init": init},
+              meta={**meta, "pair": "spawn", "member": "parent"}, save_at_iterations=its,
+              stop_iteration=its[-1])
     else:
         independent_pair(spec, train_set, test_set, tcfg, _seeds(cfg.seed)["independent"], d, resume=True,
                          progress=False, meta=meta)

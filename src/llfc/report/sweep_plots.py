@@ -46,6 +46,7 @@ def plot_vs_k(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
+    axes[1].set_yscale("log")
     axes[1].set_xscale("symlog", linthresh=10)
     axes[1].set_xlabel("spawn point k (iterations; symlog)")
     fig.suptitle("LMC and LLFC against the spawn point k", fontsize=10)
