@@ -190,3 +190,18 @@ def test_submitit_local_executor(done, tmp_path):
     ref = next(r for r in agg0["rows"] if r["id"] == row["id"])
     assert row == ref  # the same pair, run on submitit's executor, gives the same numbers
     assert yaml.safe_load((tmp_path / "s" / "sweep.yaml").read_text())["grid"]["seed"] == [0]
+
+
+def test_catalogue_sweeps_expand():
+    """Every shipped sweep config parses and expands (its k within the training length)."""
+    from llfc.sweep import find_config, list_sweeps
+
+    names = [f"{p.parent.name}/{p.stem}" for p in list_sweeps()]
+    assert "sweep-cpu/mnist-mlp-coemergence" in names and "sweep-paper/cifar10-resnet20-coemergence" in names
+    for n in names:
+        sc = SweepConfig.from_yaml(find_config(n))
+        pts = expand(sc, check_data=False)
+        assert pts and all(p.k_iteration is None or p.k_iteration >= 0 for p in pts)
+    mnist = expand(SweepConfig.from_yaml(find_config("sweep-cpu/mnist-mlp-coemergence")), check_data=False)
+    assert sorted({p.k_iteration for p in mnist if p.pair == "spawn"}) == [0, 10, 50, 100, 469, 500]
+    assert len(mnist) == 21 and len({p.parent for p in mnist}) == 6

@@ -237,6 +237,11 @@ def _with_width(model: str, args: dict, w: float) -> dict:
     return args
 
 
+# training-set sizes for expanding a grid without reading the data (expand(check_data=False))
+_TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000,
+                "tiny-imagenet": 100000, "tinyimagenet": 100000}
+
+
 def _dataset_sizes(cfg: ExperimentConfig) -> int:
     from llfc.data import get_dataset
 
@@ -249,6 +254,10 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
     k: the values of ``spawn_iteration`` (steps) and ``spawn_epoch`` (× steps per epoch) form one axis
     (duplicates after conversion are merged); only spawn pairs take it. Without either, spawn pairs use
     the base's ``spawn_epoch``.
+
+    Args:
+        check_data: load each dataset (its size sets the steps per epoch; missing data fails here).
+            False uses the standard training-set sizes, without reading any data.
 
     Raises:
         SweepError: a k at or beyond the training length (the children need at least one step).
@@ -295,7 +304,7 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
                      probe.allow_extrapolation)
         key = (probe.dataset, probe.data_root)
         if key not in sizes:
-            sizes[key] = _dataset_sizes(probe) if check_data else 1000
+            sizes[key] = _dataset_sizes(probe) if check_data else _TRAIN_SIZES.get(probe.dataset, 50000)
         spe = steps_per_epoch(sizes[key], tcfg)
         total = tcfg.epochs * spe
         ks: list[tuple[int, str]] = []
