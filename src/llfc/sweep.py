@@ -34,7 +34,7 @@ Layout of a sweep folder::
                                summary.txt, and results.json written atomically LAST (its presence
                                marks a finished point; a point without it is redone on resume)
     sweep.csv, sweep.json      one row per point (columns: :data:`ROW_COLUMNS`)
-    sweep_mean.csv             mean ± std over seeds of every numeric column
+    sweep_mean.csv, .md        mean ± std over seeds of every numeric column (.md: the main ones)
     cooccurrence.csv/.md       the four cells LMC yes/no × LLFC yes/no (thresholds: llfc.criteria)
     barrier_llfc_vs_k.png, llfc_heatmap.png, barrier_vs_llfc.png, summary.txt
 
@@ -843,6 +843,23 @@ def cooccurrence_markdown(co: dict) -> str:
             f"Thresholds: {co['thresholds']}\n")
 
 
+def means_markdown(means: list[dict]) -> str:
+    """The per-(architecture, pair kind, k) means over seeds as a Markdown table (``sweep_mean.md``)."""
+    def pm(m, c, scale=1.0, fmt=".2f"):
+        mu, sd = m.get(f"{c}_mean"), m.get(f"{c}_std")
+        return "-" if mu is None else f"{scale * mu:{fmt}} ± {scale * sd:{fmt}}"
+
+    lines = ["| model | pair | k | seeds | err A (%) | error barrier (pp) | worst-layer LLFC distance | "
+             "worst-layer ratio to A-vs-B | LMC holds | LLFC holds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in means:
+        k = "-" if m["k_iteration"] is None else f"{m['k_iteration']} it ({m['k_epoch']:.2f} ep)"
+        lines.append(f"| {m['model']} {m['model_args']} | {m['pair']} | {k} | {m['n']} | {pm(m, 'err_a', 100)} | "
+                     f"{pm(m, 'error_barrier_frankle', 100)} | {pm(m, 'llfc_worst_distance', 1, '.3g')} | "
+                     f"{pm(m, 'llfc_worst_ratio', 1, '.3f')} | {m['lmc_holds_count']}/{m['n']} | "
+                     f"{m['llfc_holds_count']}/{m['n']} |")
+    return "\n".join(lines) + "\n"
+
+
 def spearman(rows: list[dict], x: str = "error_barrier_frankle", y: str = "llfc_worst_distance") -> dict:
     """Spearman rank correlation (``scipy.stats.spearmanr``) of two columns over every pair that has both."""
     from scipy.stats import spearmanr
@@ -907,6 +924,7 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
         f"{a},{b},{co['counts'][k]}\n" for a, b, k in ((True, True, "lmc_and_llfc"), (True, False, "lmc_without_llfc"),
                                                        (False, True, "llfc_without_lmc"), (False, False, "neither"))))
     atomic_write_text(out / "cooccurrence.md", cooccurrence_markdown(co))
+    atomic_write_text(out / "sweep_mean.md", means_markdown(means))
     agg = {"rows": rows, "means": means, "cooccurrence": co, "spearman": rho,
            "n_points": len(dirs), "n_finished": len(rows), "thresholds": criteria.describe()}
     atomic_write_json(out / "sweep.json", agg)
