@@ -169,7 +169,7 @@ def test_resume_after_kill_identical(done, tmp_path):
     (out / "points" / "independent-seed1" / "results.json").unlink()
     with pytest.raises(OutputExistsError, match="different sweep config"):
         run_sweep(sweep_cfg(seed=[0]), out, progress=False, log=lambda s: None)
-    agg = run_sweep(sweep_cfg(), out, progress=False, threads=1, log=lambda s: None)
+    agg = run_sweep(sweep_cfg(), out, progress=False, jobs=2, threads=1, log=lambda s: None)  # process pool
     assert agg["timing"]["pairs_run"] == 2 and agg["timing"]["parents_run"] == 1
     assert kept.stat().st_mtime_ns == stamp  # finished pairs are not redone
     num = [c for c in agg["rows"][0] if c not in ("id",)]
