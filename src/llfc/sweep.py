@@ -425,9 +425,9 @@ def train_parent(job: dict) -> dict:
         ``{"dir", "seconds", "skipped"}``.
     """
     _set_threads(job.get("threads"))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if _parent_done(job):
-        return {"dir": job["dir"], "seconds": 0.0, "skipped": True}
+        return {"dir": job["dir"], "seconds": 0.0, "cpu_seconds": 0.0, "skipped": True}
     from llfc.seeding import seed_everything
     from llfc.train import independent_pair, steps_per_epoch, train
 
@@ -451,7 +451,8 @@ def train_parent(job: dict) -> dict:
     else:
         independent_pair(spec, train_set, test_set, tcfg, _seeds(cfg.seed)["independent"], d, resume=True,
                          progress=False, meta=meta)
-    return {"dir": job["dir"], "seconds": time.perf_counter() - t0, "skipped": False}
+    return {"dir": job["dir"], "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "skipped": False}
 
 
 def run_point(job: dict) -> dict:
@@ -468,8 +469,8 @@ def run_point(job: dict) -> dict:
     _set_threads(job.get("threads"))
     out = Path(job["dir"])
     if (out / "results.json").is_file():
-        return {"dir": job["dir"], "seconds": 0.0, "train_seconds": 0.0, "measure_seconds": 0.0,
-                "skipped": True}
+        return {"dir": job["dir"], "seconds": 0.0, "cpu_seconds": 0.0, "train_seconds": 0.0,
+                "train_cpu_seconds": 0.0, "measure_seconds": 0.0, "skipped": True}
     from llfc.checkpoint import save_checkpoint
     from llfc.experiment import (PAIR_LABELS, Measurer, _results_header, _train_subset,
                                  align_state_dicts)
@@ -478,7 +479,7 @@ def run_point(job: dict) -> dict:
     from llfc.seeding import environment, seed_everything
     from llfc.train import train
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = ExperimentConfig.from_dict(job["config"])
     point = job["point"]
     train_set, train_eval, test_set, spec, tcfg = _data(cfg)
@@ -508,7 +509,7 @@ def run_point(job: dict) -> dict:
         sd_a, _ = load_checkpoint(parent / "a" / "final")
         sd_b, _ = load_checkpoint(parent / "b" / "final")
         logs = {"shared": str(parent)}
-    t_train = time.perf_counter() - t0
+    t_train, c_train = time.perf_counter() - t0, time.process_time() - c0
     seed_everything(cfg.seed)
     arch = spec()
     alignment = None
@@ -541,8 +542,9 @@ def run_point(job: dict) -> dict:
     t_measure = time.perf_counter() - t1
     results["seconds"] = {"train": t_train, "measure": t_measure, "total": time.perf_counter() - t0}
     atomic_write_json(out / "results.json", results)  # last: marks the point finished
-    return {"dir": job["dir"], "seconds": time.perf_counter() - t0, "train_seconds": t_train,
-            "measure_seconds": t_measure, "skipped": False}
+    return {"dir": job["dir"], "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "train_seconds": t_train, "train_cpu_seconds": c_train, "measure_seconds": t_measure,
+            "skipped": False}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -708,6 +710,9 @@ def run_sweep(config: SweepConfig | Mapping | str | Path, out: str | Path, *, jo
         "pairs_job_seconds": sum(r["seconds"] for r in rres),
         "pairs_train_seconds": sum(r["train_seconds"] for r in rres),
         "pairs_measure_seconds": sum(r["measure_seconds"] for r in rres),
+        "parents_job_cpu_seconds": sum(r["cpu_seconds"] for r in pres),
+        "pairs_job_cpu_seconds": sum(r["cpu_seconds"] for r in rres),
+        "pairs_train_cpu_seconds": sum(r["train_cpu_seconds"] for r in rres),
         "parents_run": sum(not r["skipped"] for r in pres), "pairs_run": sum(not r["skipped"] for r in rres),
         "jobs": jobs, "threads": threads}
     atomic_write_json(out / "timing.json", agg["timing"])
