@@ -46,8 +46,12 @@ def plot_vs_k(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
+    axes[0].set_yscale("symlog", linthresh=1)
+    bars = [100 * r["error_barrier_frankle"] for r in rows]
+    axes[0].set_ylim(min(0.0, min(bars)) - 0.1, max(bars) * 1.6 + 0.1)
     axes[1].set_yscale("log")
     axes[1].set_xscale("symlog", linthresh=10)
+    axes[1].set_xlim(-1, xo * 1.5)
     axes[1].set_xlabel("spawn point k (iterations; symlog)")
     fig.suptitle("LMC and LLFC against the spawn point k", fontsize=10)
     fig.tight_layout()
@@ -56,7 +60,8 @@ def plot_vs_k(rows: list[dict], path: Path) -> Path:
 
 def plot_heatmap(cells: list[dict], path: Path) -> Path:
     """Per architecture, a heatmap of the LLFC ratio E[1−cos_0.5] / E[1−cos_AB] (mean over seeds) over
-    (k, hidden layer), log colour scale; ``cells`` from :func:`llfc.sweep._heatmap_rows`."""
+    (k, hidden layer), log colour scale (grey: below 1e-6, i.e. exact); ``cells`` from
+    :func:`llfc.sweep._heatmap_rows`."""
     groups = sorted({c["group"] for c in cells}) or [None]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1, 3.6), squeeze=False)
     for ax, g in zip(axes[0], groups):
@@ -74,14 +79,16 @@ def plot_heatmap(cells: list[dict], path: Path) -> Path:
                     mat[i, j] = np.mean(v)
         from matplotlib.colors import LogNorm
 
-        pos = mat[np.isfinite(mat) & (mat > 0)]
-        norm = LogNorm(vmin=max(pos.min(), 1e-4), vmax=max(pos.max(), 1e-3)) if pos.size else None
-        im = ax.imshow(np.where(mat > 0, mat, np.nan), aspect="auto", cmap="viridis", norm=norm)
+        mat = np.where(mat > 1e-6, mat, np.nan)  # exact (a linear map of the input): grey
+        pos = mat[np.isfinite(mat)]
+        norm = LogNorm(vmin=pos.min(), vmax=max(pos.max(), pos.min() * 10)) if pos.size else None
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+        im = ax.imshow(mat, aspect="auto", cmap=cmap, norm=norm)
         ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=7, rotation=45)
         ax.set_yticks(range(len(layers)), layers, fontsize=6)
         ax.set_xlabel("spawn point k (iterations)")
         ax.set_title(" ".join(str(x) for x in g)[:60], fontsize=8)
-        fig.colorbar(im, ax=ax, label="E[1−cos_0.5] / E[1−cos_AB]")
+        fig.colorbar(im, ax=ax, label="E[1−cos_0.5] / E[1−cos_AB]\n(grey: < 1e-6, exact)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -103,7 +110,7 @@ def plot_scatter(rows: list[dict], rho: dict, path: Path) -> Path:
         ax.scatter([r["llfc_worst_distance"] for r in o], [100 * r["error_barrier_frankle"] for r in o],
                    marker="x", color=_COLORS[j % len(_COLORS)], label=kind)
     ax.axhline(100 * criteria.LMC_MAX_ERROR_BARRIER, ls="--", color="gray", lw=0.8)
-    ax.axvline(criteria.LLFC_MAX_DISTANCE, ls="--", color="gray", lw=0.8)
+    ax.axvline(criteria.LLFC_MAX_DISTANCE, ls="--", color="gray", lw=0.8)  # LLFC also needs the ratio test
     ax.set_xscale("log")
     ax.set_xlabel("worst hidden-layer LLFC distance E[1−cos_α]")
     ax.set_ylabel("test error barrier (pp)")
