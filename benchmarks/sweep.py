@@ -11,9 +11,9 @@
   evaluation: ``stop_iteration=max k, save_at_iterations=ks`` against ``stop_iteration=k`` per k). The
   children cost the same either way (the sweep's measured children CPU time is printed with both).
 
-MLP 784-128-128-10 on MNIST, one seed, k over iterations, 1 thread.
+An MLP on MNIST (default 784-128-128-10), one seed, k over iterations, 1 thread.
 
-    python benchmarks/sweep.py [--dataset mnist] [--ks 0,50,200,469,700] [--json PATH]
+    python benchmarks/sweep.py [--dataset mnist] [--widths 128,128] [--epochs 2] [--ks 0,50,200,469,700] [--json PATH]
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--ks", default="0,50,200,469,700", help="spawn points in iterations")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--json", help="output JSON (default benchmarks/results/sweep.json)")
+    ap.add_argument("--widths", default="128,128", help="MLP hidden widths")
+    ap.add_argument("--json", help="output JSON (default benchmarks/results/sweep-<model>.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from llfc.data import dataset_info, get_dataset
@@ -49,9 +50,11 @@ def main() -> None:
     from llfc.train import ModelSpec, TrainConfig, train
 
     ks = [int(k) for k in args.ks.split(",")]
+    widths = [int(w) for w in args.widths.split(",")]
+    tag = "mlp " + "-".join(map(str, widths))
     train_cfg = {"epochs": args.epochs, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
                  "weight_decay": 0.0, "schedule": "constant", "augment": False, "eval_batch_size": 2000}
-    base = {"name": "bench", "dataset": args.dataset, "model": "mlp", "model_args": {"widths": [128, 128]},
+    base = {"name": "bench", "dataset": args.dataset, "model": "mlp", "model_args": {"widths": widths},
             "alphas": 11, "train": train_cfg,
             "measure": {"test_samples": 2000, "train_samples": 1000, "angles_k": 0}}
     sc = SweepConfig.from_dict({"name": "bench", "base": base, "point_figures": True,
@@ -66,7 +69,7 @@ def main() -> None:
     info = dataset_info(args.dataset)
     tr = get_dataset(args.dataset, "train")
     spec = ModelSpec("mlp", {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
-                             "widths": [128, 128]})
+                             "widths": widths})
     tcfg = TrainConfig.from_dict(train_cfg)
 
     def parent(stop, save=(), out=None):
@@ -82,7 +85,7 @@ def main() -> None:
     per_k = {k: parent(k) for k in ks}
     children = tm["pairs_train_cpu_seconds"]
     res = {
-        "benchmark": "sweep", "dataset": args.dataset, "model": "mlp 128-128", "epochs": args.epochs,
+        "benchmark": "sweep", "dataset": args.dataset, "model": tag, "epochs": args.epochs,
         "ks_iterations": ks, "torch": torch.__version__, "threads": 1, "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0], "unit": "CPU seconds (user + sys)",
         "sweep_cpu_s": cpu, "sweep_wall_s": wall, "jobs_cpu_s": jobs_cpu,
@@ -92,7 +95,7 @@ def main() -> None:
         "children_train_cpu_s": children,
         "ksweep_training_cpu_s": one + children, "naive_training_cpu_s": sum(per_k.values()) + children,
     }
-    print(f"sweep of {len(ks)} spawned pairs (k = {ks} iterations), {args.dataset} MLP 128-128, "
+    print(f"sweep of {len(ks)} spawned pairs (k = {ks} iterations), {args.dataset} {tag}, "
           f"{args.epochs} epochs, 1 thread; CPU seconds")
     print(f"{'sweep (run_sweep, jobs=1)':<46} {cpu:8.1f} s   (wall {wall:.1f} s on a shared machine)")
     print(f"{'  its jobs (parents + pairs)':<46} {jobs_cpu:8.1f} s")
@@ -103,7 +106,7 @@ def main() -> None:
     print(f"{'one parent per k + children':<46} {sum(per_k.values()):8.1f} + {children:.1f} = "
           f"{res['naive_training_cpu_s']:.1f} s   (parents: "
           + ", ".join(f"k={k}: {v:.1f}" for k, v in per_k.items()) + ")")
-    path = Path(args.json) if args.json else Path(__file__).parent / "results" / "sweep.json"
+    path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"sweep-{tag.replace(' ', '-')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(f"→ {path}")

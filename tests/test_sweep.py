@@ -205,3 +205,28 @@ def test_catalogue_sweeps_expand():
     mnist = expand(SweepConfig.from_yaml(find_config("sweep-cpu/mnist-mlp-coemergence")), check_data=False)
     assert sorted({p.k_iteration for p in mnist if p.pair == "spawn"}) == [0, 10, 50, 100, 469, 500]
     assert len(mnist) == 21 and len({p.parent for p in mnist}) == 6
+
+
+def test_state_at_epoch_boundary_is_the_epoch_state(tmp_path):
+    """The spawn state saved at k = 1 epoch of iterations equals `last` after one epoch (what `llfc run
+    --spawn-epoch 1` forks), and a run stopped inside an epoch resumes that epoch where it stopped."""
+    from llfc.data import get_dataset
+    from llfc.seeding import seed_everything
+    from llfc.train import ModelSpec, TrainConfig, train
+
+    tr = get_dataset("digits", "train")
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, max_batches_per_epoch=SPE)
+    spec = ModelSpec("mlp", {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [8]})
+    seed_everything(0)
+    train(spec(), tr, None, cfg, data_seed=1, out_dir=tmp_path / "p", save_at_iterations=[2, SPE],
+          stop_iteration=SPE, progress=False)
+    seed_everything(0)
+    train(spec(), tr, None, cfg, data_seed=1, out_dir=tmp_path / "q", stop_epoch=1, progress=False)
+    a, ma = load_checkpoint(tmp_path / "p" / f"iter-{SPE}")
+    b, mb = load_checkpoint(tmp_path / "q" / "last")
+    assert ma["epoch"] == mb["epoch"] == 1 and all(torch.equal(a[k], b[k]) for k in b)
+    # parent data seed, continued from iteration 2: equals the uninterrupted parent at iteration SPE
+    seed_everything(0)
+    r = train(spec(), tr, None, cfg, data_seed=1, start_state=tmp_path / "p" / "iter-2", stop_epoch=1,
+              progress=False)
+    assert all(torch.equal(r.model.state_dict()[k], b[k]) for k in b)
