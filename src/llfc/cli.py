@@ -6,6 +6,7 @@
     llfc probes MODEL [--dataset NAME]                 list the feature maps llfc can measure
     llfc report DIR                                    (re)build DIR/report.html (run or sweep folder)
     llfc reproduce --list | NAME                       the paper's experiments, one command each
+    llfc sweep CONFIG [--jobs N] [--backend submitit]  a grid of pairs (k, seeds, widths...), aggregated
     llfc list                                          registered datasets and models
 
 Bad input (unknown names, missing data, incompatible checkpoints, ...) prints one paragraph that
@@ -247,6 +248,28 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """`llfc sweep CONFIG`: run (or resume) a grid of pairs and aggregate it (llfc.sweep)."""
+    from llfc import sweep
+
+    if args.aggregate_only:
+        if not args.out:
+            raise ConfigError("--aggregate-only needs --out SWEEP_FOLDER (the folder of the sweep to aggregate).")
+        sweep.aggregate(args.out)
+        return 0
+    cfg = sweep.find_config(args.config)
+    out = Path(args.out) if args.out else _default_out(cfg.stem)
+    data_root = {"data_root": args.data_root} if args.data_root else {}
+    sc = sweep.SweepConfig.from_yaml(cfg)
+    if data_root or args.device:
+        sc.base = {**sc.base, **data_root, **({"device": args.device} if args.device else {})}
+    sweep.check_backend(args.backend)
+    sweep.run_sweep(sc, out, jobs=args.jobs, threads=args.threads, backend=args.backend,
+                    progress=not args.no_progress)
+    print(f"\nsweep tables and figures in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``llfc`` command."""
     from llfc import __version__
@@ -330,6 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--dry-run", action="store_true", help="run a few batches of each stage only")
     common(rp)
     rp.set_defaults(func=cmd_reproduce)
+
+    sw = sub.add_parser("sweep", help="a grid of pairs (spawn point k, seeds, widths, ...), aggregated",
+                        description="Run or resume a sweep: a grid of pairs over the spawn point k, seeds, "
+                        "widths, architectures, datasets and pair kinds (YAML: see llfc.sweep), then "
+                        "aggregate it into sweep.csv, the co-occurrence table and figures.")
+    sw.add_argument("config", help="sweep YAML file, or a catalogue name (`llfc reproduce --list`)")
+    sw.add_argument("--out", help="sweep folder (default runs/<name>-<time>); rerun to resume")
+    sw.add_argument("--jobs", type=int, default=1, help="parallel local worker processes (default 1)")
+    sw.add_argument("--threads", type=int, help="torch threads per job (default: cores // jobs)")
+    sw.add_argument("--backend", choices=["local", "submitit"], default="local",
+                    help="local process pool, or submitit (Slurm; needs `pip install submitit`)")
+    sw.add_argument("--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)")
+    sw.add_argument("--device", help="cpu, cuda or auto (overrides the config's base)")
+    sw.add_argument("--aggregate-only", action="store_true", help="only re-aggregate the finished pairs in --out")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)
 
     ls = sub.add_parser("list", help="registered datasets and models",
                         description="List the registered datasets and model architectures.")

@@ -114,6 +114,13 @@ def format_list(scale: str = "cpu") -> str:
     lines += ["", f"run one:  llfc reproduce NAME --scale {scale} [--out DIR] [--data-root DIR] "
                   f"[--device auto|cpu|cuda] [--dry-run]",
               "configs:  " + str(_config_dir(scale))]
+    sweeps = [p for p in _config_dir(scale).parent.glob(f"sweep-{scale}/*.yaml")]
+    if sweeps:  # populations of pairs (llfc.sweep)
+        lines += ["", "sweeps (populations of pairs; run one: llfc sweep NAME [--jobs N] [--out DIR]):"]
+        for p in sorted(sweeps):
+            m = _read_meta(p)
+            lines += [f"sweep-{scale}/{p.stem}", f"    {m.get('description', '')}",
+                      f"    cost: {m.get('cost-cpu', 'unknown')} on 2 CPU cores; {m.get('cost-gpu', 'unknown')} on one GPU"]
     return "\n".join(lines)
 
 

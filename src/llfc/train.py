@@ -478,6 +478,8 @@ def train(
     progress: bool = True,
     seeds: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    save_at_iterations: Sequence[int] = (),
+    stop_iteration: int | None = None,
 ) -> TrainResult:
     """Train ``model`` with recipe ``cfg``; randomness depends only on ``data_seed`` and epoch.
 
@@ -507,6 +509,16 @@ def train(
             ``data`` is added.
         meta: further JSON-able metadata for the checkpoints (``model``: ``{"name", "kwargs"}``
             makes them loadable with :func:`llfc.checkpoint.build_model`; ``dataset``...).
+        save_at_iterations: global iteration counts (optimizer steps since the start of the
+            schedule) at which the full training state is saved to ``out_dir/iter-<N>`` (spawn
+            points of a sweep over k in iterations, :mod:`llfc.sweep`). A state inside an epoch
+            records ``batch_in_epoch``; one at an epoch boundary equals ``last`` after that epoch.
+        stop_iteration: stop after this many global iterations (may end inside an epoch; that
+            partial epoch is not logged). Overrides ``stop_epoch``.
+
+    A start state saved inside epoch e (``batch_in_epoch`` = j > 0) continues epoch e with this
+    run's own data order for e, skipping its first j batches (so a child spawned inside an epoch
+    takes the remaining spe − j steps of that epoch in its own order).
 
     Returns:
         :class:`TrainResult`.
@@ -532,6 +544,15 @@ def train(
     if n == 0:
         raise ConfigError("the training set is empty.")
     spe = steps_per_epoch(n, cfg)
+    save_at = sorted({int(i) for i in save_at_iterations})
+    if stop_iteration is not None:
+        if not 0 <= int(stop_iteration) <= cfg.epochs * spe:
+            raise ConfigError(f"stop_iteration must be in [0, epochs × steps per epoch = "
+                              f"{cfg.epochs * spe}], got {stop_iteration}.")
+        stop = math.ceil(int(stop_iteration) / spe) if spe else 0
+    if save_at and not (0 <= save_at[0] and save_at[-1] <= cfg.epochs * spe):
+        raise ConfigError(f"save_at_iterations must lie in [0, {cfg.epochs * spe}] (epochs × steps "
+                          f"per epoch), got {save_at}.")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, spe)
 
@@ -546,16 +567,24 @@ def train(
     main = distributed.is_main()
 
     out = Path(out_dir) if out_dir is not None else None
-    start, log, resumed = _restore(model, optimizer, scheduler, cfg, data_seed, out, resume,
-                                   overwrite, start_state, base_meta)
+    start, log, resumed, start_batch = _restore(model, optimizer, scheduler, cfg, data_seed, out, resume,
+                                                overwrite, start_state, base_meta, spe)
     if start > stop:
         raise ConfigError(f"the run is already at epoch {start}, past stop_epoch {stop}.")
 
-    def state_meta() -> dict[str, Any]:
-        return {**base_meta, "log": log}
+    def state_meta(**extra: Any) -> dict[str, Any]:
+        return {**base_meta, "log": log, **extra}
+
+    def save_iteration(it: int, epoch: int, batch: int) -> None:
+        """The full training state at global iteration ``it`` (a spawn point of a k-sweep)."""
+        if out is not None and main and it in save_at:
+            save_training_state(out / f"iter-{it}", model, optimizer, scheduler, epoch, rng_state(),
+                                state_meta(iteration=it, batch_in_epoch=batch))
 
     if out is not None and main:  # rank 0 alone writes; the others wait at the barriers
         out.mkdir(parents=True, exist_ok=True)
+        if start == 0 and start_batch == 0:
+            save_iteration(0, 0, 0)
         if start == stop and not resumed:  # nothing to train (e.g. spawn at k=0): still save
             _save_epoch(out, log_name, model, optimizer, scheduler, start, state_meta(), log)
     distributed.barrier()
@@ -571,14 +600,25 @@ def train(
         for e in range(start, stop):
             t0 = time.perf_counter()
             seed_everything(derive_seed(data_seed, "rng", e))
-            batches = _epoch_batches(n, cfg, data_seed, e, spe)
+            skip = start_batch if e == start else 0  # a start state saved inside epoch e
+            batches = _epoch_batches(n, cfg, data_seed, e, spe)[skip:]
+            if stop_iteration is not None:
+                batches = batches[:max(0, int(stop_iteration) - e * spe - skip)]
             global_sizes = [len(b) for b in batches] if world > 1 else None
             if world > 1:
                 batches = [_rank_part(b, world, distributed.rank()) for b in batches]
             loader = _epoch_loader(train_set, batches, cfg, data_seed, e, device)
             lr0 = float(optimizer.param_groups[0]["lr"])
-            sums = _train_epoch(net, loader, optimizer, scheduler, cfg, device,
-                                _BarUpdate(bar, progress, f"{e + 1}/{stop}", spe), global_sizes)
+            bar_update = _BarUpdate(bar, progress, f"{e + 1}/{stop}", spe)
+
+            def on_batch(i: int, *sums: Any, e: int = e, skip: int = skip) -> None:
+                bar_update(i, *sums)
+                if skip + i + 1 < spe:
+                    save_iteration(e * spe + skip + i + 1, e, skip + i + 1)
+
+            sums = _train_epoch(net, loader, optimizer, scheduler, cfg, device, on_batch, global_sizes)
+            if skip + len(batches) < spe:  # stop_iteration inside this epoch: not logged
+                break
             if cfg.schedule_step == "epoch":
                 scheduler.step()
             if world > 1:
@@ -593,9 +633,13 @@ def train(
             log.append(row)
             if out is not None and main:
                 _save_epoch(out, log_name, model, optimizer, scheduler, e + 1, state_meta(), log)
+            save_iteration((e + 1) * spe, e + 1, 0)
             distributed.barrier()
     finally:
         bar.close()
+
+    if stop_iteration is not None:
+        stop = min(stop, int(stop_iteration) // spe) if spe else 0
 
     if out is not None and main:
         final_meta = {k: v for k, v in base_meta.items()}
@@ -609,13 +653,15 @@ def train(
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, data_seed: int,
              out: Path | None, resume: bool, overwrite: bool,
-             start_state: str | os.PathLike | None, base_meta: dict[str, Any]
-             ) -> tuple[int, list[dict[str, Any]], bool]:
-    """Where a run starts: ``(epoch, log rows, resumed)``.
+             start_state: str | os.PathLike | None, base_meta: dict[str, Any], spe: int
+             ) -> tuple[int, list[dict[str, Any]], bool, int]:
+    """Where a run starts: ``(epoch, log rows, resumed, batch in epoch)``.
 
     Loads ``out/last`` (``resume``; same recipe and data seed required, RNG states restored) or
     else ``start_state`` (a spawn fork: same recipe required) into model, optimizer and
-    scheduler; records ``spawned_from`` in ``base_meta``. A fresh run starts at (0, [], False).
+    scheduler; records ``spawned_from`` in ``base_meta``. A fresh run starts at (0, [], False, 0).
+    A start state saved inside an epoch (``batch_in_epoch`` = j > 0, :func:`train`'s
+    ``save_at_iterations``) continues that epoch after its first j batches (``spe`` steps per epoch).
 
     Raises:
         OutputExistsError: ``out/last`` exists and neither resume nor overwrite.
@@ -642,7 +688,7 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
                 set_rng_state(rng)
             if "spawned_from" in smeta:
                 base_meta["spawned_from"] = smeta["spawned_from"]
-            return epoch, list(smeta.get("log") or []), True
+            return epoch, list(smeta.get("log") or []), True, 0
         if not overwrite:
             raise OutputExistsError(
                 f"{out} already holds a training run ({last}.safetensors). Pass resume=True to "
@@ -651,10 +697,12 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
     if start_state is not None:
         epoch, rng, smeta = load_training_state(start_state, model, optimizer, scheduler)
         _check_recipe(smeta.get("train_config"), cfg, f"the start state {start_state}")
+        start_batch = int(smeta.get("batch_in_epoch") or 0)
         base_meta["spawned_from"] = {"path": os.fspath(start_state), "epoch": epoch,
+                                     "iteration": epoch * spe + start_batch,
                                      "seeds": smeta.get("seeds")}
-        return epoch, list(smeta.get("log") or []), False
-    return 0, [], False
+        return epoch, list(smeta.get("log") or []), False, start_batch
+    return 0, [], False, 0
 
 
 def _epoch_batches(n: int, cfg: TrainConfig, data_seed: int, e: int, spe: int) -> list[list[int]]:
@@ -774,7 +822,7 @@ def _epoch_row(e: int, lr0: float, sums: tuple[torch.Tensor, torch.Tensor, int]
         NonFiniteWeightsError: the mean training loss is NaN/Inf.
     """
     loss_sum, correct, seen = sums
-    train_loss = float(loss_sum) / seen
+    train_loss = float(loss_sum) / max(seen, 1)
     if not math.isfinite(train_loss):
         raise NonFiniteWeightsError(
             f"training diverged: the mean training loss of epoch {e + 1} is {train_loss} "
