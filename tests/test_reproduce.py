@@ -116,6 +116,8 @@ NARROW = {
 for _key in [("paper", "cifar10-vit"), ("paper", "tinyshakespeare-gpt"), ("cpu", "cifar10-vit"),
              ("cpu", "mnist-vit"), ("cpu", "tinyshakespeare-gpt")]:  # transformers: 1 narrow block
     NARROW[_key] = {"model_args": {"width": 16, "depth": 1, "heads": 2}}
+for _key in [("paper", "tinyshakespeare-gpt"), ("cpu", "tinyshakespeare-gpt")]:  # short windows
+    NARROW[_key]["dataset_args"] = {"context": 16}
 
 
 @pytest.fixture
@@ -156,7 +158,8 @@ def test_dry_run_end_to_end(scale, name, fake_data, tmp_path):
     assert saved["config"]["train"]["max_batches_per_epoch"] == 2
     n_test = N_TEST
     if dataset_info(cfg.dataset).modality == "text":  # test windows of the fake text, at most 64
-        n_test = min(64, len(llfc.data.get_dataset(cfg.dataset, "test", tmp_path, options=cfg.dataset_args)))
+        n_test = min(64, len(llfc.data.get_dataset(cfg.dataset, "test", tmp_path,
+                                                    options=saved["config"]["dataset_args"])))
     for kind, pr in saved["pairs"].items():
         err = pr["lmc"]["test"]["error"]
         assert len(err) == 5 and all(0.0 <= e <= 1.0 for e in err)
