@@ -226,6 +226,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     out = Path(out)
     cfg_text = cfg.to_yaml()
     mode = prepare_out_dir(out, overwrite, cfg_text)
+    if "finetune" in cfg.pairs:  # Cross-Task Linearity: parent + fine-tuned children (llfc.finetune)
+        from llfc.finetune import run_finetune
+
+        return run_finetune(cfg, out, mode, device, progress=progress, log=log)
     info = dataset_info(cfg.dataset)
     # data first: a missing dataset must fail before anything is written
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
