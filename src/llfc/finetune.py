@@ -45,6 +45,7 @@ probe data: the first ``test_samples`` test images of each child's task, concate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,12 @@ class TaskSpec:
         return (self.dataset, self.classes or tuple(range(self.num_classes)))
 
 
+@functools.lru_cache(maxsize=4)
+def _base_dataset(name: str, split: str, root: str | None) -> ArrayDataset:
+    """One load per dataset and split (three tasks often share one dataset); never modified."""
+    return get_dataset(name, split, root, False)
+
+
 def task_dataset(task: TaskSpec, split: str, root=None, n: int | None = None, seed: int = 0) -> ArrayDataset:
     """The task's ``split`` as an :class:`llfc.data.ArrayDataset`: class subset (labels renumbered),
     then a seeded random subset of ``n`` samples (all when None; the test split takes the first n),
@@ -131,7 +138,7 @@ def task_dataset(task: TaskSpec, split: str, root=None, n: int | None = None, se
     Raises:
         DataNotFoundError / UnknownNameError: as :func:`llfc.data.get_dataset`.
     """
-    base = get_dataset(task.dataset, split, root, False)
+    base = _base_dataset(task.dataset, split, None if root is None else str(root))
     images, labels = base.images, base.labels
     if task.classes:
         keep = torch.isin(labels, torch.tensor(task.classes))
@@ -260,6 +267,20 @@ class FinetuneConfig:
     def ks(self) -> list[int]:
         """Pretraining lengths, sorted, the main one included."""
         return sorted({self.pretrain_epochs, *self.sweep})
+
+
+def dry_run(ft: dict, n: int = 64) -> dict:
+    """A copy of a ``finetune:`` section for a dry run (:func:`llfc.reproduce.dry_run_config`): at most
+    ``n`` train and test samples per task, pretraining of at most 1 epoch (no sweep), child epochs at
+    most 1, two λ values. Tasks, heads and points are unchanged."""
+    d = dict(ft)
+    d["train_samples"] = min(d.get("train_samples") or n, n)
+    d["test_samples"] = min(d.get("test_samples") or n, n)
+    d["pretrain_epochs"] = min(int(d.get("pretrain_epochs", 1)), 1)
+    d["sweep"] = []
+    d["train"] = {**dict(d.get("train") or {}), "epochs": 1}
+    d["lambdas"] = list(d.get("lambdas") or [0.5, 1.0])[:2]
+    return d
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -396,7 +417,7 @@ def _run_meter(meter: CTLMeter, loader, device) -> list[dict]:
 @torch.no_grad()
 def stitch_errors(spec_for, tasks: Sequence[TaskSpec], data: dict, ev: _Evaluator, sd_a: dict, sd_b: dict,
                   alpha: float, beta: float, probes: Sequence[str], batch_size: int, device) -> list[dict]:
-    """CTL stitching (CTL paper §5.1): merged model α θ_A + β θ_B with layer ℓ's output replaced by
+    """CTL stitching (CTL paper §5.1): merged model α θ_A + β θ_B (backbones, with own heads) with layer ℓ's output replaced by
     α H_A + β H_B, for every probe ℓ in ``probes``; one row per layer plus a first row ``merged``
     (no stitching), each ``{"layer", "errors": {task: fraction}}`` on each task's test subset.
 
@@ -478,13 +499,13 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
     res["ctl"] = _run_meter(CTLMeter(ex, A, B, points, names, absolute=absolute), loader, dev)
     eval_tasks = [t1, t2] + ([t0] if theta0 is not None and (head is None or t0.name in heads) else [])
     ev = _Evaluator(spec_for, eval_tasks, data, head, heads, batch_size, dev)
+    bb_a, bb_b = split_head(sd_a, head)[0], split_head(sd_b, head)[0]  # own heads: merge backbones only
     res["errors"] = {"A": ev.errors(sd_a), "B": ev.errors(sd_b),
-                     "points": [ev.errors(combine([sd_a, sd_b], list(p))) for p in points]}
+                     "points": [ev.errors(combine([bb_a, bb_b], list(p))) for p in points]}
     if theta0 is not None:
         res["errors"]["parent"] = ev.errors(theta0)
         bb0 = split_head(theta0, head)[0]
-        tau_a = task_vector(split_head(sd_a, head)[0], bb0)
-        tau_b = task_vector(split_head(sd_b, head)[0], bb0)
+        tau_a, tau_b = task_vector(bb_a, bb0), task_vector(bb_b, bb0)
         P = feat_state(theta0)
         arith, neg = [], []
         for lam in ft.lambdas:
@@ -501,7 +522,7 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
         res["arithmetic"], res["negation"] = arith, neg
     if ft.stitch_points:
         hidden = [n for n in names if n != "logits"]
-        res["stitching"] = [{"point": list(p), "rows": stitch_errors(spec_for, [t1, t2], data, ev, sd_a, sd_b,
+        res["stitching"] = [{"point": list(p), "rows": stitch_errors(spec_for, [t1, t2], data, ev, bb_a, bb_b,
                                                                      p[0], p[1], hidden, batch_size, dev)}
                             for p in ft.stitch_points]
     return res

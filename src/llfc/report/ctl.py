@@ -16,6 +16,7 @@ from llfc import criteria
 from llfc.checkpoint import atomic_write_text
 from llfc.report.plots import _COLORS, _save, plt
 
+FLOOR = 1e-4  # log-scale figures draw smaller distances (e.g. an exact 0) at this value
 CTL_COLUMNS = ("pair", "layer", "kind", "alpha", "beta", "d_target_mean", "d_target_std", "d_target_whole",
                "coef_target_mean", "coef_target_whole", "d_A_mean", "d_B_mean", "baseline_mean",
                "baseline_whole")
@@ -81,25 +82,27 @@ def plot_layers(results: dict, path: Path, point=(0.5, 0.5)) -> Path:
     show = [(n, p) for n, p in results["pairs"].items() if p.get("main") or p["kind"] == "finetune-control"]
     names = [ly["name"] for ly in show[0][1]["ctl"]]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 3), 3.8))
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(names) + 4), 4.2))
     for c, (n, pr) in enumerate(show):
         i = _point_index(pr, *point)
         col = _COLORS[c % len(_COLORS)]
         d = [ly["target"]["distance"]["mean"][i] for ly in pr["ctl"]]
         base = [ly["baseline"]["distance"]["mean"] for ly in pr["ctl"]]
         da = [ly["A"]["distance"]["mean"][i] for ly in pr["ctl"]]
-        ax.plot(x, np.maximum(d, 1e-8), "-o", color=col, ms=4, label=f"{pr['label']}: CTL distance")
-        ax.plot(x, np.maximum(base, 1e-8), "--s", color=col, ms=3, alpha=0.7, label="   baseline f_A vs f_B")
-        ax.plot(x, np.maximum(da, 1e-8), ":", color=col, alpha=0.7, label="   f_αβ vs f_A")
+        ax.plot(x, np.maximum(d, FLOOR), "-o", color=col, ms=4, label=f"{pr['label']}: CTL distance")
+        ax.plot(x, np.maximum(base, FLOOR), "--s", color=col, ms=3, alpha=0.7, label="   baseline f_A vs f_B")
+        ax.plot(x, np.maximum(da, FLOOR), ":", color=col, alpha=0.7, label="   f_αβ vs f_A")
     ax.axhline(criteria.LLFC_MAX_DISTANCE, color="grey", lw=0.8)
     ax.text(x[-1], criteria.LLFC_MAX_DISTANCE, f" threshold {criteria.LLFC_MAX_DISTANCE:g}", va="bottom",
             ha="right", fontsize=7, color="grey")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=FLOOR / 1.5)
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("E_x[1 − cos]")
-    ax.set_title(f"Cross-Task Linearity per layer at α = {point[0]:g}, β = {point[1]:g}", fontsize=10)
+    ax.set_title(f"Cross-Task Linearity per layer at α = {point[0]:g}, β = {point[1]:g}  (values below "
+                 f"{FLOOR:g} drawn at {FLOOR:g}: a first layer is linear in θ, distance 0)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -112,7 +115,7 @@ def _lambda_panel(results: dict, key: str, path: Path, title: str, ylabel: str) 
     for c, ly in enumerate(pr["ctl"]):
         j = next(i for i, l2 in enumerate(rows[0]["ctl"]) if l2["name"] == ly["name"])
         d = [r["ctl"][j]["target"]["distance"]["mean"][0] for r in rows]
-        a1.plot(lams, np.maximum(d, 1e-8), "-o", ms=3, color=plt.cm.viridis(c / max(1, len(pr["ctl"]) - 1)),
+        a1.plot(lams, np.maximum(d, FLOOR), "-o", ms=3, color=plt.cm.viridis(c / max(1, len(pr["ctl"]) - 1)),
                 label=ly["name"])
     a1.set_yscale("log")
     a1.set_xlabel("λ")
@@ -163,8 +166,10 @@ def plot_sweep(results: dict, path: Path) -> Path:
     a1.plot(ks, [w["max_distance"] for w in worst], "-o", color=_COLORS[0], label="max over layers of E[1−cos] (CTL)")
     a1.plot(ks, [max(ly["baseline"]["distance"]["mean"] for ly in p["ctl"] if ly["kind"] != "logits") for p in pairs],
             "--s", color=_COLORS[1], label="max over layers of baseline")
-    a1.axhline(criteria.LLFC_MAX_DISTANCE, color="grey", lw=0.8)
+    a1.axhline(criteria.LLFC_MAX_DISTANCE, color="grey", lw=0.8, label=f"threshold {criteria.LLFC_MAX_DISTANCE:g}")
     a1.set_yscale("log")
+    a1.set_xticks(ks)
+    a2.set_xticks(ks)
     a1.set_xlabel("pretraining epochs k")
     a1.set_ylabel("E_x[1 − cos]")
     a1.grid(alpha=0.3, which="both")
