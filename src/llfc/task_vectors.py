@@ -143,8 +143,8 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     in a fine-tuned child's metadata to identify its parent (see :func:`check_ancestry`)."""
     h = hashlib.sha256()
     for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
+        t = state[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}|{tuple(state[k].shape)}|{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
