@@ -93,8 +93,8 @@ def plot_layers(results: dict, path: Path, point=(0.5, 0.5)) -> Path:
         ax.plot(x, np.maximum(base, FLOOR), "--s", color=col, ms=3, alpha=0.7, label="   baseline f_A vs f_B")
         ax.plot(x, np.maximum(da, FLOOR), ":", color=col, alpha=0.7, label="   f_αβ vs f_A")
     ax.axhline(criteria.LLFC_MAX_DISTANCE, color="grey", lw=0.8)
-    ax.text(x[-1], criteria.LLFC_MAX_DISTANCE, f" threshold {criteria.LLFC_MAX_DISTANCE:g}", va="bottom",
-            ha="right", fontsize=7, color="grey")
+    ax.text(x[0] + 0.1, criteria.LLFC_MAX_DISTANCE * 1.1, f"threshold {criteria.LLFC_MAX_DISTANCE:g}", va="bottom",
+            ha="left", fontsize=7, color="grey")
     ax.set_yscale("log")
     ax.set_ylim(bottom=FLOOR / 1.5)
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
