@@ -204,6 +204,19 @@ def test_tiny_finetune_pair_end_to_end(tmp_path, monkeypatch):
     for f in ("ctl.csv", "ctl_layers.png", "ctl_negation.png", "ctl_arithmetic.png", "ctl_stitching.png",
               "ctl_sweep.png"):
         assert (out / f).stat().st_size > 0
+    # a parent that is not the children's: warned, with how it was detected
+    from llfc.finetune import FinetuneConfig, measure_finetune_pair
+
+    ft = FinetuneConfig.from_dict({**_cfg().finetune, "lambdas": [0.5], "stitch_points": []})
+    sa, sb = sd, load_checkpoint(out / "pairs" / "finetune" / "k2-rot90" / "final")[0]
+    other = load_checkpoint(out / "pairs" / "finetune" / "parent-control" / "epoch2")[0]
+    data = {t.name: (None, task_dataset(t, "test", None, 50)) for t in ft.task_specs}
+
+    def spec_for(t):
+        return ModelSpec("mlp", {"input_shape": [1, 8, 8], "num_classes": t.num_classes, "widths": [16, 16]})
+    with pytest.warns(UserWarning, match="records parent fingerprint"):
+        measure_finetune_pair(spec_for, ft.task_specs, data, other, sa, sb, ft, "layers.4",
+                              recorded={"d5-9": meta["parent_fingerprint"], "rot90": meta["parent_fingerprint"]})
     # resume: same folder and config → nothing retrained, same numbers
     (out / "results.json").unlink()
     import llfc.report.ctl

@@ -455,7 +455,8 @@ def stitch_errors(spec_for, tasks: Sequence[TaskSpec], data: dict, ev: _Evaluato
 def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta0: dict | None,
                           sd_a: dict, sd_b: dict, ft: FinetuneConfig, head: str | None, *,
                           kinds: Sequence[str] | None = None, batch_size: int = 256,
-                          device: str | torch.device = "cpu", absolute: bool = False) -> dict:
+                          device: str | torch.device = "cpu", absolute: bool = False,
+                          recorded: dict | None = None) -> dict:
     """All CTL measurements of one pair of children (module docstring).
 
     Args:
@@ -465,14 +466,32 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
         ft: the :class:`FinetuneConfig` (points, lambdas, stitch_points).
         head: the head's module path when heads are own, else None.
         kinds: probe kinds (None: all).
+        recorded: child task name → parent fingerprint recorded in its checkpoint (for
+            :func:`llfc.task_vectors.check_ancestry`; None: the distance heuristic only).
+
+    Warns (UserWarning) when θ_0 does not look like the children's parent (:func:`check_ancestry`).
+
+    Raises:
+        IncompatibleModelsError: a child whose backbone does not share θ_0's (or the other child's)
+            architecture. NonFiniteWeightsError: NaN/Inf in a state dict.
 
     Returns:
         ``{"points", "ctl": [per probe], "errors": {"A", "B", "parent", "points": [...]},
         "arithmetic": [...], "negation": [...], "stitching": [...], "n_probe_samples"}``; see
         docs/results-ctl.md.
     """
+    from llfc.checkpoint import check_finite
+    from llfc.task_vectors import check_same_backbone
+
     t0, t1, t2 = tasks
     dev = torch.device(device)
+    for nm, sd in (("child A", sd_a), ("child B", sd_b), ("the parent", theta0)):
+        if sd is not None:
+            check_finite(sd, nm)
+    check_same_backbone(split_head(sd_a, head)[0], split_head(sd_b, head)[0], "child B", "child A")
+    if theta0 is not None:
+        check_ancestry(split_head(theta0, head)[0], {t1.name: split_head(sd_a, head)[0],
+                                                     t2.name: split_head(sd_b, head)[0]}, recorded)
     heads = {}
     if head is not None:
         heads = {t1.name: split_head(sd_a, head)[1], t2.name: split_head(sd_b, head)[1]}
@@ -601,11 +620,9 @@ def run_finetune(cfg, out: Path, mode: str, device: torch.device, *, progress: b
         sa, log_a, ma = runner.child(parents[k], t1, f"k{k}-{t1.name}")
         sb, log_b, mb = runner.child(parents[k], t2, f"k{k}-{t2.name}")
         children[k] = sa
-        check_ancestry(split_head(parents[k], head)[0],
-                       {t1.name: split_head(sa, head)[0], t2.name: split_head(sb, head)[0]},
-                       {t1.name: ma["parent_fingerprint"], t2.name: mb["parent_fingerprint"]})
         t_start = time.perf_counter()
-        pr = measure_finetune_pair(spec_for, ft.task_specs, data, parents[k], sa, sb, ft, head, **kw)
+        pr = measure_finetune_pair(spec_for, ft.task_specs, data, parents[k], sa, sb, ft, head, **kw,
+                                   recorded={t1.name: ma["parent_fingerprint"], t2.name: mb["parent_fingerprint"]})
         pr.update(kind="finetune", label=f"fine-tuned from one parent (pretrained {k} epoch(s))",
                   pretrain_epochs=k, main=k == ft.pretrain_epochs, seconds=time.perf_counter() - t_start,
                   train_logs={"a": log_a, "b": log_b}, seeds={"a": ma["seeds"], "b": mb["seeds"],
