@@ -82,8 +82,9 @@ def test_ctl_meter_relu_net_alpha_beta_not_summing_to_one():
     res = {ly["name"]: ly for ly in m.compute()}
     M = _mlp(2)
     M.load_state_dict({k: 0.7 * _sd(A)[k] + 0.6 * _sd(B)[k] for k in _sd(A)})
-    hid = M[1](M[0](x))  # first post-ReLU features of the merged model
-    ha, hb = A[1](A[0](x)), B[1](B[0](x))
+    with torch.no_grad():
+        hid = M[1](M[0](x))  # first post-ReLU features of the merged model
+        ha, hb = A[1](A[0](x)), B[1](B[0](x))
     d = cosine_distance(hid, 0.7 * ha + 0.6 * hb)
     ly = res["1"]
     assert ly["target"]["distance"]["mean"][0] == pytest.approx(float(d.mean()), abs=1e-6)
