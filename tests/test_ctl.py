@@ -144,6 +144,23 @@ def test_backbone_and_ancestry_checks():
         check_ancestry(p, {"a": child}, {"a": fingerprint(child)})        # recorded: exact
 
 
+def test_invalid_states_are_flagged_not_measured():
+    """Task arithmetic can make a BatchNorm running variance negative (var_0 − λ(var_A − var_0)): the
+    state is flagged, and a network computing NaN features is an error, never a distance of 1."""
+    from llfc.errors import NonFiniteWeightsError
+    from llfc.task_vectors import invalid_state
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    s0 = _sd(net)
+    s1 = {**s0, "1.running_var": s0["1.running_var"] * 3}       # τ on the variance: +2·var_0
+    assert invalid_state(s0) is None
+    neg = apply_task_vectors(s0, [task_vector(s1, s0)], [-1.0])  # var_0 − 2·var_0 < 0
+    assert "negative BatchNorm running variance" in invalid_state(neg)
+    m = CTLMeter(FeatureExtractor(net), s0, s1, [(2.0, -1.0)])    # the same negative variance
+    with pytest.raises(NonFiniteWeightsError, match="non-finite features"):
+        m.update(torch.randn(5, 4))
+
+
 # ---------------------------------------------------------------------------------- end to end
 def _cfg(**ft):
     base = {

@@ -404,6 +404,17 @@ class _Evaluator:
         return out
 
 
+def _invalid(states: dict) -> str | None:
+    """The first reason (:func:`llfc.task_vectors.invalid_state`) why one of ``states`` is no valid network."""
+    from llfc.task_vectors import invalid_state
+
+    for name, sd in states.items():
+        why = invalid_state(sd)
+        if why:
+            return f"{name}: {why}"
+    return None
+
+
 def _ctl_probe_names(extractor: FeatureExtractor, shared_head: bool) -> list[str]:
     return [p.name for p in extractor.probes if p.kind != "logits" or shared_head]
 
@@ -521,6 +532,7 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
     bb_a, bb_b = split_head(sd_a, head)[0], split_head(sd_b, head)[0]  # own heads: merge backbones only
     res["errors"] = {"A": ev.errors(sd_a), "B": ev.errors(sd_b),
                      "points": [ev.errors(combine([bb_a, bb_b], list(p))) for p in points]}
+    res["invalid_points"] = [_invalid({f"{p[0]:g}·θ_A + {p[1]:g}·θ_B": combine([bb_a, bb_b], list(p))}) for p in points]
     if theta0 is not None:
         res["errors"]["parent"] = ev.errors(theta0)
         bb0 = split_head(theta0, head)[0]
@@ -530,11 +542,19 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
         for lam in ft.lambdas:
             ea = apply_task_vectors(bb0, [tau_a], [2 * lam])
             eb = apply_task_vectors(bb0, [tau_b], [2 * lam])
-            m = CTLMeter(ex, feat_state(ea), feat_state(eb), [(0.5, 0.5)], names, absolute=absolute)
             merged = apply_task_vectors(bb0, [tau_a, tau_b], [lam, lam])
-            arith.append({"lambda": lam, "ctl": _run_meter(m, loader, dev), "errors": ev.errors(merged)})
+            bad = _invalid({"θ_0 + 2λτ_A": ea, "θ_0 + 2λτ_B": eb, "θ_0 + λ(τ_A + τ_B)": merged})
+            if bad:
+                arith.append({"lambda": lam, "invalid": bad})
+            else:
+                m = CTLMeter(ex, feat_state(ea), feat_state(eb), [(0.5, 0.5)], names, absolute=absolute)
+                arith.append({"lambda": lam, "ctl": _run_meter(m, loader, dev), "errors": ev.errors(merged)})
             plus = apply_task_vectors(bb0, [tau_a], [lam])
             minus = apply_task_vectors(bb0, [tau_a], [-lam])
+            bad = _invalid({"θ_0 + λτ_A": plus, "θ_0 − λτ_A": minus})
+            if bad:
+                neg.append({"lambda": lam, "invalid": bad})
+                continue
             m = CTLMeter(ex, P, feat_state(plus), [(2.0, -1.0)], names, states=[feat_state(minus)],
                          absolute=absolute)
             neg.append({"lambda": lam, "ctl": _run_meter(m, loader, dev), "errors": ev.errors(minus)})

@@ -194,3 +194,19 @@ def check_ancestry(theta0: Mapping[str, torch.Tensor], children: Mapping[str, Ma
     for m in msgs:
         warnings.warn(m, UserWarning, stacklevel=2)
     return msgs
+
+
+def invalid_state(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a constructed state dict is not a valid network, or None when it is.
+
+    Task arithmetic and free (α, β) combine BatchNorm running variances linearly too; with λ < 0 or
+    large λ (e.g. θ_0 − λτ, var_0 − λ(var_A − var_0)) a variance can become negative, and the network
+    then computes NaN. Such states are reported, never measured (their cosine would read as a
+    distance of 1). Checks: non-finite floating tensors, negative ``*running_var`` entries.
+    """
+    for k, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"non-finite values in {k!r}"
+        if k.endswith("running_var") and bool((t < 0).any()):
+            return f"negative BatchNorm running variance in {k!r} (min {float(t.min()):.3g})"
+    return None

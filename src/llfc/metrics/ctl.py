@@ -122,6 +122,17 @@ class PairStats:
                 "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": cw.tolist()}}
 
 
+def _check_finite(feats: dict, who: str) -> None:
+    from llfc.errors import NonFiniteWeightsError
+
+    for k, v in feats.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteWeightsError(
+                f"{who} computes non-finite features at {k!r} (NaN/Inf); its cosine would read as distance 1. "
+                f"Check the state (e.g. llfc.task_vectors.invalid_state: a negative BatchNorm running variance "
+                f"after task arithmetic) and leave such points out.")
+
+
 class CTLMeter:
     """Streaming CTL statistics of θ_A, θ_B and the merged models α θ_A + β θ_B, per probe.
 
@@ -139,6 +150,9 @@ class CTLMeter:
     probe: ``{"name", "kind", "dim", "baseline": PairStats of (f_A, f_B), "target"/"A"/"B": PairStats
     with K-lists, one value per point}`` (CTL paper §3 Eq. 1; module docstring). Memory: the probed
     features of A, B and one merged model for one batch.
+
+    Raises (in ``update``):
+        NonFiniteWeightsError: a network computes NaN/Inf features (never reported as a distance).
     """
 
     def __init__(self, extractor, sd_a: dict, sd_b: dict, points: Sequence[Sequence[float]],
@@ -166,8 +180,11 @@ class CTLMeter:
         fa = self.fx(self.sd_a, x)
         fb = self.fx(self.sd_b, x)
         rows: dict[tuple[str, str], list[torch.Tensor]] = {k: [] for k in self.acc}
+        for f_end, who in ((fa, "A"), (fb, "B")):
+            _check_finite(f_end, who)
         for (a, b), s in zip(self.points, self.states):
             f = self.fx(s, x)
+            _check_finite(f, f"the merged model at (α, β) = ({a:g}, {b:g})")
             for p in self.probes:
                 A, B, M = fa[p.node], fb[p.node], f[p.node]
                 rows[(p.name, "target")].append(pair_sums(M, ctl_target(A, B, a, b)))

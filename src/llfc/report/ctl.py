@@ -109,7 +109,9 @@ def plot_layers(results: dict, path: Path, point=(0.5, 0.5)) -> Path:
 
 def _lambda_panel(results: dict, key: str, path: Path, title: str, ylabel: str) -> Path:
     _name, pr = _main(results)
-    rows = pr[key]
+    rows = [r for r in pr[key] if "invalid" not in r]  # invalid networks (e.g. negative BN variance) are not drawn
+    if not rows:
+        return None
     lams = [r["lambda"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for c, ly in enumerate(pr["ctl"]):
@@ -128,7 +130,9 @@ def _lambda_panel(results: dict, key: str, path: Path, title: str, ylabel: str) 
     a2.set_ylabel("error (%)")
     a2.grid(alpha=0.3)
     a2.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    skipped = [r["lambda"] for r in pr[key] if "invalid" in r]
+    fig.suptitle(title + (f"\n(λ = {', '.join(f'{v:g}' for v in skipped)}: no valid network, see results.json)"
+                          if skipped else ""), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -196,11 +200,12 @@ def plot_ctl(results: dict, out: Path) -> list[Path]:
     paths = [plot_layers(results, out / "ctl_layers.png")]
     _name, main = _main(results)
     if main.get("arithmetic"):
-        paths.append(_lambda_panel(results, "arithmetic", out / "ctl_arithmetic.png",
+        paths += [_lambda_panel(results, "arithmetic", out / "ctl_arithmetic.png",
                                    "Task arithmetic θ_0 + λ(τ_A + τ_B) vs ½f(θ_0 + 2λτ_A) + ½f(θ_0 + 2λτ_B)",
-                                   "E[1 − cos] per layer"))
-        paths.append(_lambda_panel(results, "negation", out / "ctl_negation.png",
-                                   "Negation: f(θ_0 − λτ_A) vs 2f(θ_0) − f(θ_0 + λτ_A)", "E[1 − cos] per layer"))
+                                   "E[1 − cos] per layer"),
+                  _lambda_panel(results, "negation", out / "ctl_negation.png",
+                                "Negation: f(θ_0 − λτ_A) vs 2f(θ_0) − f(θ_0 + λτ_A)", "E[1 − cos] per layer")]
+        paths = [p for p in paths if p is not None]
     if main.get("stitching"):
         paths.append(plot_stitching(results, out / "ctl_stitching.png"))
     if sum(p["kind"] == "finetune" for p in results["pairs"].values()) > 1:
