@@ -89,9 +89,11 @@ def plot_layers(results: dict, path: Path, point=(0.5, 0.5)) -> Path:
         d = [ly["target"]["distance"]["mean"][i] for ly in pr["ctl"]]
         base = [ly["baseline"]["distance"]["mean"] for ly in pr["ctl"]]
         da = [ly["A"]["distance"]["mean"][i] for ly in pr["ctl"]]
-        ax.plot(x, np.maximum(d, FLOOR), "-o", color=col, ms=4, label=f"{pr['label']}: CTL distance")
-        ax.plot(x, np.maximum(base, FLOOR), "--s", color=col, ms=3, alpha=0.7, label="   baseline f_A vs f_B")
-        ax.plot(x, np.maximum(da, FLOOR), ":", color=col, alpha=0.7, label="   f_αβ vs f_A")
+        who = ("control (different parents)" if pr["kind"] == "finetune-control"
+               else f"one parent, pretrained {pr['pretrain_epochs']} ep.")
+        ax.plot(x, np.maximum(d, FLOOR), "-o", color=col, ms=4, label=f"{who}: f_αβ vs αf_A + βf_B")
+        ax.plot(x, np.maximum(base, FLOOR), "--s", color=col, ms=3, alpha=0.7, label=f"{who}: f_A vs f_B")
+        ax.plot(x, np.maximum(da, FLOOR), ":", color=col, alpha=0.7, label=f"{who}: f_αβ vs f_A")
     ax.axhline(criteria.LLFC_MAX_DISTANCE, color="grey", lw=0.8)
     ax.text(x[0] + 0.1, criteria.LLFC_MAX_DISTANCE * 1.1, f"threshold {criteria.LLFC_MAX_DISTANCE:g}", va="bottom",
             ha="left", fontsize=7, color="grey")
@@ -102,7 +104,7 @@ def plot_layers(results: dict, path: Path, point=(0.5, 0.5)) -> Path:
     ax.set_title(f"Cross-Task Linearity per layer at α = {point[0]:g}, β = {point[1]:g}  (values below "
                  f"{FLOOR:g} drawn at {FLOOR:g}: a first layer is linear in θ, distance 0)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return _save(fig, path)
 
