@@ -153,9 +153,15 @@ def test_dry_run_end_to_end(scale, name, fake_data, tmp_path):
     logs = []
     res = reproduce.run(name, tmp_path / "run", scale=scale, device="cpu", dry_run=True,
                         progress=False, overrides=over, log=logs.append)
-    assert set(res["pairs"]) == set(pairs)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["train"]["max_batches_per_epoch"] == 2
+    if pairs == ["finetune"]:  # Cross-Task Linearity (llfc.finetune): its own results schema
+        assert {"finetune-k1", "control"} <= set(res["pairs"])
+        for pr in saved["pairs"].values():
+            assert pr["ctl"] and all(0.0 <= e <= 1.0 for e in pr["errors"]["A"].values())
+        assert (tmp_path / "run" / "summary.txt").exists()
+        return
+    assert set(res["pairs"]) == set(pairs)
     n_test = N_TEST
     if dataset_info(cfg.dataset).modality == "text":  # test windows of the fake text, at most 64
         n_test = min(64, len(llfc.data.get_dataset(cfg.dataset, "test", tmp_path,

@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="architecture name (default: the dataset's)")
     r.add_argument("--widths", help="MLP hidden widths, comma-separated (e.g. 512,512,512)")
     r.add_argument("--pairs", help="comma-separated: spawn, independent, permutation-weight, "
-                   "permutation-activation, permutation-ste")
+                   "permutation-activation, permutation-ste; or finetune alone (Cross-Task Linearity; "
+                   "needs --config with a finetune: section, see docs/results-ctl.md)")
     r.add_argument("--spawn-epoch", type=int, help="epoch k at which the spawned pair forks (0 allowed)")
     r.add_argument("--epochs", type=int, help="training epochs")
     r.add_argument("--lr", type=float, help="learning rate")

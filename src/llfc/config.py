@@ -20,7 +20,8 @@ import yaml
 
 from llfc.errors import ConfigError
 
-PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation", "permutation-ste")
+PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation", "permutation-ste",
+              "finetune")
 
 # Training recipes per dataset (keys of llfc.train.TrainConfig). The paper's own CIFAR recipes
 # live in configs/paper/; these are the defaults of `llfc run`.
@@ -133,6 +134,8 @@ class ExperimentConfig:
         train: training recipe (llfc.train.TrainConfig fields) overriding the dataset default.
         measure, align: see :class:`MeasureConfig`, :class:`AlignConfig`.
         device: "cpu", "cuda" or "auto".
+        finetune: the tasks and grids of pair kind ``finetune`` (Cross-Task Linearity; keys of
+            :class:`llfc.finetune.FinetuneConfig`); that kind is run on its own.
     """
 
     name: str = "llfc-run"
@@ -151,6 +154,7 @@ class ExperimentConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     device: str = "cpu"
+    finetune: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +222,13 @@ class ExperimentConfig:
         bad = [p for p in c.pairs if p not in PAIR_KINDS]
         if bad or not c.pairs:
             raise ConfigError(f"unknown pair kind(s) {bad or c.pairs}; valid: {', '.join(PAIR_KINDS)}.")
+        if "finetune" in c.pairs:
+            if len(c.pairs) > 1:
+                raise ConfigError(f"pair kind 'finetune' runs on its own (its children are fine-tuned on other "
+                                  f"tasks); got pairs {c.pairs}. Use one config for finetune and another for the rest.")
+            from llfc.finetune import FinetuneConfig
+
+            FinetuneConfig.from_dict(c.finetune)  # every task and grid checked before anything is written
         if "spawn" in c.pairs and not 0 <= int(c.spawn_epoch) < epochs:
             raise ConfigError(
                 f"spawn_epoch must be in [0, epochs) = [0, {epochs}), got {c.spawn_epoch}: the two "

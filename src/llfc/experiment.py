@@ -256,6 +256,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     distributed.check_same(cfg_text, "the configuration (config.yaml)",
                            "Launch every rank with the same command and config file.")
     distributed.barrier()  # every rank has looked at --out before rank 0 writes there
+    if "finetune" in cfg.pairs:  # Cross-Task Linearity: parent + fine-tuned children (llfc.finetune)
+        from llfc.finetune import run_finetune
+
+        return run_finetune(cfg, out, mode, device, progress=progress, log=log)
     info = dataset_info(cfg.dataset)
     # data first: a missing dataset must fail before anything is written
     dopt = cfg.dataset_args or None

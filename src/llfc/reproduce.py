@@ -197,6 +197,10 @@ def dry_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
         restarts=min(c.align.restarts, d["restarts"]),
         max_iter=min(c.align.max_iter, d["max_iter"]),
     )
+    if c.finetune:  # pair kind finetune: small task subsets, short grids (llfc.finetune.dry_run)
+        from llfc.finetune import dry_run
+
+        c = dataclasses.replace(c, finetune=dry_run(c.finetune, d["test_samples"]))
     return dataclasses.replace(c, name=c.name + " (dry run)", train=t, measure=measure, align=align,
                                spawn_epoch=min(int(c.spawn_epoch or 0), d["spawn_epoch"], t["epochs"]),
                                alphas=d["alphas"])
