@@ -116,7 +116,7 @@ def format_list(scale: str = "cpu") -> str:
               "configs:  " + str(_config_dir(scale))]
     sweeps = [p for p in _config_dir(scale).parent.glob(f"sweep-{scale}/*.yaml")]
     if sweeps:  # populations of pairs (llfc.sweep)
-        lines += ["", f"sweeps (populations of pairs; run one: llfc sweep NAME [--jobs N] [--out DIR]):"]
+        lines += ["", "sweeps (populations of pairs; run one: llfc sweep NAME [--jobs N] [--out DIR]):"]
         for p in sorted(sweeps):
             m = _read_meta(p)
             lines += [f"sweep-{scale}/{p.stem}", f"    {m.get('description', '')}",

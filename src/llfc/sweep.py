@@ -66,7 +66,7 @@ import yaml
 from llfc import criteria
 from llfc.checkpoint import atomic_write_json, atomic_write_text, checkpoint_exists, load_checkpoint
 from llfc.config import ExperimentConfig
-from llfc.errors import ConfigError, LLFCError, OutputExistsError
+from llfc.errors import ConfigError, OutputExistsError
 
 __all__ = ["GRID_KEYS", "SweepConfig", "SweepPoint", "expand", "run_sweep", "aggregate", "ROW_COLUMNS",
            "BACKENDS"]
