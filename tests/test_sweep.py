@@ -18,7 +18,7 @@ from llfc import criteria
 from llfc.checkpoint import checkpoint_exists, load_checkpoint
 from llfc.cli import main
 from llfc.errors import ConfigError, OutputExistsError
-from llfc.sweep import SweepConfig, SweepError, aggregate, check_backend, expand, run_sweep
+from llfc.sweep import SweepConfig, SweepError, check_backend, expand, run_sweep
 
 SPE = 3  # steps per epoch of BASE (max_batches_per_epoch)
 BASE = {"name": "t", "dataset": "digits", "model": "mlp", "model_args": {"widths": [8, 8]},
@@ -180,7 +180,7 @@ def test_resume_after_kill_identical(done, tmp_path):
 def test_submitit_local_executor(done, tmp_path):
     import submitit
 
-    out0, agg0 = done
+    _, agg0 = done
     ex = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
     ex.update_parameters(timeout_min=5)
     cfg = sweep_cfg(spawn_iteration=[2], spawn_epoch=[1], seed=[0], pair=["spawn"])

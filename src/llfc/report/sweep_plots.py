@@ -63,7 +63,9 @@ def plot_heatmap(cells: list[dict], path: Path) -> Path:
     (k, hidden layer), log colour scale (grey: below 1e-6, i.e. exact); ``cells`` from
     :func:`llfc.sweep._heatmap_rows`."""
     groups = sorted({c["group"] for c in cells}) or [None]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1, 3.6), squeeze=False)
+    depth = max([len({c["layer"] for c in cells if c["group"] == g}) for g in groups if g] or [1])
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1, 3.6 + 0.05 * max(0, depth - 24)),
+                             squeeze=False)
     for ax, g in zip(axes[0], groups):
         cs = [c for c in cells if c["group"] == g]
         if not cs:
@@ -85,7 +87,8 @@ def plot_heatmap(cells: list[dict], path: Path) -> Path:
         cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
         im = ax.imshow(mat, aspect="auto", cmap=cmap, norm=norm)
         ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=7, rotation=45)
-        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+        step = max(1, -(-len(layers) // 24))  # at most ~24 labels on deep networks
+        ax.set_yticks(range(0, len(layers), step), layers[::step], fontsize=6)
         ax.set_xlabel("spawn point k (iterations)")
         ax.set_title(" ".join(str(x) for x in g)[:60], fontsize=8)
         fig.colorbar(im, ax=ax, label="E[1−cos_0.5] / E[1−cos_AB]\n(grey: < 1e-6, exact)")
