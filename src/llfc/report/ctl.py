@@ -125,7 +125,10 @@ def _lambda_panel(results: dict, key: str, path: Path, title: str, ylabel: str) 
     a1.set_xlabel("λ")
     a1.set_ylabel(ylabel)
     a1.grid(alpha=0.3, which="both")
-    a1.legend(fontsize=6, ncol=2)
+    if len(pr["ctl"]) <= 8:
+        a1.legend(fontsize=6, ncol=2)
+    else:  # many layers: colour encodes depth
+        a1.set_title(f"{len(pr['ctl'])} layers; colour: first (dark) → last (yellow)", fontsize=8)
     for c, t in enumerate(rows[0]["errors"]):
         a2.plot(lams, [100 * r["errors"][t] for r in rows], "-o", ms=3, color=_COLORS[c], label=f"test error on {t}")
     a2.set_xlabel("λ")
