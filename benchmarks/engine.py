@@ -127,6 +127,29 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool, reps: in
             "load_after": os.getloadavg()[0], "threads": torch.get_num_threads()}
 
 
+def profile(model_key: str, batch: int, k: int, conditions: bool) -> None:
+    """Print torch.profiler's self-CPU table of the engine on two batches (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from llfc.engine import measure_pair
+    from llfc.interpolate import default_alphas
+    from llfc.models import create_model
+
+    name, kwargs = MODELS[model_key]
+    torch.manual_seed(0)
+    m = create_model(name, **kwargs).eval()
+    sd_a = {k_: v.clone() for k_, v in m.state_dict().items()}
+    torch.manual_seed(1)
+    sd_b = create_model(name, **kwargs).state_dict()
+    data = list(_batches(kwargs["input_shape"], 2 * batch, batch))
+    alphas = default_alphas(k)
+    measure_pair(m, sd_a, sd_b, data[:1], alphas, conditions=conditions)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        measure_pair(m, sd_a, sd_b, data, alphas, conditions=conditions)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -152,10 +175,14 @@ def main() -> None:
     ap.add_argument("--memory-budget", type=float, default=2e9)
     ap.add_argument("--conditions", default="0,1", help="0: without, 1: with the conditions")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "engine.json"))
+    ap.add_argument("--profile", metavar="MODEL", help="print the engine's op profile for MODEL and exit")
     ap.add_argument("--child", nargs=3, metavar=("N", "CONDITIONS", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",") if args.kinds else None
+    if args.profile:
+        profile(args.profile, args.batch, args.alphas, args.conditions.split(",")[-1] == "1")
+        return
     if args.child:
         n, cond, model = int(args.child[0]), args.child[1] == "1", args.child[2]
         print(json.dumps(child(model, n, args.alphas, args.batch, cond, args.reps, kinds,
