@@ -7,6 +7,7 @@ import torch
 
 from llfc import _malloc
 from llfc.engine import PairMeter, measure_pair
+from llfc.errors import ConfigError
 from llfc.models import create_model
 from llfc.probe import FeatureExtractor
 
@@ -56,7 +57,7 @@ def test_micro_batches_give_the_unchunked_results():
     assert chunked["n_samples"] == whole["n_samples"] == 23
     assert whole["llfc"] and whole["weak_additivity"] and whole["commutativity"]
     _assert_same(chunked, whole)
-    with pytest.raises(ValueError, match="memory_budget"):
+    with pytest.raises(ConfigError, match="memory_budget"):
         PairMeter(FeatureExtractor(m), sd_a, sd_b, ALPHAS, memory_budget=0)
 
 

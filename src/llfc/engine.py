@@ -119,7 +119,8 @@ class PairMeter:
             2 GB. A larger batch is split into equal micro-batches that fit (chosen from the
             feature-map sizes of one sample, see :meth:`micro_batch`); the results are those of
             the whole batch up to float rounding (every statistic is a per-sample value or a
-            float64 sum over samples). ``None``: never split.
+            float64 sum over samples). ``None``: never split. Raises ConfigError (a ValueError)
+            when not positive.
 
     ``update(x, y)`` takes a batch (x: (B, ...) float32 inputs, y: (B,) int64 labels);
     ``compute()`` returns the results dict documented in docs/results.md (the ``measure`` part).
@@ -154,7 +155,10 @@ class PairMeter:
         self._fa = self._fb = None  # per-batch state of update()
         self._scratch = _Scratch()
         if memory_budget is not None and not memory_budget > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+            from llfc.errors import ConfigError
+
+            raise ConfigError(f"memory_budget must be a positive number of bytes (e.g. 2e9) or None "
+                              f"(never split batches), got {memory_budget!r}.")
         self.memory_budget = memory_budget
         self._per_sample: dict[tuple, tuple[int, int]] = {}  # input shape -> (bytes, largest map)
 
