@@ -43,7 +43,7 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         "The floor is (K + 2) plain forward passes over the same batches (θ_A, θ_B and all K θ_α; "
         f"the engine itself runs K, reusing A's and B's features at α = 1 and 0); K = {r0['K']}, "
         f"batches of {r0['batch']}, N synthetic samples per timed pass, "
-        f"{len(r0['engine'])}–3 alternating repetitions (ratio = min engine CPU / min floor CPU). "
+        f"{'–'.join(sorted({str(len(r['engine'])) for r in rows}))} alternating repetitions (ratio = min engine CPU / min floor CPU). "
         "Minor page faults (`getrusage`) of the best repetition of each side. Peak RSS: the "
         "largest resident set sampled after each batch of the engine pass, minus the size before.",
         "",
