@@ -41,7 +41,7 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         "are if anything pessimistic.",
         "",
         "The floor is (K + 2) plain forward passes over the same batches (θ_A, θ_B and all K θ_α; "
-        f"the engine itself runs K, reusing A's and B's features at α = 1 and 0); K = {r0['K']}, "
+        f"the engine itself runs K, reusing A's and B's features at α = 1 and 0); K α values, "
         f"batches of {r0['batch']}, N synthetic samples per timed pass, "
         f"{'–'.join(sorted({str(len(r['engine'])) for r in rows}))} alternating repetitions (ratio = min engine CPU / min floor CPU). "
         "Minor page faults (`getrusage`) of the best repetition of each side. Peak RSS: the "
@@ -49,9 +49,9 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         "",
     ]
     out = [title, ""] + (head if intro else []) + [
-        "| model | probes | N | conditions | floor CPU s | engine CPU s | **ratio (CPU)** | minor faults floor | "
+        "| model | probes | N | K | conditions | floor CPU s | engine CPU s | **ratio (CPU)** | minor faults floor | "
         "minor faults engine | peak RSS growth | memory budget | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fl = min(r["floor"], key=lambda x: x["cpu_s"])
@@ -59,7 +59,7 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         kinds = "" if r["kinds"] == "all" else f" ({','.join(r['kinds'])})"
         out.append(
             f"| {NAMES.get(r['model'], r['model'])}{kinds} | {r['probes']} | "
-            f"{r['N']:,} | {'yes' if r['conditions'] else 'no'} | {fl['cpu_s']:.2f} | {en['cpu_s']:.2f} | "
+            f"{r['N']:,} | {r['K']} | {'yes' if r['conditions'] else 'no'} | {fl['cpu_s']:.2f} | {en['cpu_s']:.2f} | "
             f"**{r['ratio_cpu']:.2f}** | {fl['minor_faults']:,} | {en['minor_faults']:,} | "
             f"{r['peak_rss_growth_mb']:.0f} MB | {r['memory_budget'] / 1e9:.0f} GB | "
             f"{r['load_before']:.1f}–{r['load_after']:.1f} |")
