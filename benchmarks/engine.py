@@ -109,7 +109,7 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool, reps: in
     runs_e, runs_f = [], []
     for r in range(reps):
         runs_f.append(_timed(floor))
-        runs_e.append(_timed(lambda: engine(samples if r == 0 else None)))
+        runs_e.append(_timed(lambda first=(r == 0): engine(samples if first else None)))
     e = min(x["cpu_s"] for x in runs_e)
     f = min(x["cpu_s"] for x in runs_f)
     from llfc._malloc import malloc_tuning_available

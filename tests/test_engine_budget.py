@@ -17,7 +17,7 @@ ALPHAS = [0.0, 0.3, 0.5, 1.0]
 def _resnet_pair():
     # float64 so that batched and micro-batched forward passes agree to rounding: any difference
     # would come from the chunking itself (BN in eval mode: per-sample computation)
-    kw = dict(input_shape=(3, 8, 8), num_classes=4, width=0.25)
+    kw = {"input_shape": (3, 8, 8), "num_classes": 4, "width": 0.25}
     torch.manual_seed(0)
     m = create_model("resnet20", **kw).double().eval()
     sd_a = {k: v.clone() for k, v in m.state_dict().items()}

@@ -35,10 +35,10 @@ import ctypes
 import ctypes.util
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-__all__ = ["retain_freed_memory", "malloc_tuning_available"]
+__all__ = ["malloc_tuning_available", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
