@@ -106,6 +106,11 @@ def build(name):
         return ResNet20LN(1), (3, 32, 32)
     if name == "resnet20_ln_x4":
         return ResNet20LN(4), (3, 32, 32)
+    if name == "vgg16_bn_paper":  # the paper's VGG-16-BN: BN, 512-4096-4096-10 classifier (33.6M)
+        return create_model("vgg16_bn", input_shape=(3, 32, 32), num_classes=10), (3, 32, 32)
+    if name == "vgg16_bn_small":  # VGG-16-BN at width 0.25 with a 128-256-256-10 classifier
+        return create_model("vgg16_bn", input_shape=(3, 32, 32), num_classes=10, width=0.25,
+                            hidden=256), (3, 32, 32)
     if name == "tv_resnet18":
         return torchvision.models.resnet18(num_classes=10), (3, 32, 32)
     if name == "vit_w256_d6_h8":  # GLMC's CIFAR-10 ViT size: 6 blocks, width 256, 8 heads, patch 4
@@ -136,9 +141,34 @@ def bench_weight_matching(name):
         "weight_matching_s": rep.time_s,
         "weight_matching_cpu_s": cpu,
         "sweeps": rep.n_sweeps,
+        "objective": rep.objective,
         "objective_gain": rep.objective - rep.objective_identity,
         "moved_fraction_mean": sum(rep.moved_fraction.values()) / len(rep.moved_fraction),
     }
+
+
+def sweep_trace(name: str) -> dict:
+    """Which permutation groups change in each sweep of weight matching (and the objective gain
+    of the sweep), from runs stopped after 1, 2, ... sweeps (the same seed gives the same prefix)."""
+    from llfc.permutation import derive_spec, weight_matching
+
+    torch.manual_seed(0)
+    a, shape = build(name)
+    torch.manual_seed(1)
+    b, _ = build(name)
+    spec = derive_spec(a.eval(), torch.randn(2, *shape))
+    _, full = weight_matching(spec, a.state_dict(), b.state_dict(), seed=0)
+    h = full.objective_per_sweep
+    first_gain = h[0] - full.objective_identity
+    rows, prev = [], None
+    for k in range(1, full.n_sweeps + 1):
+        perms, _ = weight_matching(spec, a.state_dict(), b.state_dict(), seed=0, max_iter=k)
+        if prev is not None:
+            rows.append({"sweep": k, "gain_rel_first": (h[k - 1] - h[k - 2]) / first_gain,
+                         "units_moved": {g: int((perms[g] != prev[g]).sum()) for g in perms
+                                         if not torch.equal(perms[g], prev[g])}})
+        prev = perms
+    return {"model": name, "sizes": dict(spec.sizes), "sweeps": full.n_sweeps, "rows": rows}
 
 
 def _status_mib(field: str) -> float:
@@ -188,8 +218,17 @@ def main(argv=None):
     ap.add_argument("--models", default="mlp,vgg16,resnet20_ln_x1,resnet20_ln_x4,tv_resnet18,vit_w256_d6_h8")
     ap.add_argument("--am-samples", default="1000,10000")
     ap.add_argument("--am-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trace", default=None, metavar="MODEL",
+                    help="only print (and write to --out) which groups change in each sweep")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.trace:
+        t = sweep_trace(args.trace)
+        print(f"{args.trace}: {t['sweeps']} sweeps; groups changed per sweep (units moved)")
+        for r in t["rows"]:
+            print(f"{r['sweep']:>3} gain {r['gain_rel_first']:9.2e} x first sweep's  {r['units_moved']}")
+        Path(args.out).write_text(json.dumps(t, indent=2))
+        return
     if args.am_child is not None:
         print(json.dumps(am_child(args.am_child)))
         return

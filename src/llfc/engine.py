@@ -36,12 +36,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from llfc._malloc import malloc_tuning_available, retain_freed_memory
 from llfc.metrics.cosine import coef_from_sq, cosine_distance_from_sq, dist_from_sums
 from llfc.metrics.lmc import as_classification, barriers
 from llfc.metrics.streaming import RunningMoments, RunningSum
 from llfc.probe import FeatureExtractor, Probe
 
 StateDict = dict[str, torch.Tensor]
+
+#: default working-set budget of one :meth:`PairMeter.update`, bytes (2 GB)
+DEFAULT_MEMORY_BUDGET = 2e9
+_MMAP_LIMIT = 32 * 2**20  # llfc._malloc's mmap threshold
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -55,18 +60,20 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Scratch:
-    """Reusable work buffers, one per (slot, shape, dtype, device): the per-α differences are
-    written in place instead of allocating (and page-faulting) a fresh tensor every time."""
+    """Reusable work buffers, one per (slot, per-sample shape, dtype, device): the per-α
+    differences are written in place instead of allocating (and page-faulting) a fresh tensor
+    every time. A smaller batch (the last one, or a micro-batch) gets the leading rows of the
+    buffer, which are contiguous."""
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        key = (slot, tuple(like.shape), like.dtype, like.device)
+        key = (slot, tuple(like.shape[1:]), like.dtype, like.device)
         buf = self._bufs.get(key)
-        if buf is None:
+        if buf is None or buf.shape[0] < like.shape[0]:
             buf = self._bufs[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return buf
+        return buf[: like.shape[0]]
 
 
 def _sq_int(al, sqa, sqb, dab):
@@ -109,6 +116,13 @@ class PairMeter:
         llfc: measure LLFC distances (else LMC only, e.g. on the train subset).
         conditions: measure weak additivity and commutativity.
         absolute: use the official code's 1 − |cos| instead of the signed 1 − cos.
+        memory_budget: bytes that the per-batch working set (the probed feature maps of θ_A, θ_B
+            and one θ_α, the θ_α forward's temporaries and the work buffers) may use; default
+            2 GB. A larger batch is split into equal micro-batches that fit (chosen from the
+            feature-map sizes of one sample, see :meth:`micro_batch`); the results are those of
+            the whole batch up to float rounding (every statistic is a per-sample value or a
+            float64 sum over samples). ``None``: never split. Raises ConfigError (a ValueError)
+            when not positive.
 
     ``update(x, y)`` takes a batch (x: (B, ...) inputs, y: (B,) int64 labels, or (B, T) next-token
     targets of a language model whose logits are (B, T, V): loss and error are then per token);
@@ -123,7 +137,8 @@ class PairMeter:
 
     def __init__(self, extractor: FeatureExtractor, sd_a: StateDict, sd_b: StateDict,
                  alphas: Sequence[float], states: Sequence[StateDict] | None = None, *,
-                 llfc: bool = True, conditions: bool = True, absolute: bool = False):
+                 llfc: bool = True, conditions: bool = True, absolute: bool = False,
+                 memory_budget: float | None = DEFAULT_MEMORY_BUDGET):
         from llfc.interpolate import path_states
 
         self.fx = extractor
@@ -149,6 +164,13 @@ class PairMeter:
         self.com = {p.name: torch.zeros(6, dtype=torch.float64, device=dev) for p in self.com_probes}
         self._fa = self._fb = None  # per-batch state of update()
         self._scratch = _Scratch()
+        if memory_budget is not None and not memory_budget > 0:
+            from llfc.errors import ConfigError
+
+            raise ConfigError(f"memory_budget must be a positive number of bytes (e.g. 2e9) or None "
+                              f"(never split batches), got {memory_budget!r}.")
+        self.memory_budget = memory_budget
+        self._per_sample: dict[tuple, tuple[int, int]] = {}  # input shape -> (bytes, largest map)
 
     def _commutable(self, p: Probe) -> bool:
         """Linear/Conv module probes whose input is not the model input (Def. 4 needs ℓ ≥ 2)."""
@@ -157,14 +179,53 @@ class PairMeter:
         return isinstance(self.fx.module(p.module), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
     # ---------------------------------------------------------------- per batch
+    def micro_batch(self, x: torch.Tensor) -> int:
+        """The micro-batch size that :meth:`update` uses for a batch shaped like ``x``.
+
+        From the probed feature maps of one sample (measured once per input shape): per sample
+        the working set is taken as 4× their bytes (θ_A, θ_B, one θ_α, and as much again for the
+        θ_α forward's temporaries and the work buffers), and the micro-batch is the largest that
+        fits ``memory_budget``. Where llfc tunes malloc (:mod:`llfc._malloc`), it is also capped
+        so that the largest single map stays below malloc's 32 MiB mmap threshold (larger blocks
+        would be returned to the kernel on every free). Never below 1: if one sample does not
+        fit the budget, it runs one sample at a time (over budget).
+        """
+        B = x.shape[0]
+        if self.memory_budget is None or B <= 1:
+            return max(B, 1)
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._per_sample:
+            with torch.no_grad():
+                f = self.fx(self.sd_a, x[:1])
+            sizes = [t.numel() * t.element_size() for t in f.values()]
+            self._per_sample[key] = (sum(sizes), max(sizes))
+            del f
+        per, largest = self._per_sample[key]
+        m = int(self.memory_budget // max(4 * per, 1))
+        if malloc_tuning_available() and x.device.type == "cpu":
+            m = min(m, (_MMAP_LIMIT - 4096) // max(largest, 1))
+        m = max(1, min(B, m))
+        n = -(-B // m)                 # chunks
+        return -(-B // n)              # equal sizes
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fold in one batch: x (B, ...) inputs, y (B,) integer labels.
 
         Memory: the feature maps of θ_A, θ_B and *one* θ_α at a time, plus one work buffer per
         feature-map shape; the per-α results are (B,)-vectors. Small per-batch sums (loss, errors,
-        commutativity) and everything else are accumulated on the features' device.
+        commutativity) and everything else are accumulated on the features' device. A batch
+        whose working set exceeds ``memory_budget`` is folded in micro-batches
+        (:meth:`micro_batch`).
         """
+        m = self.micro_batch(x)
+        if m >= x.shape[0]:
+            self._update(x, y)
+        else:
+            for i in range(0, x.shape[0], m):
+                self._update(x[i:i + m], y[i:i + m])
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         fa = self.fx(self.sd_a, x)
         fb = self.fx(self.sd_b, x)
         self.n += x.shape[0]
@@ -381,7 +442,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
                  absolute: bool = False, per_token: bool = False, allow_extrapolation: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
                  desc: str = "measure", bn_mode: str = "interpolate",
-                 bn_batches: Sequence[torch.Tensor] | None = None, sharded: bool = False) -> dict:
+                 bn_batches: Sequence[torch.Tensor] | None = None, sharded: bool = False,
+                 memory_budget: float | None = DEFAULT_MEMORY_BUDGET) -> dict:
     """Measure LMC, LLFC and the LLFC conditions of (θ_A, θ_B) in one streaming pass.
 
     Args:
@@ -407,6 +469,8 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
         sharded: ``batches`` is this rank's shard of the data (:func:`llfc.distributed.shard_dataset`);
             the sums of all ranks are combined once, after the pass (:meth:`PairMeter.all_reduce`),
             so every rank returns the result of the whole data set.
+        memory_budget: bytes for one batch's working set (default 2 GB); larger batches are
+            measured in micro-batches, with the same results (see :class:`PairMeter`).
 
     Returns:
         the dict of :meth:`PairMeter.compute`: ``alphas``, ``n_samples``, ``lmc`` (loss, error,
@@ -445,9 +509,10 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     if states is not None:
         states = [sa if s is sd_a else sb if s is sd_b else move(s) for s in states]
     meter = PairMeter(extractor, sa, sb, alphas, states, llfc=llfc, conditions=conditions,
-                      absolute=absolute)
-    for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
-        meter.update(x.to(dev), y.to(dev))
+                      absolute=absolute, memory_budget=memory_budget)
+    with retain_freed_memory():  # no fresh kernel pages per batch (llfc._malloc)
+        for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
+            meter.update(x.to(dev), y.to(dev))
     if sharded:
         meter.all_reduce()
     if meter.n == 0:

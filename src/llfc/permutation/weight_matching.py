@@ -203,6 +203,10 @@ def weight_matching(
                 for r, _, _ in dynamic[g]] for g in spec.groups}
     version = {g: 0 for g in spec.groups}
     cache: dict[tuple[str, int], tuple[tuple, torch.Tensor]] = {}
+    # S_g depends only on the permutations in deps[g]: when none of them changed since g's last
+    # assignment, S_g and hence the assignment are the same, and it cannot improve (skipped; exact)
+    all_deps = {g: sorted({h for d in deps[g] for h in d}) for g in spec.groups}
+    solved_at: dict[str, tuple] = {}
 
     def similarity(g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
         n = spec.sizes[g]
@@ -298,6 +302,10 @@ def weight_matching(
                     progress = heads_step(g, perms) or progress
                     continue
                 n = spec.sizes[g]
+                stamp = tuple(version[h] for h in all_deps[g])
+                if solved_at.get(g) == stamp:
+                    continue
+                solved_at[g] = stamp
                 S = similarity(g, perms).double().cpu().numpy()
                 _, ci = linear_sum_assignment(S, maximize=True)
                 rows = np.arange(n)
