@@ -175,8 +175,13 @@ def _enc(obj: Any, where: str) -> Any:
         return {"__float__": repr(obj)}  # 'nan', 'inf', '-inf'
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu()
-        return {"__tensor__": {"dtype": str(t.dtype).removeprefix("torch."),
-                               "shape": list(t.shape), "data": t.flatten().tolist()}}
+        return {
+            "__tensor__": {
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "data": t.flatten().tolist(),
+            }
+        }
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
         return _enc(obj.item(), where)
     if isinstance(obj, tuple):
@@ -186,8 +191,11 @@ def _enc(obj: Any, where: str) -> Any:
     if isinstance(obj, (set, frozenset)):
         return {"__set__": [_enc(v, where) for v in sorted(obj)]}
     if isinstance(obj, Mapping):
-        if isinstance(obj, collections.Counter) or not all(isinstance(k, str) for k in obj) \
-                or any(k.startswith("__") and k.endswith("__") for k in obj):
+        if (
+            isinstance(obj, collections.Counter)
+            or not all(isinstance(k, str) for k in obj)
+            or any(k.startswith("__") and k.endswith("__") for k in obj)
+        ):
             tag = "__counter__" if isinstance(obj, collections.Counter) else "__dict__"
             return {tag: [[_enc(k, where), _enc(v, f"{where}[{k!r}]")] for k, v in obj.items()]}
         return {k: _enc(v, f"{where}.{k}") for k, v in obj.items()}
@@ -203,7 +211,7 @@ def _dec(obj: Any) -> Any:
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
-        (tag, val), = obj.items()
+        ((tag, val),) = obj.items()
         if tag == "__float__":
             return float(val)
         if tag == "__tuple__":
@@ -257,13 +265,14 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         changed = False
         for p in _WRAPPER_PREFIXES:
             if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
+                sd = {k[len(p) :]: v for k, v in sd.items()}
                 changed = True
     return sd
 
 
-def _read(path: str | os.PathLike, device: str | torch.device = "cpu"
-          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _read(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """All tensors (reserved prefixes included) and the decoded meta of checkpoint ``path``."""
     wpath, jpath = checkpoint_paths(path)
     missing = [p for p in (wpath, jpath) if not p.is_file()]
@@ -318,8 +327,9 @@ def _split(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return weights, reserved
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read checkpoint ``path`` (without suffix, or with .safetensors / .json).
 
     Works on weight checkpoints (:func:`save_checkpoint`) and on training states
@@ -367,7 +377,8 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{p} cannot be read as a PyTorch state dict with torch.load(weights_only=True) "
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Save the weights with "
             f"torch.save(model.state_dict(), path) or safetensors.torch.save_file(model.state_dict(), "
-            f"path); whole pickled models are not loaded (they can run arbitrary code).") from None
+            f"path); whole pickled models are not loaded (they can run arbitrary code)."
+        ) from None
     if isinstance(obj, Mapping):
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -377,12 +388,14 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not sd:
         raise CheckpointError(
             f"{p} holds no tensors under string keys (found a {type(obj).__name__}); expected a "
-            f"state dict saved with torch.save(model.state_dict(), path).")
+            f"state dict saved with torch.save(model.state_dict(), path)."
+        )
     return strip_prefix(sd)
 
 
-def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_weights(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights of any checkpoint llfc can read, and its metadata ({} when there is none).
 
     * an llfc checkpoint (``.safetensors`` + ``.json`` sidecar): :func:`load_checkpoint`;
@@ -404,16 +417,16 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"
         try:
             return strip_prefix(load_file(os.fspath(wpath), device=str(device))), {}
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{wpath} is not a readable safetensors file ({e}). Re-create "
-                                  f"it, or check the path.") from None
+            raise CheckpointError(
+                f"{wpath} is not a readable safetensors file ({e}). Re-create it, or check the path."
+            ) from None
     return load_checkpoint(path, device)
 
 
-def load_extra_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
-                       ) -> dict[str, torch.Tensor]:
+def load_extra_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The ``extra_tensors`` given to :func:`save_checkpoint`, by their original names."""
     tensors, _ = _read(path, device)
-    return {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
+    return {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,8 +438,7 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-def _write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
-           ) -> Path:
+def _write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
     from llfc.seeding import environment
 
     wpath, jpath = checkpoint_paths(path)
@@ -523,8 +535,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
                 )
 
 
-def check_state_dict_matches(expected: Mapping[str, torch.Tensor],
-                             got: Mapping[str, torch.Tensor], where: str) -> None:
+def check_state_dict_matches(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
     """Raise unless ``got`` has exactly the keys and shapes of ``expected``.
 
     Args:
@@ -564,8 +575,7 @@ def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> 
     model.load_state_dict(sd, strict=True)
 
 
-def build_model(path: str | os.PathLike, device: str | torch.device = "cpu"
-                ) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture recorded in checkpoint ``path`` and load its weights.
 
     Uses ``llfc.models.create_model(meta["model"]["name"], **meta["model"]["kwargs"])``, then a
@@ -583,9 +593,9 @@ def build_model(path: str | os.PathLike, device: str | torch.device = "cpu"
     info = meta.get("model")
     if not isinstance(info, dict) or "name" not in info:
         raise CheckpointError(
-            f"checkpoint {checkpoint_paths(path)[1]} records no architecture (no \"model\": "
-            f"{{\"name\", \"kwargs\"}} entry). Build the model yourself and load the weights "
-            f"with load_checkpoint, or re-save the checkpoint with meta[\"model\"]."
+            f'checkpoint {checkpoint_paths(path)[1]} records no architecture (no "model": '
+            f'{{"name", "kwargs"}} entry). Build the model yourself and load the weights '
+            f'with load_checkpoint, or re-save the checkpoint with meta["model"].'
         )
     model = create_model(info["name"], **dict(info.get("kwargs") or {}))
     _load_into(model, sd, f"checkpoint {checkpoint_paths(path)[0]}")
@@ -647,8 +657,7 @@ def save_training_state(
     else:
         m["optimizer"] = None
     if scheduler is not None:
-        m["scheduler"] = {"class": type(scheduler).__name__,
-                          "state": _enc(scheduler.state_dict(), "scheduler")}
+        m["scheduler"] = {"class": type(scheduler).__name__, "state": _enc(scheduler.state_dict(), "scheduler")}
     else:
         m["scheduler"] = None
     if rng is not None:
@@ -728,7 +737,7 @@ def load_training_state(
             state.setdefault(int(pid), {}).update(vals)
         for k, v in reserved.items():
             if k.startswith("optimizer/state/"):
-                pid, name = k[len("optimizer/state/"):].split("/", 1)
+                pid, name = k[len("optimizer/state/") :].split("/", 1)
                 state.setdefault(int(pid), {})[name] = v
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scheduler is not None:

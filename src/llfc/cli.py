@@ -40,8 +40,9 @@ def _model_args(text: str | None) -> dict | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double "
-                          f"quotes); got {text!r} ({e.msg}).") from None
+        raise ConfigError(
+            f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double quotes); got {text!r} ({e.msg})."
+        ) from None
     if not isinstance(value, dict):
         raise ConfigError(f"--model-args must be a JSON object, got {text!r}.")
     return value
@@ -59,24 +60,35 @@ def _alphas(text: str):
 
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
-    g.add_argument("--alphas", type=str, help="α grid: a count (default 11) or comma-separated values; "
-                   "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included; "
-                   "write --alphas=-0.2,0.5 for values starting with a minus sign")
+    g.add_argument(
+        "--alphas",
+        type=str,
+        help="α grid: a count (default 11) or comma-separated values; "
+        "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included; "
+        "write --alphas=-0.2,0.5 for values starting with a minus sign",
+    )
     g.add_argument("--allow-extrapolation", action="store_true", help="accept α outside [0, 1]")
     g.add_argument("--abs-cos", action="store_true", help="use the official code's 1−|cos| instead of 1−cos")
-    g.add_argument("--per-token", action="store_true",
-                   help="for (B, T, D) token features: per-token cosine averaged over tokens "
-                        "(default: the paper's per-sample cosine of the flattened T·D vector)")
+    g.add_argument(
+        "--per-token",
+        action="store_true",
+        help="for (B, T, D) token features: per-token cosine averaged over tokens "
+        "(default: the paper's per-sample cosine of the flattened T·D vector)",
+    )
     g.add_argument("--kinds", type=str, help="probe kinds to measure, comma-separated (pre,norm,post,residual,logits)")
     g.add_argument("--probes", type=str, help="probe names to measure, comma-separated (see `llfc probes`)")
     g.add_argument("--test-samples", type=int, help="measure on the first N test samples (default: all)")
     g.add_argument("--train-samples", type=int, help="train subset size for the train-set LMC curve")
-    g.add_argument("--bn-mode", choices=["interpolate", "reset"],
-                   help="BatchNorm statistics along the path (default interpolate)")
+    g.add_argument(
+        "--bn-mode", choices=["interpolate", "reset"], help="BatchNorm statistics along the path (default interpolate)"
+    )
     g.add_argument("--no-conditions", action="store_true", help="skip weak additivity and commutativity")
-    g.add_argument("--stitch-points", choices=["official", "pre"],
-                   help="identity stitching at the official code's points (default; ResNets: conv1, every "
-                   "block output, the final Linear) or at every Linear/Conv output (pre)")
+    g.add_argument(
+        "--stitch-points",
+        choices=["official", "pre"],
+        help="identity stitching at the official code's points (default; ResNets: conv1, every "
+        "block output, the final Linear) or at every Linear/Conv output (pre)",
+    )
 
 
 def _measure_overrides(args) -> dict:
@@ -91,8 +103,9 @@ def _measure_overrides(args) -> dict:
         m["probes"] = args.probes.split(",")
     if args.test_samples is not None:
         if args.test_samples < 1:
-            raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got "
-                              f"{args.test_samples}.")
+            raise ConfigError(
+                f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {args.test_samples}."
+            )
         m["test_samples"] = args.test_samples
     if args.train_samples is not None:
         m["train_samples"] = args.train_samples
@@ -118,8 +131,14 @@ def cmd_run(args) -> int:
 
     cfg = ExperimentConfig.from_yaml(args.config) if args.config else ExperimentConfig()
     d = cfg.to_dict()
-    for key, val in (("dataset", args.dataset), ("data_root", args.data_root), ("model", args.model),
-                     ("spawn_epoch", args.spawn_epoch), ("seed", args.seed), ("device", args.device)):
+    for key, val in (
+        ("dataset", args.dataset),
+        ("data_root", args.data_root),
+        ("model", args.model),
+        ("spawn_epoch", args.spawn_epoch),
+        ("seed", args.seed),
+        ("device", args.device),
+    ):
         if val is not None:
             d[key] = val
     if args.dataset is not None and args.model is None and not args.config:
@@ -132,8 +151,9 @@ def cmd_run(args) -> int:
         try:
             widths = [int(w) for w in args.widths.split(",")]
         except ValueError:
-            raise ConfigError(f"--widths takes comma-separated whole numbers, e.g. 512,512,512; got "
-                              f"{args.widths!r}.") from None
+            raise ConfigError(
+                f"--widths takes comma-separated whole numbers, e.g. 512,512,512; got {args.widths!r}."
+            ) from None
         d["model_args"] = {**(d.get("model_args") or {}), "widths": widths}
     if args.alphas:
         d["alphas"] = _alphas(args.alphas)
@@ -158,12 +178,22 @@ def cmd_analyze(args) -> int:
 
     measure = MeasureConfig(**_measure_overrides(args))
     out = Path(args.out) if args.out else _default_out("analyze")
-    analyze_checkpoints(args.a, args.b, out, dataset=args.dataset, data_root=args.data_root,
-                        model=args.model, model_args=_model_args(args.model_args),
-                        download=args.download, alphas=_alphas(args.alphas) if args.alphas else 11,
-                        allow_extrapolation=args.allow_extrapolation, measure=measure,
-                        device=args.device or "cpu", overwrite=args.overwrite,
-                        progress=not args.no_progress)
+    analyze_checkpoints(
+        args.a,
+        args.b,
+        out,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        model=args.model,
+        model_args=_model_args(args.model_args),
+        download=args.download,
+        alphas=_alphas(args.alphas) if args.alphas else 11,
+        allow_extrapolation=args.allow_extrapolation,
+        measure=measure,
+        device=args.device or "cpu",
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -181,11 +211,21 @@ def cmd_align(args) -> int:
     from llfc.experiment import align_checkpoints
 
     if not args.out:
-        raise ConfigError("llfc align needs --out C: the aligned B is written to C.safetensors (or, "
-                          "when C is a folder, inside it).")
-    align_checkpoints(args.a, args.b, args.out, method=args.method, dataset=args.dataset,
-                      data_root=args.data_root, seed=args.seed or 0, overwrite=args.overwrite,
-                      model=args.model, model_args=_model_args(args.model_args))
+        raise ConfigError(
+            "llfc align needs --out C: the aligned B is written to C.safetensors (or, when C is a folder, inside it)."
+        )
+    align_checkpoints(
+        args.a,
+        args.b,
+        args.out,
+        method=args.method,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        seed=args.seed or 0,
+        overwrite=args.overwrite,
+        model=args.model,
+        model_args=_model_args(args.model_args),
+    )
     return 0
 
 
@@ -225,11 +265,15 @@ def cmd_list(args) -> int:
     for n in list_datasets():
         i = dataset_info(n)
         if i.modality == "text":
-            print(f"  {n:<15} text: windows of {i.input_shape[0]} characters (dataset_args: "
-                  f"{{context: T}}), {i.num_classes}-character vocabulary")
+            print(
+                f"  {n:<15} text: windows of {i.input_shape[0]} characters (dataset_args: "
+                f"{{context: T}}), {i.num_classes}-character vocabulary"
+            )
             continue
-        print(f"  {n:<15} input {i.input_shape}, {i.num_classes} classes"
-              + ("" if i.needs_files else " (bundled, no files needed)"))
+        print(
+            f"  {n:<15} input {i.input_shape}, {i.num_classes} classes"
+            + ("" if i.needs_files else " (bundled, no files needed)")
+        )
     print("models:")
     print("  " + ", ".join(list_models()))
     return 0
@@ -243,8 +287,16 @@ def cmd_reproduce(args) -> int:
         print(reproduce.format_list(args.scale))
         return 0
     out = Path(args.out) if args.out else _default_out(args.name)
-    reproduce.run(args.name, out, scale=args.scale, data_root=args.data_root, device=args.device or "auto",
-                  dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress)
+    reproduce.run(
+        args.name,
+        out,
+        scale=args.scale,
+        data_root=args.data_root,
+        device=args.device or "auto",
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -264,8 +316,7 @@ def cmd_sweep(args) -> int:
     if data_root or args.device:
         sc.base = {**sc.base, **data_root, **({"device": args.device} if args.device else {})}
     sweep.check_backend(args.backend)
-    sweep.run_sweep(sc, out, jobs=args.jobs, threads=args.threads, backend=args.backend,
-                    progress=not args.no_progress)
+    sweep.run_sweep(sc, out, jobs=args.jobs, threads=args.threads, backend=args.backend, progress=not args.no_progress)
     print(f"\nsweep tables and figures in {out}")
     return 0
 
@@ -274,22 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``llfc`` command."""
     from llfc import __version__
 
-    p = argparse.ArgumentParser(prog="llfc", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="llfc", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"llfc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(q, data=True):
         if data:
-            q.add_argument("--data-root",
-                           help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)")
+            q.add_argument(
+                "--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)"
+            )
             q.add_argument("--download", action="store_true", help="download missing data (needs internet)")
         q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         q.add_argument("--device", help="cpu, cuda or auto")
-        q.add_argument("--threads", type=int, help="torch CPU threads (default $OMP_NUM_THREADS, else the "
-                       "cores available; results are bit-identical only for the same count; use 1 on a "
-                       "machine other jobs load)")
+        q.add_argument(
+            "--threads",
+            type=int,
+            help="torch CPU threads (default $OMP_NUM_THREADS, else the "
+            "cores available; results are bit-identical only for the same count; use 1 on a "
+            "machine other jobs load)",
+        )
         q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("run", help="train pairs, measure LMC/LLFC, write results and figures")
@@ -297,9 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", help="dataset name (default digits; see `llfc list`)")
     r.add_argument("--model", help="architecture name (default: the dataset's)")
     r.add_argument("--widths", help="MLP hidden widths, comma-separated (e.g. 512,512,512)")
-    r.add_argument("--pairs", help="comma-separated: spawn, independent, permutation-weight, "
-                   "permutation-activation, permutation-ste; or finetune alone (Cross-Task Linearity; "
-                   "needs --config with a finetune: section, see docs/results-ctl.md)")
+    r.add_argument(
+        "--pairs",
+        help="comma-separated: spawn, independent, permutation-weight, "
+        "permutation-activation, permutation-ste; or finetune alone (Cross-Task Linearity; "
+        "needs --config with a finetune: section, see docs/results-ctl.md)",
+    )
     r.add_argument("--spawn-epoch", type=int, help="epoch k at which the spawned pair forks (0 allowed)")
     r.add_argument("--epochs", type=int, help="training epochs")
     r.add_argument("--lr", type=float, help="learning rate")
@@ -314,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("b", help="checkpoint of model B")
     a.add_argument("--dataset", help="dataset (default: recorded in the checkpoint)")
     a.add_argument("--model", help="architecture of plain .safetensors files without JSON sidecars")
-    a.add_argument("--model-args", help='its arguments as JSON, e.g. \'{"widths": [64]}\'')
+    a.add_argument("--model-args", help="its arguments as JSON, e.g. '{\"widths\": [64]}'")
     common(a)
     _add_measure_args(a)
     a.set_defaults(func=cmd_analyze)
@@ -322,57 +382,78 @@ def build_parser() -> argparse.ArgumentParser:
     al = sub.add_parser("align", help="permute B's hidden units onto A's (Git Re-Basin)")
     al.add_argument("a", help="checkpoint of model A (the reference)")
     al.add_argument("b", help="checkpoint of model B (the one permuted onto A)")
-    al.add_argument("--method", choices=["weight", "activation", "ste"], default="weight",
-                    help="weight matching, activation matching, or the straight-through estimator")
+    al.add_argument(
+        "--method",
+        choices=["weight", "activation", "ste"],
+        default="weight",
+        help="weight matching, activation matching, or the straight-through estimator",
+    )
     al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
     al.add_argument("--seed", type=int, help="seed of weight matching's group order (default 0)")
     al.add_argument("--model", help="architecture of plain .safetensors / .pt files without JSON sidecars")
-    al.add_argument("--model-args", help='its arguments as JSON, e.g. \'{"widths": [64]}\'')
+    al.add_argument("--model-args", help="its arguments as JSON, e.g. '{\"widths\": [64]}'")
     common(al)
     al.set_defaults(func=cmd_align)
 
     pr = sub.add_parser("probes", help="list the feature maps llfc measures for a model")
     pr.add_argument("model", help="registered architecture (see `llfc list`)")
     pr.add_argument("--dataset", default="digits", help="sets the input shape and classes (default digits)")
-    pr.add_argument("--model-args", help='architecture arguments as JSON, e.g. \'{"widths": [64]}\'')
+    pr.add_argument("--model-args", help="architecture arguments as JSON, e.g. '{\"widths\": [64]}'")
     pr.add_argument("--kinds", help="only these kinds, comma-separated")
     pr.set_defaults(func=cmd_probes)
 
-    rep = sub.add_parser("report", help="(re)build report.html in a run or sweep folder",
-                         description="Write DIR/report.html: one self-contained page (figures embedded) "
-                         "with the summary, figures, tables, config and environment of a run folder "
-                         "(llfc run / analyze), or the co-occurrence table and one row per pair of a "
-                         "sweep folder.")
+    rep = sub.add_parser(
+        "report",
+        help="(re)build report.html in a run or sweep folder",
+        description="Write DIR/report.html: one self-contained page (figures embedded) "
+        "with the summary, figures, tables, config and environment of a run folder "
+        "(llfc run / analyze), or the co-occurrence table and one row per pair of a "
+        "sweep folder.",
+    )
     rep.add_argument("dir", help="run folder (holding results.json) or sweep folder")
     rep.set_defaults(func=cmd_report)
 
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments")
     rp.add_argument("name", nargs="?", help="experiment name (see --list); without it, the list is shown")
     rp.add_argument("--list", action="store_true", help="list the experiments with their cost")
-    rp.add_argument("--scale", choices=["paper", "cpu"], default="cpu",
-                    help="paper: published settings (GPU); cpu: reduced, finishes on 2 cores (default)")
+    rp.add_argument(
+        "--scale",
+        choices=["paper", "cpu"],
+        default="cpu",
+        help="paper: published settings (GPU); cpu: reduced, finishes on 2 cores (default)",
+    )
     rp.add_argument("--dry-run", action="store_true", help="run a few batches of each stage only")
     common(rp)
     rp.set_defaults(func=cmd_reproduce)
 
-    sw = sub.add_parser("sweep", help="a grid of pairs (spawn point k, seeds, widths, ...), aggregated",
-                        description="Run or resume a sweep: a grid of pairs over the spawn point k, seeds, "
-                        "widths, architectures, datasets and pair kinds (YAML: see llfc.sweep), then "
-                        "aggregate it into sweep.csv, the co-occurrence table and figures.")
+    sw = sub.add_parser(
+        "sweep",
+        help="a grid of pairs (spawn point k, seeds, widths, ...), aggregated",
+        description="Run or resume a sweep: a grid of pairs over the spawn point k, seeds, "
+        "widths, architectures, datasets and pair kinds (YAML: see llfc.sweep), then "
+        "aggregate it into sweep.csv, the co-occurrence table and figures.",
+    )
     sw.add_argument("config", help="sweep YAML file, or a catalogue name (`llfc reproduce --list`)")
     sw.add_argument("--out", help="sweep folder (default runs/<name>-<time>); rerun to resume")
     sw.add_argument("--jobs", type=int, default=1, help="parallel local worker processes (default 1)")
     sw.add_argument("--threads", type=int, help="torch threads per job (default: cores // jobs)")
-    sw.add_argument("--backend", choices=["local", "submitit"], default="local",
-                    help="local process pool, or submitit (Slurm; needs `pip install submitit`)")
+    sw.add_argument(
+        "--backend",
+        choices=["local", "submitit"],
+        default="local",
+        help="local process pool, or submitit (Slurm; needs `pip install submitit`)",
+    )
     sw.add_argument("--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)")
     sw.add_argument("--device", help="cpu, cuda or auto (overrides the config's base)")
     sw.add_argument("--aggregate-only", action="store_true", help="only re-aggregate the finished pairs in --out")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_sweep)
 
-    ls = sub.add_parser("list", help="registered datasets and models",
-                        description="List the registered datasets and model architectures.")
+    ls = sub.add_parser(
+        "list",
+        help="registered datasets and models",
+        description="List the registered datasets and model architectures.",
+    )
     ls.set_defaults(func=cmd_list)
     return p
 
@@ -407,13 +488,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # the file system said no: a path that is a file, not writable, full...
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"llfc: error: {e.strerror or e}{where}. Check the paths given (--out, --data-root, "
-              f"checkpoints): they must exist, be folders where folders are expected, and be "
-              f"writable where llfc writes.", file=sys.stderr)
+        print(
+            f"llfc: error: {e.strerror or e}{where}. Check the paths given (--out, --data-root, "
+            f"checkpoints): they must exist, be folders where folders are expected, and be "
+            f"writable where llfc writes.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print("llfc: interrupted. Run the same command again to resume from the last checkpoint.",
-              file=sys.stderr)
+        print("llfc: interrupted. Run the same command again to resume from the last checkpoint.", file=sys.stderr)
         return 130
     finally:
         if owned:

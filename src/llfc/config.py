@@ -20,8 +20,7 @@ import yaml
 
 from llfc.errors import ConfigError
 
-PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation", "permutation-ste",
-              "finetune")
+PAIR_KINDS = ("spawn", "independent", "permutation-weight", "permutation-activation", "permutation-ste", "finetune")
 
 # Training recipes per dataset (keys of llfc.train.TrainConfig). The paper's own CIFAR recipes
 # live in configs/paper/; these are the defaults of `llfc run`.
@@ -30,26 +29,65 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # connected (barrier 1.9 pp), so the demo's negative control would not be negative
     # (docs/results.md, "The default digits recipe")
     "digits": {
-        "model": "mlp", "model_args": {"widths": [64, 64, 64]}, "spawn_epoch": 2,
-        "train": {"epochs": 30, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                  "weight_decay": 0.0, "schedule": "constant"},
+        "model": "mlp",
+        "model_args": {"widths": [64, 64, 64]},
+        "spawn_epoch": 2,
+        "train": {
+            "epochs": 30,
+            "batch_size": 64,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+        },
     },
     "mnist": {
-        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
-        "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                  "weight_decay": 0.0, "schedule": "cosine"},
+        "model": "mlp",
+        "model_args": {"widths": [512, 512, 512]},
+        "spawn_epoch": 1,
+        "train": {
+            "epochs": 10,
+            "batch_size": 128,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "schedule": "cosine",
+        },
     },
     "cifar10": {
-        "model": "mlp", "model_args": {"widths": [512, 512, 512]}, "spawn_epoch": 1,
-        "train": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9,
-                  "weight_decay": 5e-4, "schedule": "cosine", "augment": False},
+        "model": "mlp",
+        "model_args": {"widths": [512, 512, 512]},
+        "spawn_epoch": 1,
+        "train": {
+            "epochs": 10,
+            "batch_size": 128,
+            "optimizer": "sgd",
+            "lr": 0.02,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "augment": False,
+        },
     },
 }
 DATASET_DEFAULTS["tinyshakespeare"] = {  # a small character GPT (nanoGPT's recipe family: AdamW)
-    "model": "gpt", "model_args": {"width": 128, "depth": 2, "heads": 4}, "spawn_epoch": 1,
-    "train": {"epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1,
-              "betas": [0.9, 0.99], "schedule": "cosine", "schedule_step": "iteration",
-              "warmup_epochs": 0.1, "augment": False},
+    "model": "gpt",
+    "model_args": {"width": 128, "depth": 2, "heads": 4},
+    "spawn_epoch": 1,
+    "train": {
+        "epochs": 4,
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.99],
+        "schedule": "cosine",
+        "schedule_step": "iteration",
+        "warmup_epochs": 0.1,
+        "augment": False,
+    },
 }
 DATASET_DEFAULTS["fashion-mnist"] = DATASET_DEFAULTS["mnist"]
 _FALLBACK = DATASET_DEFAULTS["cifar10"]
@@ -224,15 +262,18 @@ class ExperimentConfig:
             raise ConfigError(f"unknown pair kind(s) {bad or c.pairs}; valid: {', '.join(PAIR_KINDS)}.")
         if "finetune" in c.pairs:
             if len(c.pairs) > 1:
-                raise ConfigError(f"pair kind 'finetune' runs on its own (its children are fine-tuned on other "
-                                  f"tasks); got pairs {c.pairs}. Use one config for finetune and another for the rest.")
+                raise ConfigError(
+                    f"pair kind 'finetune' runs on its own (its children are fine-tuned on other "
+                    f"tasks); got pairs {c.pairs}. Use one config for finetune and another for the rest."
+                )
             from llfc.finetune import FinetuneConfig
 
             FinetuneConfig.from_dict(c.finetune)  # every task and grid checked before anything is written
         if "spawn" in c.pairs and not 0 <= int(c.spawn_epoch) < epochs:
             raise ConfigError(
                 f"spawn_epoch must be in [0, epochs) = [0, {epochs}), got {c.spawn_epoch}: the two "
-                f"children need at least one epoch of their own to differ.")
+                f"children need at least one epoch of their own to differ."
+            )
         if c.measure.bn_mode not in ("interpolate", "reset"):
             raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
         return c

@@ -80,6 +80,8 @@ def llfc_holds(pair: dict) -> bool | None:
 
 def describe() -> str:
     """One line stating the thresholds, for summaries and generated documents."""
-    return (f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; LLFC holds: in every hidden "
-            f"layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ {LLFC_MAX_RATIO:g} × "
-            f"E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md).")
+    return (
+        f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; LLFC holds: in every hidden "
+        f"layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ {LLFC_MAX_RATIO:g} × "
+        f"E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md)."
+    )

@@ -195,8 +195,10 @@ def get_dataset(
     if info.modality == "text":
         return get_text_dataset(name, split, rootp, download, **(options or {}))
     if options:
-        raise ConfigError(f"dataset {name!r} takes no options, got {sorted(options)}; remove "
-                          f"dataset_args (only text datasets take context/stride).")
+        raise ConfigError(
+            f"dataset {name!r} takes no options, got {sorted(options)}; remove "
+            f"dataset_args (only text datasets take context/stride)."
+        )
     images, labels = _LOADERS[name](split, rootp, download)
     if augment is None:
         augment = info.augment and split == "train"
@@ -221,9 +223,7 @@ def _missing(name: str, folder: Path, what: str) -> DataNotFoundError:
 # digits (scikit-learn, bundled: no files needed)
 
 
-@register_dataset(
-    DatasetInfo("digits", (1, 8, 8), 10, mean=(0.3,), std=(0.4,), needs_files=False)
-)
+@register_dataset(DatasetInfo("digits", (1, 8, 8), 10, mean=(0.3,), std=(0.4,), needs_files=False))
 def _load_digits(split: str, root: Path | None, download: bool):
     """scikit-learn's 1,797 8×8 digits; fixed stratified split (75% train / 25% test, seed 0)."""
     from sklearn.datasets import load_digits
@@ -273,8 +273,9 @@ def _mnist_like(name: str, folder_name: str, split: str, root: Path, download: b
         images = tvm.read_image_file(str(paths[0])).unsqueeze(1)
         labels = tvm.read_label_file(str(paths[1])).long()
     except (AssertionError, RuntimeError, ValueError) as e:
-        raise DataNotFoundError(f"{name} files in {raw.resolve()} are not valid IDX files ({e}); "
-                                f"replace them with the original downloads.") from None
+        raise DataNotFoundError(
+            f"{name} files in {raw.resolve()} are not valid IDX files ({e}); replace them with the original downloads."
+        ) from None
     return images, labels
 
 
@@ -343,9 +344,7 @@ def _cifar(name: str, cls_name: str, folder: str, split: str, root: Path, downlo
     return images, torch.tensor(ds.targets, dtype=torch.long)
 
 
-@register_dataset(
-    DatasetInfo("cifar10", (3, 32, 32), 10, mean=_CIFAR_MEAN, std=_CIFAR_STD, augment=True)
-)
+@register_dataset(DatasetInfo("cifar10", (3, 32, 32), 10, mean=_CIFAR_MEAN, std=_CIFAR_STD, augment=True))
 def _load_cifar10(split, root, download):
     """CIFAR-10, normalised as in the official LLFC code; crop+flip on the train split."""
     return _cifar("cifar10", "CIFAR10", "cifar-10-batches-py", split, root, download)
@@ -353,7 +352,11 @@ def _load_cifar10(split, root, download):
 
 @register_dataset(
     DatasetInfo(
-        "cifar100", (3, 32, 32), 100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        "cifar100",
+        (3, 32, 32),
+        100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
         augment=True,
     )
 )
@@ -432,9 +435,7 @@ def _decode_rgb(path: Path, size: tuple[int, int]) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))  # grayscale images → 3 equal channels
     except FileNotFoundError:
-        raise DataNotFoundError(
-            f"tiny-imagenet: image {path.resolve()} is missing; re-extract {_TINY_URL}."
-        ) from None
+        raise DataNotFoundError(f"tiny-imagenet: image {path.resolve()} is missing; re-extract {_TINY_URL}.") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataNotFoundError(
             f"tiny-imagenet: image {path.resolve()} cannot be decoded ({e}); the file is "
@@ -460,11 +461,7 @@ def _tiny_fingerprint(paths: list[Path], stamp_files: list[Path]) -> str:
     return f"n={len(paths)};mtimes={stamps}"
 
 
-@register_dataset(
-    DatasetInfo(
-        "tiny-imagenet", (3, 64, 64), 200, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, augment=True
-    )
-)
+@register_dataset(DatasetInfo("tiny-imagenet", (3, 64, 64), 200, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, augment=True))
 def _load_tiny_imagenet(split, root, download):
     """Tiny-ImageNet: 200 classes, 64×64 RGB; 100,000 train and 10,000 validation images.
 
@@ -495,8 +492,7 @@ def _load_tiny_imagenet(split, root, download):
     paths, labels, stamp_files = _tiny_file_list(split, base)
     if not paths:
         raise DataNotFoundError(
-            f"tiny-imagenet: no images found for the {split} split in {base.resolve()}; "
-            f"re-extract {_TINY_URL}."
+            f"tiny-imagenet: no images found for the {split} split in {base.resolve()}; re-extract {_TINY_URL}."
         )
     fingerprint = _tiny_fingerprint(paths, stamp_files)
     cache = _tiny_cache_path(base, split)
@@ -512,15 +508,17 @@ def _load_tiny_imagenet(split, root, download):
 
     h, w = 64, 64
     images = torch.empty((len(paths), 3, h, w), dtype=torch.uint8)
-    for i, p in enumerate(tqdm(paths, desc=f"decoding tiny-imagenet {split}", unit="img",
-                               disable=len(paths) < 1000)):
+    for i, p in enumerate(tqdm(paths, desc=f"decoding tiny-imagenet {split}", unit="img", disable=len(paths) < 1000)):
         images[i] = _decode_rgb(p, (h, w))
     labels_t = torch.tensor(labels, dtype=torch.long)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        save_file({"images": images, "labels": labels_t}, str(tmp),
-                  metadata={"fingerprint": fingerprint, "source": str(base.resolve())})
+        save_file(
+            {"images": images, "labels": labels_t},
+            str(tmp),
+            metadata={"fingerprint": fingerprint, "source": str(base.resolve())},
+        )
         os.replace(tmp, cache)
     except OSError:  # an unwritable cache only costs speed
         try:
@@ -533,8 +531,7 @@ def _load_tiny_imagenet(split, root, download):
 # --------------------------------------------------------------------------------------------
 # character-level text (Tiny Shakespeare; the corpus of char-rnn and nanoGPT)
 
-_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-                    "tinyshakespeare/input.txt")
+_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 _TEXT_FILES = {"tinyshakespeare": ("tinyshakespeare/input.txt", _SHAKESPEARE_URL)}
 TEXT_TRAIN_FRACTION = 0.9
 
@@ -596,13 +593,21 @@ class TextDataset(Dataset):
         ConfigError: T or stride < 1; a text shorter than one window (L < T + 1).
     """
 
-    def __init__(self, ids: torch.Tensor, context: int, vocab: CharVocab, name: str = "text",
-                 split: str = "train", stride: int | None = None):
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        context: int,
+        vocab: CharVocab,
+        name: str = "text",
+        split: str = "train",
+        stride: int | None = None,
+    ):
         context = int(context)
         stride = context if stride is None else int(stride)
         if context < 1 or stride < 1:
-            raise ConfigError(f"{name} {split}: context and stride must be ≥ 1, got context={context}, "
-                              f"stride={stride}.")
+            raise ConfigError(
+                f"{name} {split}: context and stride must be ≥ 1, got context={context}, stride={stride}."
+            )
         if len(ids) < context + 1:
             raise ConfigError(
                 f"{name} {split}: the text has {len(ids)} characters, shorter than one window of "
@@ -655,12 +660,14 @@ def read_text(name: str, root: Path, download: bool = False) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataNotFoundError(f"{name}: {path} cannot be read as UTF-8 text ({e}); replace it "
-                                f"with the original file {url}.") from None
+        raise DataNotFoundError(
+            f"{name}: {path} cannot be read as UTF-8 text ({e}); replace it with the original file {url}."
+        ) from None
 
 
-def get_text_dataset(name: str, split: str, root: Path, download: bool = False,
-                     context: int = 128, stride: int | None = None) -> TextDataset:
+def get_text_dataset(
+    name: str, split: str, root: Path, download: bool = False, context: int = 128, stride: int | None = None
+) -> TextDataset:
     """Split ``split`` of a character-level text dataset, as windows of ``context`` characters.
 
     The vocabulary is the set of characters of the whole text (so both splits share it); the

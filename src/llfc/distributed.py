@@ -99,19 +99,21 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_available():
-        raise DistributedError("this PyTorch build has no torch.distributed; run llfc without "
-                               "torchrun (one process), or install a PyTorch build with it.")
-    dev = torch.device(device) if str(device) != "auto" else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    backend = backend or os.environ.get("LLFC_DIST_BACKEND") or (
-        "nccl" if dev.type == "cuda" else "gloo")
-    available = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(),
-                 "mpi": dist.is_mpi_available()}
+        raise DistributedError(
+            "this PyTorch build has no torch.distributed; run llfc without "
+            "torchrun (one process), or install a PyTorch build with it."
+        )
+    dev = (
+        torch.device(device) if str(device) != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    backend = backend or os.environ.get("LLFC_DIST_BACKEND") or ("nccl" if dev.type == "cuda" else "gloo")
+    available = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(), "mpi": dist.is_mpi_available()}
     if not available.get(backend, False):
         have = ", ".join(k for k, v in available.items() if v) or "none"
         raise DistributedError(
             f"the distributed backend {backend!r} is not available in this PyTorch build "
-            f"(available: {have}). Use --device cpu (gloo) or a CUDA build of PyTorch for nccl.")
+            f"(available: {have}). Use --device cpu (gloo) or a CUDA build of PyTorch for nccl."
+        )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and local < torch.cuda.device_count():
         torch.cuda.set_device(local)  # "cuda" means this rank's own GPU from here on
@@ -119,8 +121,9 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "cpu"
     try:
         dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError) as e:
-        raise DistributedError(f"could not join the process group ({e}). Launch with "
-                               f"`torchrun --nproc_per_node N -m llfc ...`.") from None
+        raise DistributedError(
+            f"could not join the process group ({e}). Launch with `torchrun --nproc_per_node N -m llfc ...`."
+        ) from None
     return dist.get_world_size() > 1
 
 
@@ -138,7 +141,8 @@ def _collective(fn: Callable[[], Any], what: str) -> Any:
         raise DistributedError(
             f"rank {rank()} of {world_size()}: {what} failed because another rank stopped or did "
             f"not answer ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Nothing of "
-            f"this pass was written; see the failing rank's error, fix it and run again.") from None
+            f"this pass was written; see the failing rank's error, fix it and run again."
+        ) from None
 
 
 def barrier() -> None:
@@ -164,8 +168,7 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor]) -> None:
         _collective(functools.partial(dist.broadcast, t, 0), "receiving rank 0's tensors")
 
 
-def shard_range(n_samples: int, batch_size: int, world: int | None = None,
-                rank_: int | None = None) -> range:
+def shard_range(n_samples: int, batch_size: int, world: int | None = None, rank_: int | None = None) -> range:
     """The sample indices of one rank's shard: whole batches, contiguous, disjoint, no padding.
 
     With K = ⌈n_samples / batch_size⌉ batches, rank r gets batches ⌈r·K/W⌉ … ⌈(r+1)·K/W⌉ − 1,
@@ -182,7 +185,8 @@ def shard_range(n_samples: int, batch_size: int, world: int | None = None,
     if world > n_samples:
         raise DistributedError(
             f"{world} processes but only {n_samples} sample(s) to measure: use at most "
-            f"{n_samples} processes (--nproc_per_node) or more samples.")
+            f"{n_samples} processes (--nproc_per_node) or more samples."
+        )
     k = -(-n_samples // batch_size)
     lo, hi = -(-rank_ * k // world), -(-(rank_ + 1) * k // world)
     return range(min(lo * batch_size, n_samples), min(hi * batch_size, n_samples))
@@ -250,7 +254,8 @@ def check_same(value: Any, what: str, fix: str = "") -> None:
     if bad:
         raise DistributedError(
             f"rank {bad[0]} disagrees with rank 0 on {what} (SHA-256 {digests[bad[0]][:12]} vs "
-            f"{digests[0][:12]}). Every rank must see the same {what}. {fix}".rstrip())
+            f"{digests[0][:12]}). Every rank must see the same {what}. {fix}".rstrip()
+        )
 
 
 def all_reduce_sum(values: Sequence[torch.Tensor | float | int]) -> list[torch.Tensor]:
@@ -322,8 +327,7 @@ def _leaves(obj: Any, modules: tuple[str, ...]) -> Iterable[Any]:
             yield from _leaves(v, modules)
 
 
-def reduce_accumulators(obj: Any, sum_fields: Sequence[str] = (),
-                        modules: tuple[str, ...] = ("llfc.engine",)) -> None:
+def reduce_accumulators(obj: Any, sum_fields: Sequence[str] = (), modules: tuple[str, ...] = ("llfc.engine",)) -> None:
     """Combine ``obj``'s accumulators over all ranks, in place, so that every rank holds the
     totals of the whole data set (no-op outside a process group).
 
@@ -349,20 +353,23 @@ def reduce_accumulators(obj: Any, sum_fields: Sequence[str] = (),
         else:
             holders.append((Sum(val), functools.partial(setattr, obj, name)))
     skip = {id(getattr(obj, f)) for f in sum_fields}
-    attrs = obj if isinstance(obj, (list, tuple, dict)) else {
-        k: v for k, v in vars(obj).items() if id(v) not in skip}
-    leaves: list[tuple[Any, Callable[[Any], None] | None]] = [
-        (leaf, None) for leaf in _leaves(attrs, modules)]
+    attrs = obj if isinstance(obj, (list, tuple, dict)) else {k: v for k, v in vars(obj).items() if id(v) not in skip}
+    leaves: list[tuple[Any, Callable[[Any], None] | None]] = [(leaf, None) for leaf in _leaves(attrs, modules)]
     leaves += holders
     states = [(type(leaf).__name__, _cpu(dict(vars(leaf)))) for leaf, _ in leaves]
     gathered: list[Any] = [None] * world_size()
     _collective(lambda: dist.all_gather_object(gathered, states), "gathering the accumulators")
     if any(len(g) != len(states) or [n for n, _ in g] != [n for n, _ in states] for g in gathered):
-        raise DistributedError("the ranks hold differently structured accumulators (different "
-                               "probes, α grids or models); run every rank with the same config.")
+        raise DistributedError(
+            "the ranks hold differently structured accumulators (different "
+            "probes, α grids or models); run every rank with the same config."
+        )
     for i, (leaf, setter) in enumerate(leaves):
-        dev = _device_of(leaf) if setter is None else (
-            leaf.total.device if isinstance(leaf.total, torch.Tensor) else None)
+        dev = (
+            _device_of(leaf)
+            if setter is None
+            else (leaf.total.device if isinstance(leaf.total, torch.Tensor) else None)
+        )
         merged = copy.copy(leaf)
         merged.__dict__ = dict(gathered[0][i][1])
         for r in range(1, len(gathered)):

@@ -86,10 +86,10 @@ class _LLFCAcc:
     """Streaming LLFC statistics of one probe over K α values."""
 
     def __init__(self) -> None:
-        self.dist = RunningMoments()   # (B, K) per-sample 1 − cos(f_α, f_int)
-        self.coef = RunningMoments()   # (B, K) per-sample s
-        self.base = RunningMoments()   # (B,)  per-sample 1 − cos(f_A, f_B)
-        self.sums = RunningSum()       # (B, K, 3): ‖f_α‖², ‖f_int‖², ‖f_α − f_int‖²
+        self.dist = RunningMoments()  # (B, K) per-sample 1 − cos(f_α, f_int)
+        self.coef = RunningMoments()  # (B, K) per-sample s
+        self.base = RunningMoments()  # (B,)  per-sample 1 − cos(f_A, f_B)
+        self.sums = RunningSum()  # (B, K, 3): ‖f_α‖², ‖f_int‖², ‖f_α − f_int‖²
         self.base_sums = RunningSum()  # (B, 3): ‖f_A‖², ‖f_B‖², ‖f_A − f_B‖²
         self.dim = 0
 
@@ -98,9 +98,9 @@ class _WAAcc:
     """Streaming weak-additivity statistics of one ReLU probe over K α values."""
 
     def __init__(self) -> None:
-        self.dist = RunningMoments()   # (B, K)
-        self.sums = RunningSum()       # (B, K, 3): ‖u‖², ‖v‖², ‖u − v‖²
-        self.sign = RunningMoments()   # (B,)
+        self.dist = RunningMoments()  # (B, K)
+        self.sums = RunningSum()  # (B, K, 3): ‖u‖², ‖v‖², ‖u − v‖²
+        self.sign = RunningMoments()  # (B,)
 
 
 class PairMeter:
@@ -135,10 +135,19 @@ class PairMeter:
     #: attributes holding plain per-sample sums (ints, float64 tensors, dicts of them)
     sum_fields = ("n", "n_targets", "loss", "wrong", "com")
 
-    def __init__(self, extractor: FeatureExtractor, sd_a: StateDict, sd_b: StateDict,
-                 alphas: Sequence[float], states: Sequence[StateDict] | None = None, *,
-                 llfc: bool = True, conditions: bool = True, absolute: bool = False,
-                 memory_budget: float | None = DEFAULT_MEMORY_BUDGET):
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        sd_a: StateDict,
+        sd_b: StateDict,
+        alphas: Sequence[float],
+        states: Sequence[StateDict] | None = None,
+        *,
+        llfc: bool = True,
+        conditions: bool = True,
+        absolute: bool = False,
+        memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+    ):
         from llfc.interpolate import path_states
 
         self.fx = extractor
@@ -146,8 +155,9 @@ class PairMeter:
         if 0.0 not in self.alphas or 1.0 not in self.alphas:
             raise ValueError("the α grid must contain 0 and 1")
         self.sd_a, self.sd_b = sd_a, sd_b
-        self.states = list(states) if states is not None else path_states(
-            extractor.gm, sd_a, sd_b, self.alphas)  # the real model: its BatchNorm is seen
+        self.states = (
+            list(states) if states is not None else path_states(extractor.gm, sd_a, sd_b, self.alphas)
+        )  # the real model: its BatchNorm is seen
         self.llfc, self.conditions, self.absolute = llfc, conditions, absolute
         self.logits = next(p for p in extractor.probes if p.kind == "logits")
         self.llfc_probes = [p for p in extractor.probes] if llfc else []
@@ -167,8 +177,10 @@ class PairMeter:
         if memory_budget is not None and not memory_budget > 0:
             from llfc.errors import ConfigError
 
-            raise ConfigError(f"memory_budget must be a positive number of bytes (e.g. 2e9) or None "
-                              f"(never split batches), got {memory_budget!r}.")
+            raise ConfigError(
+                f"memory_budget must be a positive number of bytes (e.g. 2e9) or None "
+                f"(never split batches), got {memory_budget!r}."
+            )
         self.memory_budget = memory_budget
         self._per_sample: dict[tuple, tuple[int, int]] = {}  # input shape -> (bytes, largest map)
 
@@ -205,8 +217,8 @@ class PairMeter:
         if malloc_tuning_available() and x.device.type == "cpu":
             m = min(m, (_MMAP_LIMIT - 4096) // max(largest, 1))
         m = max(1, min(B, m))
-        n = -(-B // m)                 # chunks
-        return -(-B // n)              # equal sizes
+        n = -(-B // m)  # chunks
+        return -(-B // n)  # equal sizes
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -223,7 +235,7 @@ class PairMeter:
             self._update(x, y)
         else:
             for i in range(0, x.shape[0], m):
-                self._update(x[i:i + m], y[i:i + m])
+                self._update(x[i : i + m], y[i : i + m])
 
     def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         fa = self.fx(self.sd_a, x)
@@ -287,7 +299,7 @@ class PairMeter:
         sqa, sqb, dab = stats if stats is not None else self._endpoint_stats(p.node)
         rows = []
         for a in self.alphas:
-            if a == 1.0:    # u = σ(g_A) = v exactly
+            if a == 1.0:  # u = σ(g_A) = v exactly
                 rows.append(torch.stack([sqa, torch.zeros_like(sqa)], 1))
             elif a == 0.0:
                 rows.append(torch.stack([sqb, torch.zeros_like(sqb)], 1))
@@ -296,7 +308,7 @@ class PairMeter:
                 u = u.relu_() if p.is_relu else self._activation(p)(u)
                 v = torch.lerp(rB, rA, a, out=self._scratch(rA, 1))
                 rows.append(torch.stack([_sq(u), _sq(v.sub_(u))], 1))
-        R = torch.stack(rows, 1)                          # (B, K, 2): ‖u‖², ‖u − v‖²
+        R = torch.stack(rows, 1)  # (B, K, 2): ‖u‖², ‖u − v‖²
         sq_v = _sq_int(self._alpha_t.to(R.device), sqa, sqb, dab)
         acc.dist.update(cosine_distance_from_sq(R[..., 0], sq_v, R[..., 1], absolute=self.absolute))
         acc.sums.update(torch.stack([R[..., 0], sq_v, R[..., 1]], 2))
@@ -370,19 +382,26 @@ class PairMeter:
                 dm, ds = acc.dist.compute()
                 cm, cs = acc.coef.compute()
                 bm, bs = acc.base.compute()
-                S = acc.sums.compute()                   # (K, 3)
+                S = acc.sums.compute()  # (K, 3)
                 bS = acc.base_sums.compute()
                 whole = cosine_distance_from_sq(S[:, 0], S[:, 1], S[:, 2], absolute=self.absolute)
                 coef_whole = coef_from_sq(S[:, 0], S[:, 1], S[:, 2])
-                layers.append({
-                    "name": p.name, "kind": p.kind, "op": p.op, "dim": acc.dim,
-                    "baseline": {"mean": float(bm), "std": float(bs),
-                                 "whole": float(cosine_distance_from_sq(bS[0], bS[1], bS[2],
-                                                                        absolute=self.absolute))},
-                    "distance": {"mean": dm.tolist(), "std": ds.tolist(), "whole": whole.tolist()},
-                    "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": coef_whole.tolist()},
-                    "c_whole": [1.0 / v if v != 0 else None for v in coef_whole.tolist()],  # None: s = 0
-                })
+                layers.append(
+                    {
+                        "name": p.name,
+                        "kind": p.kind,
+                        "op": p.op,
+                        "dim": acc.dim,
+                        "baseline": {
+                            "mean": float(bm),
+                            "std": float(bs),
+                            "whole": float(cosine_distance_from_sq(bS[0], bS[1], bS[2], absolute=self.absolute)),
+                        },
+                        "distance": {"mean": dm.tolist(), "std": ds.tolist(), "whole": whole.tolist()},
+                        "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": coef_whole.tolist()},
+                        "c_whole": [1.0 / v if v != 0 else None for v in coef_whole.tolist()],  # None: s = 0
+                    }
+                )
             out["llfc"] = layers
         if self.conditions:
             wa = []
@@ -391,25 +410,41 @@ class PairMeter:
                 dm, ds = acc.dist.compute()
                 S = acc.sums.compute()
                 sm, ss = acc.sign.compute()
-                wa.append({
-                    "name": p.name, "pre_activation": p.input_node, "activation": p.op,
-                    "sign_agreement": {"mean": float(sm), "std": float(ss)},
-                    "distance": {"mean": dm.tolist(), "std": ds.tolist(),
-                                 "whole": cosine_distance_from_sq(S[:, 0], S[:, 1], S[:, 2],
-                                                                  absolute=self.absolute).tolist()},
-                })
+                wa.append(
+                    {
+                        "name": p.name,
+                        "pre_activation": p.input_node,
+                        "activation": p.op,
+                        "sign_agreement": {"mean": float(sm), "std": float(ss)},
+                        "distance": {
+                            "mean": dm.tolist(),
+                            "std": ds.tolist(),
+                            "whole": cosine_distance_from_sq(
+                                S[:, 0], S[:, 1], S[:, 2], absolute=self.absolute
+                            ).tolist(),
+                        },
+                    }
+                )
             out["weak_additivity"] = wa
             com = []
             for p in self.com_probes:
                 s = self.com[p.name]
                 wa_, wb_ = self.sd_a[p.module + ".weight"], self.sd_b[p.module + ".weight"]
-                com.append({
-                    "name": p.name, "module": p.module,
-                    "dist_com": float(dist_from_sums(s[0], s[1], s[2])),
-                    "dist_W": float(dist_from_sums(((wa_.double() - wb_.double()) ** 2).sum(),
-                                                   (wa_.double() ** 2).sum(), (wb_.double() ** 2).sum())),
-                    "dist_H": float(dist_from_sums(s[3], s[4], s[5])),
-                })
+                com.append(
+                    {
+                        "name": p.name,
+                        "module": p.module,
+                        "dist_com": float(dist_from_sums(s[0], s[1], s[2])),
+                        "dist_W": float(
+                            dist_from_sums(
+                                ((wa_.double() - wb_.double()) ** 2).sum(),
+                                (wa_.double() ** 2).sum(),
+                                (wb_.double() ** 2).sum(),
+                            )
+                        ),
+                        "dist_H": float(dist_from_sums(s[3], s[4], s[5])),
+                    }
+                )
             out["commutativity"] = com
         assert len(out["lmc"]["loss"]) == K
         return out
@@ -435,15 +470,29 @@ class TokenRows:
         return {k: v.reshape(-1, v.shape[-1]) if v.ndim == 3 else v for k, v in out.items()}
 
 
-def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
-                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], alphas: Sequence[float], *,
-                 states: Sequence[StateDict] | None = None, kinds: Sequence[str] | None = None,
-                 names: Sequence[str] | None = None, llfc: bool = True, conditions: bool = True,
-                 absolute: bool = False, per_token: bool = False, allow_extrapolation: bool = False,
-                 device: str | torch.device = "cpu", progress: bool = False,
-                 desc: str = "measure", bn_mode: str = "interpolate",
-                 bn_batches: Sequence[torch.Tensor] | None = None, sharded: bool = False,
-                 memory_budget: float | None = DEFAULT_MEMORY_BUDGET) -> dict:
+def measure_pair(
+    model: nn.Module,
+    sd_a: StateDict,
+    sd_b: StateDict,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    alphas: Sequence[float],
+    *,
+    states: Sequence[StateDict] | None = None,
+    kinds: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    llfc: bool = True,
+    conditions: bool = True,
+    absolute: bool = False,
+    per_token: bool = False,
+    allow_extrapolation: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "measure",
+    bn_mode: str = "interpolate",
+    bn_batches: Sequence[torch.Tensor] | None = None,
+    sharded: bool = False,
+    memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+) -> dict:
     """Measure LMC, LLFC and the LLFC conditions of (θ_A, θ_B) in one streaming pass.
 
     Args:
@@ -508,8 +557,17 @@ def measure_pair(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
     sa, sb = move(sd_a), move(sd_b)
     if states is not None:
         states = [sa if s is sd_a else sb if s is sd_b else move(s) for s in states]
-    meter = PairMeter(extractor, sa, sb, alphas, states, llfc=llfc, conditions=conditions,
-                      absolute=absolute, memory_budget=memory_budget)
+    meter = PairMeter(
+        extractor,
+        sa,
+        sb,
+        alphas,
+        states,
+        llfc=llfc,
+        conditions=conditions,
+        absolute=absolute,
+        memory_budget=memory_budget,
+    )
     with retain_freed_memory():  # no fresh kernel pages per batch (llfc._malloc)
         for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
             meter.update(x.to(dev), y.to(dev))

@@ -54,9 +54,7 @@ class ReportError(LLFCError):
 def unknown_name(kind: str, name: str, valid) -> UnknownNameError:
     """Build the standard "unknown <kind>" error listing the valid names."""
     valid = sorted(valid)
-    return UnknownNameError(
-        f"unknown {kind} {name!r}. Valid {kind}s: {', '.join(valid)}."
-    )
+    return UnknownNameError(f"unknown {kind} {name!r}. Valid {kind}s: {', '.join(valid)}.")
 
 
 class DistributedError(LLFCError):

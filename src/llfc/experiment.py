@@ -59,7 +59,7 @@ PERMUTATION_KINDS = ("permutation-weight", "permutation-activation", "permutatio
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is an error.
+    """ "auto" → CUDA when available, else CPU; "cuda" without a GPU is an error.
 
     Raises:
         ConfigError: CUDA requested but not available.
@@ -69,8 +69,10 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use "
-                          "--device cpu, or --device auto to fall back to the CPU.")
+        raise ConfigError(
+            "--device cuda was requested but no CUDA GPU is available; use "
+            "--device cpu, or --device auto to fall back to the CPU."
+        )
     return torch.device(device)
 
 
@@ -154,15 +156,26 @@ class Measurer:
         bn_train: training dataset (no augmentation) for the BN ``reset`` mode.
     """
 
-    def __init__(self, model: nn.Module, test_set, train_subset, alphas: Sequence[float], measure,
-                 device: torch.device, bn_train=None, progress: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        test_set,
+        train_subset,
+        alphas: Sequence[float],
+        measure,
+        device: torch.device,
+        bn_train=None,
+        progress: bool = True,
+        seed: int = 0,
+    ):
         self.model, self.alphas, self.m, self.device, self.progress = model, list(alphas), measure, device, progress
         self.seed = seed
         check_input_shape(model, test_set, f"model {type(model).__name__}", "the test")
         FeatureExtractor(model, kinds=measure.kinds, names=measure.probes)  # unknown probes fail now
         if measure.stitching and measure.stitch_points not in STITCH_POINTS:
-            raise ConfigError(f"unknown stitch points {measure.stitch_points!r} (--stitch-points); "
-                              f"valid: {', '.join(STITCH_POINTS)}.")
+            raise ConfigError(
+                f"unknown stitch points {measure.stitch_points!r} (--stitch-points); valid: {', '.join(STITCH_POINTS)}."
+            )
         # under torchrun each rank measures its unpadded shard; the sums are combined after the pass
         self.sharded = distributed.is_active()
         shard = lambda ds: distributed.shard_dataset(ds, measure.batch_size)  # noqa: E731
@@ -178,31 +191,64 @@ class Measurer:
         check_compatible(sd_a, sd_b)
         check_finite(sd_a, f"model A of pair {name!r}")
         check_finite(sd_b, f"model B of pair {name!r}")
-        states = path_states(self.model, sd_a, sd_b, self.alphas, self.m.bn_mode, self.bn_batches,
-                             self.device)
+        states = path_states(self.model, sd_a, sd_b, self.alphas, self.m.bn_mode, self.bn_batches, self.device)
         t0 = time.perf_counter()
-        res = measure_pair(self.model, sd_a, sd_b, self.test, self.alphas, states=states,
-                           kinds=self.m.kinds, names=self.m.probes, conditions=self.m.conditions,
-                           absolute=self.m.absolute_cos, per_token=self.m.per_token, device=self.device,
-                           progress=self.progress, desc=f"measure {name} (test)", sharded=self.sharded)
+        res = measure_pair(
+            self.model,
+            sd_a,
+            sd_b,
+            self.test,
+            self.alphas,
+            states=states,
+            kinds=self.m.kinds,
+            names=self.m.probes,
+            conditions=self.m.conditions,
+            absolute=self.m.absolute_cos,
+            per_token=self.m.per_token,
+            device=self.device,
+            progress=self.progress,
+            desc=f"measure {name} (test)",
+            sharded=self.sharded,
+        )
         lmc = {"test": res.pop("lmc")}
         if self.train is not None:
-            tr = measure_pair(self.model, sd_a, sd_b, self.train, self.alphas, states=states,
-                              llfc=False, conditions=False, device=self.device,
-                              progress=self.progress, desc=f"measure {name} (train subset)",
-                              sharded=self.sharded)
+            tr = measure_pair(
+                self.model,
+                sd_a,
+                sd_b,
+                self.train,
+                self.alphas,
+                states=states,
+                llfc=False,
+                conditions=False,
+                device=self.device,
+                progress=self.progress,
+                desc=f"measure {name} (train subset)",
+                sharded=self.sharded,
+            )
             lmc["train"] = tr["lmc"]
-            lmc["train"]["subset"] = {"n_samples": tr["n_samples"], "master_seed": self.seed,
-                                      "seed": derive_seed(self.seed, "train-subset")}
+            lmc["train"]["subset"] = {
+                "n_samples": tr["n_samples"],
+                "master_seed": self.seed,
+                "seed": derive_seed(self.seed, "train-subset"),
+            }
         res["lmc"] = lmc
         if self.m.stitching:
-            res["stitching"] = stitching_errors(self.model, sd_a, sd_b, self.test, device=self.device,
-                                                progress=self.progress, points=self.m.stitch_points,
-                                                sharded=self.sharded)
+            res["stitching"] = stitching_errors(
+                self.model,
+                sd_a,
+                sd_b,
+                self.test,
+                device=self.device,
+                progress=self.progress,
+                points=self.m.stitch_points,
+                sharded=self.sharded,
+            )
         if self.m.angles_k:
             res["principal_angles"] = [
                 {"name": k, "k": int(v["k"]), "left": v["left"].tolist(), "right": v["right"].tolist()}
-                for k, v in principal_angles_per_layer(sd_a, sd_b, self.m.angles_k).items()]
+                for k, v in principal_angles_per_layer(sd_a, sd_b, self.m.angles_k).items()
+            ]
         res["bn_mode"] = self.m.bn_mode
         res["cosine"] = "1-|cos| (official code)" if self.m.absolute_cos else "1-cos (signed)"
         res["seconds"] = time.perf_counter() - t0
@@ -216,8 +262,10 @@ def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -
     plot_all(results["pairs"], out)
     note = None
     if str((results.get("config") or {}).get("name") or "").endswith("(dry run)"):
-        note = ("DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
-                "numbers check that the pipeline works and are not results.")
+        note = (
+            "DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
+            "numbers check that the pipeline works and are not results."
+        )
     text = summary_table(results["pairs"], note=note)
     atomic_write_text(out / "summary.txt", text + "\n")
     render_run_report(out)
@@ -237,8 +285,14 @@ def _results_header(kind: str, cfg_dict: dict, env: dict, extra: dict) -> dict:
     }
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = False,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run one experiment end to end into ``out`` (see the module docstring).
 
     Raises:
@@ -247,14 +301,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     """
     cfg = cfg.resolved()
     log, progress = _rank_output(log, progress)
-    alphas = check_alphas(default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas,
-                          cfg.allow_extrapolation)
+    alphas = check_alphas(
+        default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas, cfg.allow_extrapolation
+    )
     device = resolve_device(cfg.device)
     out = Path(out)
     cfg_text = cfg.to_yaml()
     mode = prepare_out_dir(out, overwrite, cfg_text)
-    distributed.check_same(cfg_text, "the configuration (config.yaml)",
-                           "Launch every rank with the same command and config file.")
+    distributed.check_same(
+        cfg_text, "the configuration (config.yaml)", "Launch every rank with the same command and config file."
+    )
     distributed.barrier()  # every rank has looked at --out before rank 0 writes there
     if "finetune" in cfg.pairs:  # Cross-Task Linearity: parent + fine-tuned children (llfc.finetune)
         from llfc.finetune import run_finetune
@@ -271,19 +327,31 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
     # everything that can be checked is checked before anything is written
     assert cfg.model is not None and cfg.spawn_epoch is not None  # set by cfg.resolved()
-    spec = ModelSpec(cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
-                                 **(cfg.model_args or {})})
+    spec = ModelSpec(
+        cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes, **(cfg.model_args or {})}
+    )
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(device)})
     seed_everything(cfg.seed)
     arch = spec()
-    run_meta = {"dataset": cfg.dataset, "run": {
-        "seed": cfg.seed, "data_root": str(Path(cfg.data_root or default_data_root()).resolve())}}
+    run_meta = {
+        "dataset": cfg.dataset,
+        "run": {"seed": cfg.seed, "data_root": str(Path(cfg.data_root or default_data_root()).resolve())},
+    }
     if any(k in cfg.pairs for k in PERMUTATION_KINDS):  # a model llfc cannot permute is refused now
         from llfc.permutation import derive_spec
 
         derive_spec(arch, torch.stack([train_eval[i][0] for i in range(min(2, len(train_eval)))]))
-    measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
-                        alphas, cfg.measure, device, bn_train=train_eval, progress=progress, seed=cfg.seed)
+    measurer = Measurer(
+        arch,
+        test_set,
+        _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
+        alphas,
+        cfg.measure,
+        device,
+        bn_train=train_eval,
+        progress=progress,
+        seed=cfg.seed,
+    )
     main = distributed.is_main()  # rank 0 alone writes
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,13 +366,20 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     env = {**environment(device), "seeds": seeds, "world_size": distributed.world_size()}
     if main:
         atomic_write_json(out / "environment.json", env)
-    log(f"llfc {__version__}: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model "
+    log(
+        f"llfc {__version__}: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model "
         f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(alphas)} α values, "
-        f"device {device} → {out} ({mode})")
-    results = _results_header("llfc.run", cfg.to_dict(), env, {
-        "dataset": {"name": cfg.dataset, "n_train": len(train_set), "n_test": len(test_set)},
-        "model": {**spec.to_meta(), "n_params": sum(p.numel() for p in arch.parameters())},
-    })
+        f"device {device} → {out} ({mode})"
+    )
+    results = _results_header(
+        "llfc.run",
+        cfg.to_dict(),
+        env,
+        {
+            "dataset": {"name": cfg.dataset, "n_train": len(train_set), "n_test": len(test_set)},
+            "model": {**spec.to_meta(), "n_params": sum(p.numel() for p in arch.parameters())},
+        },
+    )
     resume = mode == "resume"
     pairs_dir = out / "pairs"
     states: dict[str, tuple[dict, dict]] = {}
@@ -312,24 +387,43 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
     wants_indep = any(p in cfg.pairs for p in ("independent", *PERMUTATION_KINDS))
     try:
         if "spawn" in cfg.pairs:
-            log(f"[spawn] training a parent for {cfg.spawn_epoch} epoch(s), then two children to epoch "
-                f"{tcfg.epochs}")
-            a, b, lg = spawn_pair(spec, train_set, test_set, tcfg, int(cfg.spawn_epoch), seeds["spawn"],
-                                  pairs_dir / "spawn", resume=resume, overwrite=mode == "overwrite",
-                                  progress=progress, meta=run_meta)
+            log(f"[spawn] training a parent for {cfg.spawn_epoch} epoch(s), then two children to epoch {tcfg.epochs}")
+            a, b, lg = spawn_pair(
+                spec,
+                train_set,
+                test_set,
+                tcfg,
+                int(cfg.spawn_epoch),
+                seeds["spawn"],
+                pairs_dir / "spawn",
+                resume=resume,
+                overwrite=mode == "overwrite",
+                progress=progress,
+                meta=run_meta,
+            )
             states["spawn"], logs["spawn"] = (_cpu_sd(a), _cpu_sd(b)), lg
         if wants_indep:
             log(f"[independent] training two models from different seeds for {tcfg.epochs} epoch(s)")
-            a, b, lg = independent_pair(spec, train_set, test_set, tcfg, seeds["independent"],
-                                        pairs_dir / "independent", resume=resume,
-                                        overwrite=mode == "overwrite", progress=progress,
-                                        meta=run_meta)
+            a, b, lg = independent_pair(
+                spec,
+                train_set,
+                test_set,
+                tcfg,
+                seeds["independent"],
+                pairs_dir / "independent",
+                resume=resume,
+                overwrite=mode == "overwrite",
+                progress=progress,
+                meta=run_meta,
+            )
             states["independent"], logs["independent"] = (_cpu_sd(a), _cpu_sd(b)), lg
     except (CheckpointError, OutputExistsError) as e:
         if not resume:
             raise
-        raise type(e)(f"{e} To give up the unfinished run in {out} and start afresh, run the same "
-                      f"command with --overwrite (overwrite=True in Python).") from None
+        raise type(e)(
+            f"{e} To give up the unfinished run in {out} and start afresh, run the same "
+            f"command with --overwrite (overwrite=True in Python)."
+        ) from None
     for kind in PERMUTATION_KINDS:
         if kind in cfg.pairs:
             method = kind.split("-")[1]
@@ -337,9 +431,17 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, overwrite: bool = 
             sd_a, sd_b = states["independent"]
             aligned, report = align_state_dicts(arch, sd_a, sd_b, method, train_eval, cfg, device)
             if main:
-                save_checkpoint(pairs_dir / kind / "b_aligned", aligned,
-                                {"model": spec.to_meta(), **run_meta, "aligned_to": "independent/a",
-                                 "method": method, "llfc_version": __version__})
+                save_checkpoint(
+                    pairs_dir / kind / "b_aligned",
+                    aligned,
+                    {
+                        "model": spec.to_meta(),
+                        **run_meta,
+                        "aligned_to": "independent/a",
+                        "method": method,
+                        "llfc_version": __version__,
+                    },
+                )
                 atomic_write_json(pairs_dir / kind / "alignment.json", report)
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
     for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
@@ -368,10 +470,23 @@ def _rank_output(log: Callable[[str], None], progress: bool) -> tuple[Callable[[
     return (lambda *_a, **_k: None), False
 
 
-_OUTPUT_FILES = ("results.json", "summary.txt", "lmc.png", "llfc.png", "weak_additivity.png",
-                 "commutativity.png", "stitching.png", "lmc.csv", "barriers.csv", "llfc.csv",
-                 "weak_additivity.csv", "commutativity.csv", "stitching.csv", "principal_angles.csv",
-                 "report.html")
+_OUTPUT_FILES = (
+    "results.json",
+    "summary.txt",
+    "lmc.png",
+    "llfc.png",
+    "weak_additivity.png",
+    "commutativity.png",
+    "stitching.png",
+    "lmc.csv",
+    "barriers.csv",
+    "llfc.csv",
+    "weak_additivity.csv",
+    "commutativity.csv",
+    "stitching.csv",
+    "principal_angles.csv",
+    "report.html",
+)
 
 
 def _remove_stale_outputs(out: Path, pairs: Sequence[str], log: Callable[[str], None]) -> None:
@@ -399,8 +514,9 @@ def _cpu_sd(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def align_state_dicts(arch: nn.Module, sd_a: dict, sd_b: dict, method: str, train_eval,
-                      cfg: ExperimentConfig, device) -> tuple[dict, dict]:
+def align_state_dicts(
+    arch: nn.Module, sd_a: dict, sd_b: dict, method: str, train_eval, cfg: ExperimentConfig, device
+) -> tuple[dict, dict]:
     """Permute B's hidden units onto A's (Git Re-Basin; LLFC paper §5.2). Returns the aligned
     state dict and a JSON-ready report."""
     from llfc.permutation import align
@@ -421,8 +537,11 @@ def align_state_dicts(arch: nn.Module, sd_a: dict, sd_b: dict, method: str, trai
         kwargs = {"epochs": cfg.align.ste_epochs, "lr": cfg.align.ste_lr}
     res = align(ma, mb, example, method=method, loader=loader, seed=cfg.seed, **kwargs)
     aligned = {k: v.detach().cpu() for k, v in res.state_dict.items()}
-    distributed.check_same(aligned, f"the weights aligned by {method} matching",
-                           "Run every rank with the same thread count and library versions.")
+    distributed.check_same(
+        aligned,
+        f"the weights aligned by {method} matching",
+        "Run every rank with the same thread count and library versions.",
+    )
     return aligned, res.report
 
 
@@ -446,7 +565,8 @@ def _load_pair_member(path: str | Path, model: str | None, model_args: dict | No
         raise CheckpointError(
             f"{path} is a plain state dict: it records no architecture (no llfc JSON sidecar). Pass "
             f"--model NAME [--model-args JSON] --dataset NAME (model=, model_args=, dataset= in "
-            f"Python); for an llfc checkpoint, restore its missing .json file.")
+            f"Python); for an llfc checkpoint, restore its missing .json file."
+        )
     return sd, meta
 
 
@@ -461,7 +581,8 @@ def _check_weights_fit(arch: nn.Module, sd: dict, path, given_model: bool) -> No
             raise
         raise IncompatibleModelsError(
             f"{e} Pass the --model, --model-args and --dataset the weights were trained with "
-            f"(see `llfc list` and `llfc probes MODEL`).") from None
+            f"(see `llfc list` and `llfc probes MODEL`)."
+        ) from None
 
 
 def _build_arch(name: str, kwargs: dict) -> nn.Module:
@@ -470,21 +591,32 @@ def _build_arch(name: str, kwargs: dict) -> nn.Module:
     try:
         return create_model(name, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build model {name!r} with arguments {kwargs} ({e}); check "
-                          f"--model-args.") from None
+        raise ConfigError(f"cannot build model {name!r} with arguments {kwargs} ({e}); check --model-args.") from None
 
 
 def _same_weights(sd_a: dict, sd_b: dict) -> bool:
     return sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
 
 
-def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *,
-                        dataset: str | None = None, data_root: str | None = None,
-                        model: str | None = None, model_args: dict | None = None,
-                        download: bool = False, alphas: int | Sequence[float] = 11,
-                        allow_extrapolation: bool = False, measure=None, device: str = "cpu",
-                        overwrite: bool = False, progress: bool = True, seed: int | None = None,
-                        log: Callable[[str], None] = print) -> dict:
+def analyze_checkpoints(
+    path_a: str | Path,
+    path_b: str | Path,
+    out: str | Path,
+    *,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    model: str | None = None,
+    model_args: dict | None = None,
+    download: bool = False,
+    alphas: int | Sequence[float] = 11,
+    allow_extrapolation: bool = False,
+    measure=None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    seed: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Measure two existing checkpoints (``llfc analyze A B``).
 
     The architecture comes from A's JSON sidecar, or from ``model`` / ``model_args`` (then plain
@@ -513,7 +645,9 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     log, progress = _rank_output(log, progress)
     grid = check_alphas(default_alphas(alphas) if isinstance(alphas, int) else alphas, allow_extrapolation)
     if measure.test_samples is not None and measure.test_samples < 1:
-        raise ConfigError(f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {measure.test_samples}.")
+        raise ConfigError(
+            f"--test-samples must be ≥ 1 (omit it to use the whole test set), got {measure.test_samples}."
+        )
     out = Path(out)
     prepare_out_dir(out, overwrite)
     _check_same_checkpoints(path_a, path_b)
@@ -531,23 +665,30 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
         if not dataset:
             raise ConfigError("with --model, pass --dataset NAME too (it sets the input shape).")
         info0 = dataset_info(dataset)
-        ma = mb = {"name": model, "kwargs": {"input_shape": list(info0.input_shape),
-                                             "num_classes": info0.num_classes, **(model_args or {})}}
+        ma = mb = {
+            "name": model,
+            "kwargs": {"input_shape": list(info0.input_shape), "num_classes": info0.num_classes, **(model_args or {})},
+        }
     else:
         ma, mb = meta_a.get("model"), meta_b.get("model")
     if not ma:
         raise IncompatibleModelsError(
-            f"{path_a}: no architecture is recorded (no JSON sidecar with \"model\": {{name, "
+            f'{path_a}: no architecture is recorded (no JSON sidecar with "model": {{name, '
             f"kwargs}}). Pass --model NAME [--model-args JSON] --dataset NAME, or save checkpoints "
-            f"with llfc.checkpoint.save_checkpoint(path, state_dict, meta={{'model': ...}}).")
+            f"with llfc.checkpoint.save_checkpoint(path, state_dict, meta={{'model': ...}})."
+        )
     if mb and (mb.get("name") != ma.get("name")):
         raise IncompatibleModelsError(
             f"the checkpoints are different architectures: {path_a} is {ma.get('name')!r} and "
-            f"{path_b} is {mb.get('name')!r}. Pair two checkpoints of one architecture.")
+            f"{path_b} is {mb.get('name')!r}. Pair two checkpoints of one architecture."
+        )
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     if _same_weights(sd_a, sd_b):
-        warnings.warn(f"{path_a} and {path_b} hold the same weights: every α gives the same model, "
-                      f"so every barrier and LLFC distance is 0. Pass two different models.")
+        warnings.warn(
+            f"{path_a} and {path_b} hold the same weights: every α gives the same model, "
+            f"so every barrier and LLFC distance is 0. Pass two different models.",
+            stacklevel=2,
+        )
     if not dataset:
         raise ConfigError("the checkpoints do not record their dataset; pass --dataset NAME.")
     dev = resolve_device(device)
@@ -568,23 +709,41 @@ def analyze_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path,
     if measure.test_samples:
         test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
     # the data against the model (input shape, probes, BN batches): still nothing written
-    measurer = Measurer(arch, test_set, _train_subset(train_eval, measure.train_samples, seed), grid,
-                        measure, dev, bn_train=train_eval, progress=progress, seed=seed)
+    measurer = Measurer(
+        arch,
+        test_set,
+        _train_subset(train_eval, measure.train_samples, seed),
+        grid,
+        measure,
+        dev,
+        bn_train=train_eval,
+        progress=progress,
+        seed=seed,
+    )
     _check_classes(_model_with(arch, sd_a), test_set, dataset)
     main = distributed.is_main()  # rank 0 alone writes
     if main:
         out.mkdir(parents=True, exist_ok=True)
     env = {**environment(dev), "world_size": distributed.world_size()}
-    analyze_cfg = {"a": str(path_a), "b": str(path_b), "dataset": dataset, "data_root": data_root,
-                   "model": ma, "alphas": grid, "measure": dict(vars(measure)), "seed": seed}
+    analyze_cfg = {
+        "a": str(path_a),
+        "b": str(path_b),
+        "dataset": dataset,
+        "data_root": data_root,
+        "model": ma,
+        "alphas": grid,
+        "measure": dict(vars(measure)),
+        "seed": seed,
+    }
     distributed.check_same(analyze_cfg, "the analyze options", "Launch every rank with the same command.")
     import yaml
 
     if main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(analyze_cfg, sort_keys=False))
         atomic_write_json(out / "environment.json", env)
-    results = _results_header("llfc.analyze", analyze_cfg, env,
-                              {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma})
+    results = _results_header(
+        "llfc.analyze", analyze_cfg, env, {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma}
+    )
     pr = measurer(sd_a, sd_b, "A vs B")
     pr["kind"], pr["label"] = "checkpoints", f"{Path(path_a).name} vs {Path(path_b).name}"
     pr["checkpoints"] = {"A": str(path_a), "B": str(path_b)}
@@ -605,9 +764,11 @@ def _check_classes(model: nn.Module, dataset, dataset_name: str) -> None:
     with torch.no_grad():
         k = model(x[:1]).shape[-1]
     if int(y.max()) >= k:
-        raise ConfigError(f"the model has {k} outputs but {dataset_name} has labels up to {int(y.max())}; "
-                          f"build it with num_classes for this dataset (--model-args) or pass the "
-                          f"--dataset it was trained on.")
+        raise ConfigError(
+            f"the model has {k} outputs but {dataset_name} has labels up to {int(y.max())}; "
+            f"build it with num_classes for this dataset (--model-args) or pass the "
+            f"--dataset it was trained on."
+        )
 
 
 def _check_same_checkpoints(*paths: str | Path) -> None:
@@ -617,16 +778,29 @@ def _check_same_checkpoints(*paths: str | Path) -> None:
     from llfc.checkpoint import checkpoint_paths
 
     for p in paths:
-        distributed.check_same([distributed.file_digest(f) for f in checkpoint_paths(p)],
-                               f"the checkpoint {p}",
-                               "Give every rank the same files (a shared file system).")
+        distributed.check_same(
+            [distributed.file_digest(f) for f in checkpoint_paths(p)],
+            f"the checkpoint {p}",
+            "Give every rank the same files (a shared file system).",
+        )
 
 
-def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
-                      dataset: str | None = None, data_root: str | None = None, seed: int = 0,
-                      overwrite: bool = False, activation_samples: int = 10000, batch_size: int = 500,
-                      model: str | None = None, model_args: dict | None = None,
-                      log: Callable[[str], None] = print) -> dict:
+def align_checkpoints(
+    path_a: str | Path,
+    path_b: str | Path,
+    out: str | Path,
+    *,
+    method: str = "weight",
+    dataset: str | None = None,
+    data_root: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    activation_samples: int = 10000,
+    batch_size: int = 500,
+    model: str | None = None,
+    model_args: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """``llfc align A B --method weight|activation --out C``: permute B's hidden units onto A's
     (Git Re-Basin; LLFC paper §5.2) and write ``C.safetensors`` + ``C.json`` (the aligned B, same
     architecture metadata as B) and ``C.report.json`` (objective, per-group movement, per-layer
@@ -657,8 +831,11 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
     if checkpoint_exists(out) and not overwrite:
         raise OutputExistsError(f"{out}.safetensors already exists; choose another --out or pass --overwrite.")
     log, _ = _rank_output(log, False)
-    distributed.check_same((method, dataset, seed, activation_samples, batch_size), "the align options",
-                           "Launch every rank with the same command.")
+    distributed.check_same(
+        (method, dataset, seed, activation_samples, batch_size),
+        "the align options",
+        "Launch every rank with the same command.",
+    )
     _check_same_checkpoints(path_a, path_b)
     distributed.barrier()  # every rank has looked at --out before rank 0 writes it
     sd_a, meta_a = _load_pair_member(path_a, model, model_args)
@@ -668,15 +845,19 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
         if not dataset:
             raise ConfigError("with --model, pass --dataset NAME too (it sets the input shape).")
         info0 = dataset_info(dataset)
-        ma = {"name": model, "kwargs": {"input_shape": list(info0.input_shape),
-                                        "num_classes": info0.num_classes, **(model_args or {})}}
+        ma = {
+            "name": model,
+            "kwargs": {"input_shape": list(info0.input_shape), "num_classes": info0.num_classes, **(model_args or {})},
+        }
         meta_b = {**meta_b, "model": ma, "dataset": dataset}
     else:
         ma = meta_a.get("model") or meta_b.get("model")
     if not ma:
-        raise IncompatibleModelsError(f"{path_a}: its JSON sidecar does not record the architecture; "
-                                      f"pass --model NAME [--model-args JSON] --dataset NAME, or save it "
-                                      f"with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}}).")
+        raise IncompatibleModelsError(
+            f"{path_a}: its JSON sidecar does not record the architecture; "
+            f"pass --model NAME [--model-args JSON] --dataset NAME, or save it "
+            f"with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}})."
+        )
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     check_finite(sd_a, str(path_a))
     check_finite(sd_b, str(path_b))
@@ -689,8 +870,9 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
         if not dataset:
             raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
         text = dataset_info(dataset).modality == "text" and shape is not None
-        train_eval = get_dataset(dataset, "train", data_root, False, augment=False,
-                                 options={"context": int(shape[-1])} if text else None)
+        train_eval = get_dataset(
+            dataset, "train", data_root, False, augment=False, options={"context": int(shape[-1])} if text else None
+        )
         n = min(activation_samples, len(train_eval))
         subset = Subset(train_eval, list(range(n)))
         if method == "activation" and distributed.is_active():  # statistics merged over ranks
@@ -701,19 +883,24 @@ def align_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, *
         if shape is None:
             shape = list(dataset_info(dataset).input_shape) if dataset else None
         if shape is None:
-            raise ConfigError("cannot tell the input shape: the checkpoint records neither the model's "
-                              "input_shape nor a dataset; pass --dataset NAME.")
+            raise ConfigError(
+                "cannot tell the input shape: the checkpoint records neither the model's "
+                "input_shape nor a dataset; pass --dataset NAME."
+            )
         example = example_input_for(arch, shape, 4, torch.Generator().manual_seed(seed))
-    res = align(_model_with(arch, sd_a), _model_with(arch, sd_b), example, method=method,
-                loader=loader, seed=seed, **kwargs)
+    res = align(
+        _model_with(arch, sd_a), _model_with(arch, sd_b), example, method=method, loader=loader, seed=seed, **kwargs
+    )
     meta = {**meta_b, "aligned_to": str(path_a), "alignment_method": method, "llfc_version": __version__}
     aligned = {k: v.detach().cpu() for k, v in res.state_dict.items()}
-    distributed.check_same(aligned, f"the weights aligned by {method} matching",
-                           "Run every rank with the same thread count and library versions.")
+    distributed.check_same(
+        aligned,
+        f"the weights aligned by {method} matching",
+        "Run every rank with the same thread count and library versions.",
+    )
     if distributed.is_main():
         save_checkpoint(out, aligned, meta)
         atomic_write_json(Path(str(out) + ".report.json"), res.report)
     distributed.barrier()
-    log(f"aligned {path_b} onto {path_a} by {method} matching → {out}.safetensors "
-        f"(report: {out}.report.json)")
+    log(f"aligned {path_b} onto {path_a} by {method} matching → {out}.safetensors (report: {out}.report.json)")
     return res.report

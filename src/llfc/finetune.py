@@ -57,16 +57,14 @@ from torch.func import functional_call
 from torch.utils.data import ConcatDataset, DataLoader
 
 from llfc import criteria
-from llfc.checkpoint import (atomic_write_json, atomic_write_text, checkpoint_exists, load_checkpoint,
-                             save_checkpoint)
+from llfc.checkpoint import atomic_write_json, atomic_write_text, checkpoint_exists, load_checkpoint, save_checkpoint
 from llfc.data import ArrayDataset, dataset_info, get_dataset
 from llfc.errors import ConfigError
 from llfc.metrics.ctl import CTLMeter, check_coefficients, check_points
 from llfc.probe import FeatureExtractor
 from llfc.seeding import derive_seed, environment, seed_everything
 from llfc.stitching import stitched_module
-from llfc.task_vectors import (apply_task_vectors, check_ancestry, combine, fingerprint, split_head,
-                               task_vector)
+from llfc.task_vectors import apply_task_vectors, check_ancestry, combine, fingerprint, split_head, task_vector
 from llfc.train import ModelSpec, TrainConfig, evaluate, train
 
 HEAD_MODES = ("auto", "shared", "own")
@@ -90,7 +88,7 @@ class TaskSpec:
     classes: tuple[int, ...] | None = None
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "TaskSpec":
+    def from_dict(cls, d: Any, where: str) -> TaskSpec:
         """Parse ``{"name", "dataset", "angle", "classes"}``.
 
         Raises:
@@ -100,17 +98,23 @@ class TaskSpec:
             raise ConfigError(f"{where}: a task is a mapping with keys name, dataset, angle, classes; got {d!r}.")
         bad = sorted(set(d) - {"name", "dataset", "angle", "classes"})
         if bad or "name" not in d or "dataset" not in d:
-            raise ConfigError(f"{where}: a task needs 'name' and 'dataset' (optional 'angle', 'classes'); "
-                              f"got keys {sorted(d)}.")
+            raise ConfigError(
+                f"{where}: a task needs 'name' and 'dataset' (optional 'angle', 'classes'); got keys {sorted(d)}."
+            )
         angle = check_coefficients([d.get("angle", 0.0)], f"{where}: angle")[0]
         info = dataset_info(d["dataset"])
         classes = d.get("classes")
         if classes is not None:
-            if not isinstance(classes, (list, tuple)) or not classes or \
-                    any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < info.num_classes
-                        for c in classes) or len(set(classes)) != len(classes):
-                raise ConfigError(f"{where}: classes must be distinct class indices in [0, {info.num_classes}) "
-                                  f"of {d['dataset']}, got {classes!r}.")
+            if (
+                not isinstance(classes, (list, tuple))
+                or not classes
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < info.num_classes for c in classes)
+                or len(set(classes)) != len(classes)
+            ):
+                raise ConfigError(
+                    f"{where}: classes must be distinct class indices in [0, {info.num_classes}) "
+                    f"of {d['dataset']}, got {classes!r}."
+                )
             classes = tuple(int(c) for c in classes)
         return cls(str(d["name"]), str(d["dataset"]), angle, classes)
 
@@ -192,13 +196,12 @@ class FinetuneConfig:
     control: bool = True
     train_samples: int | None = 10000
     test_samples: int | None = 1000
-    points: list = field(default_factory=lambda: [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25],
-                                                  [0.5, 0.25], [1.0, 1.0]])
+    points: list = field(default_factory=lambda: [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [0.5, 0.25], [1.0, 1.0]])
     lambdas: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     stitch_points: list = field(default_factory=lambda: [[0.5, 0.5]])
 
     @classmethod
-    def from_dict(cls, d: Any) -> "FinetuneConfig":
+    def from_dict(cls, d: Any) -> FinetuneConfig:
         """Parse and validate (everything is checked here, before anything is written).
 
         Raises:
@@ -207,8 +210,10 @@ class FinetuneConfig:
                 (the children's backbones would not share the parent's architecture).
         """
         if not isinstance(d, dict):
-            raise ConfigError("pair kind 'finetune' needs a 'finetune:' section in the config with at least "
-                              "'pretrain' (task T0) and 'tasks' (two tasks); see configs/cpu/rotmnist-mlp-ctl.yaml.")
+            raise ConfigError(
+                "pair kind 'finetune' needs a 'finetune:' section in the config with at least "
+                "'pretrain' (task T0) and 'tasks' (two tasks); see configs/cpu/rotmnist-mlp-ctl.yaml."
+            )
         valid = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(d) - valid)
         if bad:
@@ -224,18 +229,24 @@ class FinetuneConfig:
         names = [pre.name] + [t.name for t in kids]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ConfigError(f"finetune: task names must be distinct (they name folders and results); "
-                              f"{', '.join(map(repr, dup))} is used more than once. Rename the tasks.")
+            raise ConfigError(
+                f"finetune: task names must be distinct (they name folders and results); "
+                f"{', '.join(map(repr, dup))} is used more than once. Rename the tasks."
+            )
         shapes = {t.name: dataset_info(t.dataset).input_shape for t in [pre, *kids]}
         if len(set(shapes.values())) > 1:
-            raise ConfigError(f"finetune: the tasks' inputs differ in shape ({shapes}); children must share the "
-                              f"parent's backbone, so every task needs one input shape.")
+            raise ConfigError(
+                f"finetune: the tasks' inputs differ in shape ({shapes}); children must share the "
+                f"parent's backbone, so every task needs one input shape."
+            )
         if c.heads not in HEAD_MODES:
             raise ConfigError(f"finetune.heads must be one of {', '.join(HEAD_MODES)}, got {c.heads!r}.")
         spaces = {t.label_space() for t in [pre, *kids]}
         if c.heads == "shared" and len(spaces) > 1:
-            raise ConfigError("finetune.heads is 'shared' but the tasks have different label spaces (datasets or "
-                              "classes); use heads: own (or auto).")
+            raise ConfigError(
+                "finetune.heads is 'shared' but the tasks have different label spaces (datasets or "
+                "classes); use heads: own (or auto)."
+            )
         for k in [c.pretrain_epochs, *c.sweep]:
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ConfigError(f"finetune.pretrain_epochs and sweep must be whole numbers ≥ 0, got {k!r}.")
@@ -245,8 +256,9 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{key} must be a whole number ≥ 1 or null, got {v!r}.")
         c.points = [list(p) for p in check_points(c.points, "finetune.points")]
         c.lambdas = check_coefficients(c.lambdas, "finetune.lambdas")
-        c.stitch_points = [list(p) for p in check_points(c.stitch_points, "finetune.stitch_points")] \
-            if c.stitch_points else []
+        c.stitch_points = (
+            [list(p) for p in check_points(c.stitch_points, "finetune.stitch_points")] if c.stitch_points else []
+        )
         if not isinstance(c.train, dict):
             raise ConfigError("finetune.train must be a mapping of training options.")
         c._tasks = (pre, *kids)  # type: ignore[attr-defined]
@@ -296,8 +308,10 @@ def head_module(model: nn.Module) -> str:
     """
     p = next(p for p in FeatureExtractor(model, kinds=["logits"]).probes if p.kind == "logits")
     if p.module is None:
-        raise ConfigError(f"{type(model).__name__}'s logits are not produced by a module (a Linear layer), so "
-                          f"llfc cannot tell its head; use heads: shared with one label space.")
+        raise ConfigError(
+            f"{type(model).__name__}'s logits are not produced by a module (a Linear layer), so "
+            f"llfc cannot tell its head; use heads: shared with one label space."
+        )
     return p.module
 
 
@@ -315,9 +329,20 @@ class FinetuneRunner:
         mode: "new", "resume" or "overwrite" (:func:`llfc.experiment.prepare_out_dir`).
     """
 
-    def __init__(self, spec_for, ft: FinetuneConfig, parent_cfg: TrainConfig, child_cfg: TrainConfig,
-                 data: dict, root: Path, seed: int, mode: str, progress: bool, meta: dict,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        spec_for,
+        ft: FinetuneConfig,
+        parent_cfg: TrainConfig,
+        child_cfg: TrainConfig,
+        data: dict,
+        root: Path,
+        seed: int,
+        mode: str,
+        progress: bool,
+        meta: dict,
+        log: Callable[[str], None] = print,
+    ):
         self.spec_for, self.ft, self.pcfg, self.ccfg = spec_for, ft, parent_cfg, child_cfg
         self.data, self.root, self.seed, self.mode = data, Path(root), seed, mode
         self.progress, self.meta, self.log = progress, meta, log
@@ -342,14 +367,27 @@ class FinetuneRunner:
             seed_everything(s["init"])
             model = self.spec_for(self.t0)()
             tr, te = self.data[self.t0.name]
-            train(model, tr, te, self.pcfg, data_seed=s["data"], stop_epoch=k, out_dir=pdir / "run",
-                  resume=not first or self.mode == "resume", overwrite=first and self.mode == "overwrite",
-                  progress=self.progress, seeds={"init": s["init"]},
-                  meta={**self.meta, "member": f"parent-{which}", "task": self.t0.name})
+            train(
+                model,
+                tr,
+                te,
+                self.pcfg,
+                data_seed=s["data"],
+                stop_epoch=k,
+                out_dir=pdir / "run",
+                resume=not first or self.mode == "resume",
+                overwrite=first and self.mode == "overwrite",
+                progress=self.progress,
+                seeds={"init": s["init"]},
+                meta={**self.meta, "member": f"parent-{which}", "task": self.t0.name},
+            )
             first = False
             out[k] = _sd(model)
-            save_checkpoint(fork, out[k], {**self.meta, "member": f"parent-{which}", "task": self.t0.name,
-                                           "pretrain_epochs": k, "seeds": s})
+            save_checkpoint(
+                fork,
+                out[k],
+                {**self.meta, "member": f"parent-{which}", "task": self.t0.name, "pretrain_epochs": k, "seeds": s},
+            )
         return out
 
     def child(self, theta0: dict, task: TaskSpec, where: str) -> tuple[dict, list, dict]:
@@ -366,10 +404,19 @@ class FinetuneRunner:
         model.load_state_dict({**_sd(model), **bb0, **head0} if self.head is None else {**_sd(model), **bb0})
         fp = fingerprint(bb0)
         tr, te = self.data[task.name]
-        res = train(model, tr, te, self.ccfg, data_seed=s["data"], out_dir=self.root / where,
-                    resume=self.mode == "resume", overwrite=self.mode == "overwrite", progress=self.progress,
-                    seeds={"head": s["head"]},
-                    meta={**self.meta, "member": where, "task": task.name, "parent_fingerprint": fp})
+        res = train(
+            model,
+            tr,
+            te,
+            self.ccfg,
+            data_seed=s["data"],
+            out_dir=self.root / where,
+            resume=self.mode == "resume",
+            overwrite=self.mode == "overwrite",
+            progress=self.progress,
+            seeds={"head": s["head"]},
+            meta={**self.meta, "member": where, "task": task.name, "parent_fingerprint": fp},
+        )
         return _sd(res.model), res.log, {"parent_fingerprint": fp, "seeds": s}
 
 
@@ -382,8 +429,9 @@ def _inputs(loader):
 class _Evaluator:
     """Task errors of (possibly merged) backbones with each task's head (see the module docstring)."""
 
-    def __init__(self, spec_for, tasks: Sequence[TaskSpec], data: dict, head: str | None, heads: dict,
-                 batch_size: int, device):
+    def __init__(
+        self, spec_for, tasks: Sequence[TaskSpec], data: dict, head: str | None, heads: dict, batch_size: int, device
+    ):
         self.models = {t.name: spec_for(t)() for t in tasks}
         self.tasks, self.data, self.head, self.heads = list(tasks), data, head, heads
         self.bs, self.device = batch_size, device
@@ -426,11 +474,23 @@ def _run_meter(meter: CTLMeter, loader, device) -> list[dict]:
 
 
 @torch.no_grad()
-def stitch_errors(spec_for, tasks: Sequence[TaskSpec], data: dict, ev: _Evaluator, sd_a: dict, sd_b: dict,
-                  alpha: float, beta: float, probes: Sequence[str], batch_size: int, device) -> list[dict]:
-    """CTL stitching (CTL paper §5.1): merged model α θ_A + β θ_B (backbones, with own heads) with layer ℓ's output replaced by
-    α H_A + β H_B, for every probe ℓ in ``probes``; one row per layer plus a first row ``merged``
-    (no stitching), each ``{"layer", "errors": {task: fraction}}`` on each task's test subset.
+def stitch_errors(
+    spec_for,
+    tasks: Sequence[TaskSpec],
+    data: dict,
+    ev: _Evaluator,
+    sd_a: dict,
+    sd_b: dict,
+    alpha: float,
+    beta: float,
+    probes: Sequence[str],
+    batch_size: int,
+    device,
+) -> list[dict]:
+    """CTL stitching (CTL paper §5.1): merged model α θ_A + β θ_B (backbones, with own heads) with
+    layer ℓ's output replaced by α H_A + β H_B, for every probe ℓ in ``probes``; one row per layer
+    plus a first row ``merged`` (no stitching), each ``{"layer", "errors": {task: fraction}}`` on
+    each task's test subset.
 
     A and B are evaluated with the task's head (own heads: the task's child's head; the features
     H_A, H_B of backbone layers do not depend on it).
@@ -463,11 +523,22 @@ def stitch_errors(spec_for, tasks: Sequence[TaskSpec], data: dict, ev: _Evaluato
     return rows + [{"layer": n, "errors": per_layer[n]} for n in probes]
 
 
-def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta0: dict | None,
-                          sd_a: dict, sd_b: dict, ft: FinetuneConfig, head: str | None, *,
-                          kinds: Sequence[str] | None = None, batch_size: int = 256,
-                          device: str | torch.device = "cpu", absolute: bool = False,
-                          recorded: dict | None = None) -> dict:
+def measure_finetune_pair(
+    spec_for,
+    tasks: Sequence[TaskSpec],
+    data: dict,
+    theta0: dict | None,
+    sd_a: dict,
+    sd_b: dict,
+    ft: FinetuneConfig,
+    head: str | None,
+    *,
+    kinds: Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    absolute: bool = False,
+    recorded: dict | None = None,
+) -> dict:
     """All CTL measurements of one pair of children (module docstring).
 
     Args:
@@ -501,8 +572,11 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
             check_finite(sd, nm)
     check_same_backbone(split_head(sd_a, head)[0], split_head(sd_b, head)[0], "child B", "child A")
     if theta0 is not None:
-        check_ancestry(split_head(theta0, head)[0], {t1.name: split_head(sd_a, head)[0],
-                                                     t2.name: split_head(sd_b, head)[0]}, recorded)
+        check_ancestry(
+            split_head(theta0, head)[0],
+            {t1.name: split_head(sd_a, head)[0], t2.name: split_head(sd_b, head)[0]},
+            recorded,
+        )
     heads = {}
     if head is not None:
         heads = {t1.name: split_head(sd_a, head)[1], t2.name: split_head(sd_b, head)[1]}
@@ -513,8 +587,10 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
     ex = FeatureExtractor(spec_for(t1)(), kinds=kinds)
     names = _ctl_probe_names(ex, head is None)
     if not names:
-        raise ConfigError("no probe to measure CTL on: with own heads the logits are not compared; "
-                          "include hidden probe kinds (pre, post, ...) in measure.kinds.")
+        raise ConfigError(
+            "no probe to measure CTL on: with own heads the logits are not compared; "
+            "include hidden probe kinds (pre, post, ...) in measure.kinds."
+        )
 
     def feat_state(sd):
         if head is None:
@@ -530,8 +606,11 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
     eval_tasks = [t1, t2] + ([t0] if theta0 is not None and (head is None or t0.name in heads) else [])
     ev = _Evaluator(spec_for, eval_tasks, data, head, heads, batch_size, dev)
     bb_a, bb_b = split_head(sd_a, head)[0], split_head(sd_b, head)[0]  # own heads: merge backbones only
-    res["errors"] = {"A": ev.errors(sd_a), "B": ev.errors(sd_b),
-                     "points": [ev.errors(combine([bb_a, bb_b], list(p))) for p in points]}
+    res["errors"] = {
+        "A": ev.errors(sd_a),
+        "B": ev.errors(sd_b),
+        "points": [ev.errors(combine([bb_a, bb_b], list(p))) for p in points],
+    }
     res["invalid_points"] = [_invalid({f"{p[0]:g}·θ_A + {p[1]:g}·θ_B": combine([bb_a, bb_b], list(p))}) for p in points]
     if theta0 is not None:
         res["errors"]["parent"] = ev.errors(theta0)
@@ -555,15 +634,18 @@ def measure_finetune_pair(spec_for, tasks: Sequence[TaskSpec], data: dict, theta
             if bad:
                 neg.append({"lambda": lam, "invalid": bad})
                 continue
-            m = CTLMeter(ex, P, feat_state(plus), [(2.0, -1.0)], names, states=[feat_state(minus)],
-                         absolute=absolute)
+            m = CTLMeter(ex, P, feat_state(plus), [(2.0, -1.0)], names, states=[feat_state(minus)], absolute=absolute)
             neg.append({"lambda": lam, "ctl": _run_meter(m, loader, dev), "errors": ev.errors(minus)})
         res["arithmetic"], res["negation"] = arith, neg
     if ft.stitch_points:
         hidden = [n for n in names if n != "logits"]
-        res["stitching"] = [{"point": list(p), "rows": stitch_errors(spec_for, [t1, t2], data, ev, bb_a, bb_b,
-                                                                     p[0], p[1], hidden, batch_size, dev)}
-                            for p in ft.stitch_points]
+        res["stitching"] = [
+            {
+                "point": list(p),
+                "rows": stitch_errors(spec_for, [t1, t2], data, ev, bb_a, bb_b, p[0], p[1], hidden, batch_size, dev),
+            }
+            for p in ft.stitch_points
+        ]
     return res
 
 
@@ -572,10 +654,18 @@ def llfc_view(pair: dict) -> dict:
     """The pair's convex points (α + β = 1) in the shape :mod:`llfc.criteria` reads (``alphas``,
     ``llfc[*].distance.mean``, ``baseline.mean``), so CTL is judged by the LLFC thresholds."""
     idx = [i for i, (a, b) in enumerate(pair["points"]) if abs(a + b - 1) < 1e-9]
-    return {"alphas": [pair["points"][i][0] for i in idx],
-            "llfc": [{"name": ly["name"], "kind": ly["kind"], "baseline": {"mean": ly["baseline"]["distance"]["mean"]},
-                      "distance": {"mean": [ly["target"]["distance"]["mean"][i] for i in idx]}}
-                     for ly in pair["ctl"]]}
+    return {
+        "alphas": [pair["points"][i][0] for i in idx],
+        "llfc": [
+            {
+                "name": ly["name"],
+                "kind": ly["kind"],
+                "baseline": {"mean": ly["baseline"]["distance"]["mean"]},
+                "distance": {"mean": [ly["target"]["distance"]["mean"][i] for i in idx]},
+            }
+            for ly in pair["ctl"]
+        ],
+    }
 
 
 def ctl_verdict(pair: dict) -> dict:
@@ -585,8 +675,9 @@ def ctl_verdict(pair: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run_finetune(cfg, out: Path, mode: str, device: torch.device, *, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
+def run_finetune(
+    cfg, out: Path, mode: str, device: torch.device, *, progress: bool = True, log: Callable[[str], None] = print
+) -> dict:
     """Execute an experiment whose ``pairs`` is ``[finetune]`` (called by
     :func:`llfc.experiment.run_experiment` after its output-folder checks).
 
@@ -603,8 +694,13 @@ def run_finetune(cfg, out: Path, mode: str, device: torch.device, *, progress: b
     ft = FinetuneConfig.from_dict(cfg.finetune)
     t0, t1, t2 = ft.task_specs
     ks = ft.ks()
-    data = {t.name: (task_dataset(t, "train", cfg.data_root, ft.train_samples, cfg.seed),
-                     task_dataset(t, "test", cfg.data_root, ft.test_samples, cfg.seed)) for t in ft.task_specs}
+    data = {
+        t.name: (
+            task_dataset(t, "train", cfg.data_root, ft.train_samples, cfg.seed),
+            task_dataset(t, "test", cfg.data_root, ft.test_samples, cfg.seed),
+        )
+        for t in ft.task_specs
+    }
     shape = list(dataset_info(t0.dataset).input_shape)
 
     def spec_for(t: TaskSpec) -> ModelSpec:
@@ -618,22 +714,42 @@ def run_finetune(cfg, out: Path, mode: str, device: torch.device, *, progress: b
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     env = environment(device)
     atomic_write_json(out / "environment.json", env)
-    runner = FinetuneRunner(spec_for, ft, pcfg, ccfg, data, out / "pairs" / "finetune", cfg.seed, mode,
-                            progress, {"model": spec_for(t0).to_meta(), "llfc_version": __version__}, log)
+    runner = FinetuneRunner(
+        spec_for,
+        ft,
+        pcfg,
+        ccfg,
+        data,
+        out / "pairs" / "finetune",
+        cfg.seed,
+        mode,
+        progress,
+        {"model": spec_for(t0).to_meta(), "llfc_version": __version__},
+        log,
+    )
     head = runner.head
-    log(f"llfc {__version__}: finetune pair, parent on {t0.name}, children on {t1.name} / {t2.name} "
+    log(
+        f"llfc {__version__}: finetune pair, parent on {t0.name}, children on {t1.name} / {t2.name} "
         f"({ft.train_samples} train / {ft.test_samples} test per task), model {cfg.model} {cfg.model_args}, "
-        f"heads {'shared' if head is None else 'own (' + head + ')'}, pretraining {ks} epoch(s), device {device}")
+        f"heads {'shared' if head is None else 'own (' + head + ')'}, pretraining {ks} epoch(s), device {device}"
+    )
     results: dict[str, Any] = {
-        "schema_version": 1, "kind": "llfc.finetune", "llfc_version": __version__, "environment": env,
-        "config": cfg.to_dict(), "heads": "shared" if head is None else "own", "head_module": head,
-        "tasks": [dataclasses.asdict(t) for t in ft.task_specs], "pairs": {},
+        "schema_version": 1,
+        "kind": "llfc.finetune",
+        "llfc_version": __version__,
+        "environment": env,
+        "config": cfg.to_dict(),
+        "heads": "shared" if head is None else "own",
+        "head_module": head,
+        "tasks": [dataclasses.asdict(t) for t in ft.task_specs],
+        "pairs": {},
     }
     log(f"[parent] pretraining on {t0.name}, forks at epochs {ks}")
     parents = runner.parents("main", ks)
     children: dict[int, dict] = {}
-    kw = dict(kinds=cfg.measure.kinds, batch_size=cfg.measure.batch_size, device=device,
-              absolute=cfg.measure.absolute_cos)
+    kw = dict(
+        kinds=cfg.measure.kinds, batch_size=cfg.measure.batch_size, device=device, absolute=cfg.measure.absolute_cos
+    )
     for k in ks:
         name = f"finetune-k{k}"
         log(f"[{name}] fine-tuning children on {t1.name} and {t2.name} from the parent at epoch {k}")
@@ -641,12 +757,27 @@ def run_finetune(cfg, out: Path, mode: str, device: torch.device, *, progress: b
         sb, log_b, mb = runner.child(parents[k], t2, f"k{k}-{t2.name}")
         children[k] = sa
         t_start = time.perf_counter()
-        pr = measure_finetune_pair(spec_for, ft.task_specs, data, parents[k], sa, sb, ft, head, **kw,
-                                   recorded={t1.name: ma["parent_fingerprint"], t2.name: mb["parent_fingerprint"]})
-        pr.update(kind="finetune", label=f"fine-tuned from one parent (pretrained {k} epoch(s))",
-                  pretrain_epochs=k, main=k == ft.pretrain_epochs, seconds=time.perf_counter() - t_start,
-                  train_logs={"a": log_a, "b": log_b}, seeds={"a": ma["seeds"], "b": mb["seeds"],
-                                                              "parent": runner.seeds("main")})
+        pr = measure_finetune_pair(
+            spec_for,
+            ft.task_specs,
+            data,
+            parents[k],
+            sa,
+            sb,
+            ft,
+            head,
+            **kw,
+            recorded={t1.name: ma["parent_fingerprint"], t2.name: mb["parent_fingerprint"]},
+        )
+        pr.update(
+            kind="finetune",
+            label=f"fine-tuned from one parent (pretrained {k} epoch(s))",
+            pretrain_epochs=k,
+            main=k == ft.pretrain_epochs,
+            seconds=time.perf_counter() - t_start,
+            train_logs={"a": log_a, "b": log_b},
+            seeds={"a": ma["seeds"], "b": mb["seeds"], "parent": runner.seeds("main")},
+        )
         pr["verdict"] = ctl_verdict(pr)
         results["pairs"][name] = pr
     if ft.control:
@@ -656,8 +787,13 @@ def run_finetune(cfg, out: Path, mode: str, device: torch.device, *, progress: b
         sa = children[k]
         sb, log_b, mb = runner.child(other, t2, f"control-k{k}-{t2.name}")
         pr = measure_finetune_pair(spec_for, ft.task_specs, data, None, sa, sb, ft, head, **kw)
-        pr.update(kind="finetune-control", label=f"control: children of different parents (pretrained {k} epoch(s))",
-                  pretrain_epochs=k, train_logs={"b": log_b}, seeds={"b": mb["seeds"], "parent": runner.seeds("control")})
+        pr.update(
+            kind="finetune-control",
+            label=f"control: children of different parents (pretrained {k} epoch(s))",
+            pretrain_epochs=k,
+            train_logs={"b": log_b},
+            seeds={"b": mb["seeds"], "parent": runner.seeds("control")},
+        )
         pr["verdict"] = ctl_verdict(pr)
         results["pairs"]["control"] = pr
     atomic_write_json(out / "results.json", results)

@@ -116,7 +116,8 @@ def _check_grid_size(n: int) -> None:
         raise ConfigError(
             f"the α grid has {n} points, more than the {MAX_ALPHAS} llfc accepts: every α costs one "
             f"forward pass per batch and one interpolated copy of the weights. Use a smaller grid "
-            f"(--alphas 11, or --alphas with comma-separated values; alphas= in Python).")
+            f"(--alphas 11, or --alphas with comma-separated values; alphas= in Python)."
+        )
 
 
 def _available_memory() -> int | None:
@@ -151,7 +152,8 @@ def check_path_memory(sd_a: StateDict, n_interior: int, available: int | None = 
         raise ConfigError(
             f"the α grid's {n_interior} interior points need {need / 2**30:.1f} GiB of interpolated "
             f"weights ({per / 2**20:.1f} MiB each), more than half of the {available / 2**30:.1f} GiB "
-            f"of memory available. Use fewer α values (--alphas N; alphas= in Python).")
+            f"of memory available. Use fewer α values (--alphas N; alphas= in Python)."
+        )
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -177,8 +179,9 @@ def warn_bn_interpolation(model: nn.Module, bn_mode: str) -> None:
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, state_dict: StateDict, batches: Sequence[torch.Tensor],
-                   device: str | torch.device = "cpu") -> StateDict:
+def reset_bn_stats(
+    model: nn.Module, state_dict: StateDict, batches: Sequence[torch.Tensor], device: str | torch.device = "cpu"
+) -> StateDict:
     """Recompute BatchNorm running statistics of ``state_dict`` on ``batches`` of inputs.
 
     Each BN layer's running mean/var become the exact average over all given batches of the batch
@@ -205,9 +208,15 @@ def reset_bn_stats(model: nn.Module, state_dict: StateDict, batches: Sequence[to
     return {k: v.detach() for k, v in m.state_dict().items()}
 
 
-def path_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, alphas: Sequence[float],
-                bn_mode: str = "interpolate", bn_batches: Sequence[torch.Tensor] | None = None,
-                device: str | torch.device = "cpu") -> list[StateDict]:
+def path_states(
+    model: nn.Module,
+    sd_a: StateDict,
+    sd_b: StateDict,
+    alphas: Sequence[float],
+    bn_mode: str = "interpolate",
+    bn_batches: Sequence[torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[StateDict]:
     """The state dicts θ_α for every α of the grid (``sd_a`` / ``sd_b`` themselves at α = 1 / 0).
 
     Raises:

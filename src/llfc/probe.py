@@ -40,14 +40,47 @@ from llfc.errors import ConfigError, UnsupportedOperationError
 KINDS = ("pre", "norm", "post", "residual", "logits")
 
 _LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-                 nn.InstanceNorm1d, nn.InstanceNorm2d)
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid,
-                nn.Softplus, nn.Hardtanh, nn.Mish, nn.Hardswish)
+_NORM_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+)
+_ACT_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Mish,
+    nn.Hardswish,
+)
 _LAYER_FUNCS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
 _NORM_FUNCS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm}
-_ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, torch.tanh,
-              torch.sigmoid, F.softplus, F.hardtanh, F.mish, F.hardswish, torch.nn.functional.relu_}
+_ACT_FUNCS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.gelu,
+    F.silu,
+    F.elu,
+    torch.tanh,
+    torch.sigmoid,
+    F.softplus,
+    F.hardtanh,
+    F.mish,
+    F.hardswish,
+    torch.nn.functional.relu_,
+}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _RELU_LIKE_MODULES = (nn.ReLU,)
@@ -105,9 +138,13 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             n.target = F.relu
         if n.op == "call_function" and n.target is operator.iadd:
             n.target = operator.add
-        if n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
-                and not n.target.startswith("_") \
-                and n.target[:-1] in {"relu", "sigmoid", "tanh", "add", "mul", "clamp"}:
+        if (
+            n.op == "call_method"
+            and isinstance(n.target, str)
+            and n.target.endswith("_")
+            and not n.target.startswith("_")
+            and n.target[:-1] in {"relu", "sigmoid", "tanh", "add", "mul", "clamp"}
+        ):
             n.target = n.target[:-1]
     gm.recompile()
     return gm
@@ -156,10 +193,15 @@ def _reaches_input(n: fx.Node) -> bool:
     while True:
         if n.op == "placeholder":
             return True
-        if (n.op == "call_function" and n.target in _SHAPE_ONLY_FUNCS) or (
-            n.op == "call_method" and n.target in _SHAPE_ONLY_METHODS
-        ) or (n.op == "call_module" and n.graph.owning_module is not None
-              and isinstance(n.graph.owning_module.get_submodule(str(n.target)), (nn.Flatten, nn.Identity))):
+        if (
+            (n.op == "call_function" and n.target in _SHAPE_ONLY_FUNCS)
+            or (n.op == "call_method" and n.target in _SHAPE_ONLY_METHODS)
+            or (
+                n.op == "call_module"
+                and n.graph.owning_module is not None
+                and isinstance(n.graph.owning_module.get_submodule(str(n.target)), (nn.Flatten, nn.Identity))
+            )
+        ):
             if not n.args or not isinstance(n.args[0], fx.Node):
                 return False
             n = n.args[0]
@@ -207,8 +249,7 @@ class FeatureExtractor:
         UnknownNameError / ConfigError: an unknown probe name or kind.
     """
 
-    def __init__(self, model: nn.Module, kinds: Sequence[str] | None = None,
-                 names: Sequence[str] | None = None):
+    def __init__(self, model: nn.Module, kinds: Sequence[str] | None = None, names: Sequence[str] | None = None):
         self.gm = _trace(model)
         self.all_probes = self._discover()
         self.probes = select_probes(self.all_probes, kinds=kinds, names=names)
@@ -241,25 +282,35 @@ class FeatureExtractor:
             if n is out_arg:
                 inp = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
                 is_layer = c is not None and c[0] == "pre"
-                probes.append(Probe(
-                    "logits", "logits", n.name, c[1] if c else _fname(n.target),
-                    input_node=inp.name if (is_layer and inp is not None) else None,
-                    module=str(n.target) if n.op == "call_module" else None,
-                    from_input=bool(is_layer and inp is not None and _reaches_input(inp)),
-                ))
+                probes.append(
+                    Probe(
+                        "logits",
+                        "logits",
+                        n.name,
+                        c[1] if c else _fname(n.target),
+                        input_node=inp.name if (is_layer and inp is not None) else None,
+                        module=str(n.target) if n.op == "call_module" else None,
+                        from_input=bool(is_layer and inp is not None and _reaches_input(inp)),
+                    )
+                )
                 continue
             if c is None:
                 continue
             kind, op, is_relu = c
             inp = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             name = _probe_name(n, used)
-            probes.append(Probe(
-                name=name, kind=kind, node=n.name, op=op,
-                input_node=inp.name if (inp is not None and kind in ("pre", "post")) else None,
-                module=str(n.target) if n.op == "call_module" else None,
-                is_relu=is_relu,
-                from_input=bool(kind == "pre" and inp is not None and _reaches_input(inp)),
-            ))
+            probes.append(
+                Probe(
+                    name=name,
+                    kind=kind,
+                    node=n.name,
+                    op=op,
+                    input_node=inp.name if (inp is not None and kind in ("pre", "post")) else None,
+                    module=str(n.target) if n.op == "call_module" else None,
+                    is_relu=is_relu,
+                    from_input=bool(kind == "pre" and inp is not None and _reaches_input(inp)),
+                )
+            )
         return probes
 
     def _install_outputs(self, names: list[str]) -> None:
@@ -280,8 +331,9 @@ class FeatureExtractor:
         return self.gm.get_submodule(path)
 
 
-def select_probes(probes: Sequence[Probe], kinds: Iterable[str] | None = None,
-                  names: Iterable[str] | None = None) -> list[Probe]:
+def select_probes(
+    probes: Sequence[Probe], kinds: Iterable[str] | None = None, names: Iterable[str] | None = None
+) -> list[Probe]:
     """Filter probes by name (exact) or by kind; the logits probe is always kept.
 
     Raises:

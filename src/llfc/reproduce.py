@@ -29,17 +29,27 @@ from typing import Any, Callable, Mapping
 from llfc.config import ExperimentConfig
 from llfc.errors import ConfigError, UnknownNameError
 
-__all__ = ["SCALES", "Experiment", "list_experiments", "format_list", "load", "dry_run_config",
-           "run"]
+__all__ = ["SCALES", "Experiment", "list_experiments", "format_list", "load", "dry_run_config", "run"]
 
 SCALES = ("paper", "cpu")
 _META_KEYS = ("description", "reference", "cost-cpu", "cost-gpu")
 
 #: dry-run limits (see :func:`dry_run_config`)
-DRY_RUN = {"epochs": 2, "spawn_epoch": 1, "max_batches_per_epoch": 2, "test_samples": 64,
-           "train_samples": 64, "measure_batch_size": 32, "bn_batches": 2,
-           "activation_samples": 128, "align_batch_size": 64, "restarts": 1, "max_iter": 5,
-           "eval_batch_size": 256, "alphas": 5}
+DRY_RUN = {
+    "epochs": 2,
+    "spawn_epoch": 1,
+    "max_batches_per_epoch": 2,
+    "test_samples": 64,
+    "train_samples": 64,
+    "measure_batch_size": 32,
+    "bn_batches": 2,
+    "activation_samples": 128,
+    "align_batch_size": 64,
+    "restarts": 1,
+    "max_iter": 5,
+    "eval_batch_size": 256,
+    "alphas": 5,
+}
 
 
 @dataclass(frozen=True)
@@ -67,8 +77,10 @@ class Experiment:
 
 def _config_dir(scale: str) -> Path:
     if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)} (paper: "
-                          f"published settings, for a GPU; cpu: reduced, for 2 CPU cores).")
+        raise ConfigError(
+            f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)} (paper: "
+            f"published settings, for a GPU; cpu: reduced, for 2 CPU cores)."
+        )
     return Path(str(resources.files("llfc") / "configs" / scale))
 
 
@@ -94,8 +106,17 @@ def list_experiments(scale: str = "cpu") -> list[Experiment]:
     out = []
     for p in sorted(folder.glob("*.yaml")):
         m = _read_meta(p)
-        out.append(Experiment(p.stem, scale, p, m.get("description", ""), m.get("reference", ""),
-                              m.get("cost-cpu", "unknown"), m.get("cost-gpu", "unknown")))
+        out.append(
+            Experiment(
+                p.stem,
+                scale,
+                p,
+                m.get("description", ""),
+                m.get("reference", ""),
+                m.get("cost-cpu", "unknown"),
+                m.get("cost-gpu", "unknown"),
+            )
+        )
     return out
 
 
@@ -103,24 +124,33 @@ def format_list(scale: str = "cpu") -> str:
     """A readable table of :func:`list_experiments` (what ``llfc reproduce --list`` prints)."""
     exps = list_experiments(scale)
     other = "cpu" if scale == "paper" else "paper"
-    lines = [f"llfc reproduce: the paper's experiments, scale '{scale}' "
-             f"({'published settings, for one GPU' if scale == 'paper' else 'reduced, for 2 CPU cores'};"
-             f" --scale {other} for the other set)", ""]
+    lines = [
+        f"llfc reproduce: the paper's experiments, scale '{scale}' "
+        f"({'published settings, for one GPU' if scale == 'paper' else 'reduced, for 2 CPU cores'};"
+        f" --scale {other} for the other set)",
+        "",
+    ]
     for e in exps:
         lines.append(e.name)
         lines.append(f"    {e.description}")
         lines.append(f"    reproduces: {e.reference}")
         lines.append(f"    cost: {e.cost_cpu} on 2 CPU cores; {e.cost_gpu} on one GPU")
-    lines += ["", f"run one:  llfc reproduce NAME --scale {scale} [--out DIR] [--data-root DIR] "
-                  f"[--device auto|cpu|cuda] [--dry-run]",
-              "configs:  " + str(_config_dir(scale))]
+    lines += [
+        "",
+        f"run one:  llfc reproduce NAME --scale {scale} [--out DIR] [--data-root DIR] "
+        f"[--device auto|cpu|cuda] [--dry-run]",
+        "configs:  " + str(_config_dir(scale)),
+    ]
     sweeps = [p for p in _config_dir(scale).parent.glob(f"sweep-{scale}/*.yaml")]
     if sweeps:  # populations of pairs (llfc.sweep)
         lines += ["", "sweeps (populations of pairs; run one: llfc sweep NAME [--jobs N] [--out DIR]):"]
         for p in sorted(sweeps):
             m = _read_meta(p)
-            lines += [f"sweep-{scale}/{p.stem}", f"    {m.get('description', '')}",
-                      f"    cost: {m.get('cost-cpu', 'unknown')} on 2 CPU cores; {m.get('cost-gpu', 'unknown')} on one GPU"]
+            lines += [
+                f"sweep-{scale}/{p.stem}",
+                f"    {m.get('description', '')}",
+                f"    cost: {m.get('cost-cpu', 'unknown')} on 2 CPU cores; {m.get('cost-gpu', 'unknown')} on one GPU",
+            ]
     return "\n".join(lines)
 
 
@@ -134,11 +164,16 @@ def load(name: str, scale: str = "cpu") -> ExperimentConfig:
     exps = {e.name: e for e in list_experiments(scale)}
     if name not in exps:
         other = [e.name for e in list_experiments("cpu" if scale == "paper" else "paper")]
-        hint = (f" ('{name}' exists at scale {'cpu' if scale == 'paper' else 'paper'}: pass "
-                f"--scale {'cpu' if scale == 'paper' else 'paper'})" if name in other else "")
+        hint = (
+            f" ('{name}' exists at scale {'cpu' if scale == 'paper' else 'paper'}: pass "
+            f"--scale {'cpu' if scale == 'paper' else 'paper'})"
+            if name in other
+            else ""
+        )
         raise UnknownNameError(
             f"unknown experiment {name!r} at scale {scale!r}{hint}. Valid names: "
-            f"{', '.join(sorted(exps))}; `llfc reproduce --list --scale {scale}` describes them.")
+            f"{', '.join(sorted(exps))}; `llfc reproduce --list --scale {scale}` describes them."
+        )
     return ExperimentConfig.from_yaml(exps[name].path)
 
 
@@ -201,15 +236,30 @@ def dry_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
         from llfc.finetune import dry_run
 
         c = dataclasses.replace(c, finetune=dry_run(c.finetune, d["test_samples"]))
-    return dataclasses.replace(c, name=c.name + " (dry run)", train=t, measure=measure, align=align,
-                               spawn_epoch=min(int(c.spawn_epoch or 0), d["spawn_epoch"], t["epochs"]),
-                               alphas=d["alphas"])
+    return dataclasses.replace(
+        c,
+        name=c.name + " (dry run)",
+        train=t,
+        measure=measure,
+        align=align,
+        spawn_epoch=min(int(c.spawn_epoch or 0), d["spawn_epoch"], t["epochs"]),
+        alphas=d["alphas"],
+    )
 
 
-def run(name: str, out: str | Path, *, scale: str = "cpu", data_root: str | None = None,
-        device: str = "auto", dry_run: bool = False, overwrite: bool = False, progress: bool = True,
-        overrides: Mapping[str, Any] | None = None,
-        log: Callable[[str], None] = print) -> dict:
+def run(
+    name: str,
+    out: str | Path,
+    *,
+    scale: str = "cpu",
+    data_root: str | None = None,
+    device: str = "auto",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run experiment ``name`` at ``scale`` into the folder ``out``.
 
     Args:
@@ -242,6 +292,8 @@ def run(name: str, out: str | Path, *, scale: str = "cpu", data_root: str | None
     cfg = dataclasses.replace(cfg, **changes)
     if dry_run:
         cfg = dry_run_config(cfg)
-        log(f"dry run of {name} ({scale}): {cfg.train['epochs']} epoch(s) of "
-            f"{cfg.train['max_batches_per_epoch']} batches, {cfg.measure.test_samples} test samples")
+        log(
+            f"dry run of {name} ({scale}): {cfg.train['epochs']} epoch(s) of "
+            f"{cfg.train['max_batches_per_epoch']} batches, {cfg.measure.test_samples} test samples"
+        )
     return run_experiment(cfg, out, overwrite=overwrite, progress=progress, log=log)

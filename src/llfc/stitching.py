@@ -118,10 +118,17 @@ def _select(extractor: FeatureExtractor, probes: Sequence[str] | None, points: s
 
 
 @torch.no_grad()
-def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
-                     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     probes: Sequence[str] | None = None, device: str | torch.device = "cpu",
-                     progress: bool = False, points: str = "official", sharded: bool = False) -> list[dict]:
+def stitching_errors(
+    model: nn.Module,
+    sd_a: StateDict,
+    sd_b: StateDict,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    probes: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    points: str = "official",
+    sharded: bool = False,
+) -> list[dict]:
     """Test error and loss of B with layer ℓ's output replaced by A's, for every probed layer ℓ.
 
     Source: LLFC paper App. B.4 (Tables 2–3) and the official ``scripts/model_stitching.py``,
@@ -198,7 +205,7 @@ def stitching_errors(model: nn.Module, sd_a: StateDict, sd_b: StateDict,
 
     for x, y in tqdm(loader, desc="stitching", disable=None if progress else True, leave=False):
         x, y = x.to(dev), y.to(dev)
-        fa = extractor(sa, x)                       # A's features at all stitched layers, once
+        fa = extractor(sa, x)  # A's features at all stitched layers, once
         fold(0, fa[logits_node], y)
         fold(1, functional_call(plain, sb, (x,)), y)
         for i, (p, m) in enumerate(zip(chosen, stitched)):

@@ -68,8 +68,7 @@ from llfc.checkpoint import atomic_write_json, atomic_write_text, checkpoint_exi
 from llfc.config import ExperimentConfig
 from llfc.errors import ConfigError, OutputExistsError
 
-__all__ = ["GRID_KEYS", "SweepConfig", "SweepPoint", "expand", "run_sweep", "aggregate", "ROW_COLUMNS",
-           "BACKENDS"]
+__all__ = ["GRID_KEYS", "SweepConfig", "SweepPoint", "expand", "run_sweep", "aggregate", "ROW_COLUMNS", "BACKENDS"]
 
 GRID_KEYS = ("spawn_iteration", "spawn_epoch", "seed", "pair", "width", "model_args", "model", "dataset")
 BACKENDS = ("local", "submitit")
@@ -107,7 +106,7 @@ class SweepConfig:
     cluster: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "sweep config") -> "SweepConfig":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "sweep config") -> SweepConfig:
         """Build and check a sweep config.
 
         Raises:
@@ -118,35 +117,46 @@ class SweepConfig:
             raise SweepError(f"{where}: expected a mapping with keys {', '.join(_SWEEP_KEYS)}.")
         bad = sorted(set(d) - set(_SWEEP_KEYS))
         if bad:
-            raise SweepError(f"{where}: unknown key(s) {', '.join(bad)}; valid keys: {', '.join(_SWEEP_KEYS)}. "
-                             f"Experiment settings go under `base:`, grid axes under `grid:`.")
+            raise SweepError(
+                f"{where}: unknown key(s) {', '.join(bad)}; valid keys: {', '.join(_SWEEP_KEYS)}. "
+                f"Experiment settings go under `base:`, grid axes under `grid:`."
+            )
         c = cls(**{k: copy.deepcopy(v) for k, v in d.items()})
         if not isinstance(c.grid, Mapping) or not c.grid:
-            raise SweepError(f"{where}: the grid is empty; give at least one axis under `grid:` "
-                             f"(valid axes: {', '.join(GRID_KEYS)}), e.g. `grid: {{seed: [0, 1, 2]}}`.")
+            raise SweepError(
+                f"{where}: the grid is empty; give at least one axis under `grid:` "
+                f"(valid axes: {', '.join(GRID_KEYS)}), e.g. `grid: {{seed: [0, 1, 2]}}`."
+            )
         unknown = sorted(set(c.grid) - set(GRID_KEYS))
         if unknown:
-            raise SweepError(f"{where}: unknown grid key(s) {', '.join(unknown)}; valid grid keys: "
-                             f"{', '.join(GRID_KEYS)}.")
+            raise SweepError(
+                f"{where}: unknown grid key(s) {', '.join(unknown)}; valid grid keys: {', '.join(GRID_KEYS)}."
+            )
         for k, v in c.grid.items():
             if not isinstance(v, list) or not v:
                 raise SweepError(f"{where}: grid axis {k!r} must be a non-empty list, got {v!r}.")
         for k in ("spawn_iteration", "spawn_epoch", "seed", "width"):
             for v in c.grid.get(k, []):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 \
-                        or (k != "width" and not float(v).is_integer()):
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, (int, float))
+                    or v < 0
+                    or (k != "width" and not float(v).is_integer())
+                ):
                     raise SweepError(f"{where}: grid axis {k!r} takes whole numbers ≥ 0, got {v!r}.")
         if not isinstance(c.base, Mapping):
             raise SweepError(f"{where}: `base:` must be a mapping of experiment settings.")
         return c
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SweepConfig":
+    def from_yaml(cls, path: str | Path) -> SweepConfig:
         """Read a sweep YAML file (a catalogue name is resolved by :func:`find_config`)."""
         p = Path(path)
         if not p.is_file():
-            raise SweepError(f"sweep config {p} does not exist; pass a YAML file or a catalogue name "
-                             f"(`llfc reproduce --list` lists them).")
+            raise SweepError(
+                f"sweep config {p} does not exist; pass a YAML file or a catalogue name "
+                f"(`llfc reproduce --list` lists them)."
+            )
         try:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -203,8 +213,10 @@ def find_config(name_or_path: str | Path) -> Path:
     for c in cands:
         if c.stem == str(name_or_path) or f"{c.parent.name}/{c.stem}" == str(name_or_path):
             return c
-    raise SweepError(f"{name_or_path} is neither a sweep YAML file nor a catalogue sweep; catalogue: "
-                     f"{', '.join(f'{c.parent.name}/{c.stem}' for c in cands) or 'none'}.")
+    raise SweepError(
+        f"{name_or_path} is neither a sweep YAML file nor a catalogue sweep; catalogue: "
+        f"{', '.join(f'{c.parent.name}/{c.stem}' for c in cands) or 'none'}."
+    )
 
 
 def list_sweeps() -> list[Path]:
@@ -238,8 +250,14 @@ def _with_width(model: str, args: dict, w: float) -> dict:
 
 
 # training-set sizes for expanding a grid without reading the data (expand(check_data=False))
-_TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000,
-                "tiny-imagenet": 100000, "tinyimagenet": 100000}
+_TRAIN_SIZES = {
+    "mnist": 60000,
+    "fashion-mnist": 60000,
+    "cifar10": 50000,
+    "cifar100": 50000,
+    "tiny-imagenet": 100000,
+    "tinyimagenet": 100000,
+}
 
 
 def _dataset_sizes(cfg: ExperimentConfig) -> int:
@@ -282,8 +300,12 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
     points: list[SweepPoint] = []
     varying = {k for k, v in g.items() if len(v) > 1}
     for ds, (model, margs), extra, width, pair in itertools.product(
-            g.get("dataset", [None]), models, g.get("model_args", [None]), g.get("width", [None]),
-            g.get("pair", base.pairs if isinstance(base.pairs, list) else [None])):
+        g.get("dataset", [None]),
+        models,
+        g.get("model_args", [None]),
+        g.get("width", [None]),
+        g.get("pair", base.pairs if isinstance(base.pairs, list) else [None]),
+    ):
         d = base.to_dict()
         if ds is not None:
             d["dataset"] = ds
@@ -300,8 +322,9 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
             probe = dataclasses.replace(probe, model_args=_with_width(probe.model, probe.model_args, width))
         kind = probe.pairs[0]
         tcfg = TrainConfig.from_dict(probe.train)
-        check_alphas(default_alphas(probe.alphas) if isinstance(probe.alphas, int) else probe.alphas,
-                     probe.allow_extrapolation)
+        check_alphas(
+            default_alphas(probe.alphas) if isinstance(probe.alphas, int) else probe.alphas, probe.allow_extrapolation
+        )
         key = (probe.dataset, probe.data_root)
         if key not in sizes:
             sizes[key] = _dataset_sizes(probe) if check_data else _TRAIN_SIZES.get(probe.dataset, 50000)
@@ -310,8 +333,9 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
         ks: list[tuple[int, str]] = []
         if kind == "spawn":
             seen = set()
-            given = [(int(v), f"{int(v)} it") for v in g.get("spawn_iteration", [])] + \
-                    [(int(v) * spe, f"{int(v)} ep") for v in g.get("spawn_epoch", [])]
+            given = [(int(v), f"{int(v)} it") for v in g.get("spawn_iteration", [])] + [
+                (int(v) * spe, f"{int(v)} ep") for v in g.get("spawn_epoch", [])
+            ]
             if not given:
                 given = [(int(probe.spawn_epoch) * spe, f"{int(probe.spawn_epoch)} ep")]
             for it, lab in given:
@@ -320,7 +344,8 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
                         f"k = {lab} = {it} iterations is at or beyond the end of training ({tcfg.epochs} "
                         f"epochs × {spe} steps = {total} iterations for {probe.dataset}/{probe.model}); "
                         f"the children need at least one step of their own. Use k < {total} iterations "
-                        f"(< {tcfg.epochs} epochs) or train longer (base.train.epochs).")
+                        f"(< {tcfg.epochs} epochs) or train longer (base.train.epochs)."
+                    )
                 if it not in seen:
                     seen.add(it)
                     ks.append((it, lab))
@@ -332,21 +357,29 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
             cfg = dataclasses.replace(probe, seed=int(seed))
             if it is not None and it % spe == 0:
                 cfg = dataclasses.replace(cfg, spawn_epoch=it // spe)
-            shared = {**arch, "data_root": cfg.data_root, "recipe": tcfg.recipe(), "seed": int(seed),
-                      "device": cfg.device}
-            parent = ("spawn-" if kind == "spawn" else "independent-") + \
-                f"seed{seed}-" + _hash(shared)
-            parts = [_slug(v) for k, v in (("dataset", probe.dataset), ("model", probe.model))
-                     if k in varying]
+            shared = {
+                **arch,
+                "data_root": cfg.data_root,
+                "recipe": tcfg.recipe(),
+                "seed": int(seed),
+                "device": cfg.device,
+            }
+            parent = ("spawn-" if kind == "spawn" else "independent-") + f"seed{seed}-" + _hash(shared)
+            parts = [_slug(v) for k, v in (("dataset", probe.dataset), ("model", probe.model)) if k in varying]
             if "model_args" in varying or "width" in varying:
                 parts.append(_slug(probe.model_args))
             parts.append(kind)
             if it is not None:
                 parts.append(f"k{it:06d}it")
             parts.append(f"seed{seed}")
-            axes = {"dataset": probe.dataset, "model": probe.model,
-                    "model_args": json.dumps(probe.model_args, sort_keys=True), "width": width,
-                    "pair": kind, "seed": int(seed)}
+            axes = {
+                "dataset": probe.dataset,
+                "model": probe.model,
+                "model_args": json.dumps(probe.model_args, sort_keys=True),
+                "width": width,
+                "pair": kind,
+                "seed": int(seed),
+            }
             points.append(SweepPoint("-".join(parts), cfg, kind, int(seed), it, lab, spe, parent, axes))
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
@@ -379,8 +412,9 @@ def _data(cfg: ExperimentConfig):
     test_set = get_dataset(cfg.dataset, "test", cfg.data_root, False)
     if cfg.measure.test_samples:
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
-    spec = ModelSpec(cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
-                                 **cfg.model_args})
+    spec = ModelSpec(
+        cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes, **cfg.model_args}
+    )
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(_device(cfg))})
     return train_set, train_eval, test_set, spec, tcfg
 
@@ -394,8 +428,10 @@ def _device(cfg: ExperimentConfig):
 def _seeds(seed: int) -> dict:
     from llfc.seeding import derive_seed
 
-    return {"spawn": [derive_seed(seed, "spawn", t) for t in ("init", "data_parent", "data_a", "data_b")],
-            "independent": [derive_seed(seed, "independent", t) for t in ("init_a", "data_a", "init_b", "data_b")]}
+    return {
+        "spawn": [derive_seed(seed, "spawn", t) for t in ("init", "data_parent", "data_a", "data_b")],
+        "independent": [derive_seed(seed, "independent", t) for t in ("init_a", "data_a", "init_b", "data_b")],
+    }
 
 
 def _parent_done(job: dict) -> bool:
@@ -444,15 +480,31 @@ def train_parent(job: dict) -> dict:
         done_epochs = _saved_epoch(d / "last")
         missing = [k for k in its if not checkpoint_exists(d / f"iter-{k}")]
         resume = not missing or min(missing) >= done_epochs * steps_per_epoch(len(train_set), tcfg)
-        train(model, train_set, test_set, tcfg, data_seed=data_p, out_dir=d, resume=resume,
-              overwrite=not resume, progress=False, seeds={"init": init},
-              meta={**meta, "pair": "spawn", "member": "parent"}, save_at_iterations=its,
-              stop_iteration=its[-1])
+        train(
+            model,
+            train_set,
+            test_set,
+            tcfg,
+            data_seed=data_p,
+            out_dir=d,
+            resume=resume,
+            overwrite=not resume,
+            progress=False,
+            seeds={"init": init},
+            meta={**meta, "pair": "spawn", "member": "parent"},
+            save_at_iterations=its,
+            stop_iteration=its[-1],
+        )
     else:
-        independent_pair(spec, train_set, test_set, tcfg, _seeds(cfg.seed)["independent"], d, resume=True,
-                         progress=False, meta=meta)
-    return {"dir": job["dir"], "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "skipped": False}
+        independent_pair(
+            spec, train_set, test_set, tcfg, _seeds(cfg.seed)["independent"], d, resume=True, progress=False, meta=meta
+        )
+    return {
+        "dir": job["dir"],
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "skipped": False,
+    }
 
 
 def run_point(job: dict) -> dict:
@@ -469,11 +521,17 @@ def run_point(job: dict) -> dict:
     _set_threads(job.get("threads"))
     out = Path(job["dir"])
     if (out / "results.json").is_file():
-        return {"dir": job["dir"], "seconds": 0.0, "cpu_seconds": 0.0, "train_seconds": 0.0,
-                "train_cpu_seconds": 0.0, "measure_seconds": 0.0, "skipped": True}
+        return {
+            "dir": job["dir"],
+            "seconds": 0.0,
+            "cpu_seconds": 0.0,
+            "train_seconds": 0.0,
+            "train_cpu_seconds": 0.0,
+            "measure_seconds": 0.0,
+            "skipped": True,
+        }
     from llfc.checkpoint import save_checkpoint
-    from llfc.experiment import (PAIR_LABELS, Measurer, _results_header, _train_subset,
-                                 align_state_dicts)
+    from llfc.experiment import PAIR_LABELS, Measurer, _results_header, _train_subset, align_state_dicts
     from llfc.interpolate import check_alphas, default_alphas
     from llfc.report import plot_all, summary_table, write_tables
     from llfc.seeding import environment, seed_everything
@@ -497,11 +555,25 @@ def run_point(job: dict) -> dict:
         for name, data in (("a", data_a), ("b", data_b)):
             seed_everything(init)
             child = spec()
-            res = train(child, train_set, test_set, tcfg, data_seed=data,
-                        start_state=parent / f"iter-{point['k_iteration']}", out_dir=out / "pairs" / "spawn" / name,
-                        resume=True, progress=False, seeds={"init": init, "data_parent": data_p},
-                        meta={"dataset": cfg.dataset, "model": spec.to_meta(), "pair": "spawn",
-                              "member": name, "spawn_iteration": point["k_iteration"]})
+            res = train(
+                child,
+                train_set,
+                test_set,
+                tcfg,
+                data_seed=data,
+                start_state=parent / f"iter-{point['k_iteration']}",
+                out_dir=out / "pairs" / "spawn" / name,
+                resume=True,
+                progress=False,
+                seeds={"init": init, "data_parent": data_p},
+                meta={
+                    "dataset": cfg.dataset,
+                    "model": spec.to_meta(),
+                    "pair": "spawn",
+                    "member": name,
+                    "spawn_iteration": point["k_iteration"],
+                },
+            )
             sds.append({k: v.detach().cpu().clone() for k, v in res.model.state_dict().items()})
             logs[name] = res.log
         sd_a, sd_b = sds
@@ -515,13 +587,26 @@ def run_point(job: dict) -> dict:
     alignment = None
     if kind in _PERM:
         sd_b, alignment = align_state_dicts(arch, sd_a, sd_b, kind.split("-")[1], train_eval, cfg, device)
-        save_checkpoint(out / "pairs" / kind / "b_aligned", sd_b,
-                        {"model": spec.to_meta(), "dataset": cfg.dataset, "aligned_to": "independent/a"})
-    alphas = check_alphas(default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas,
-                          cfg.allow_extrapolation)
+        save_checkpoint(
+            out / "pairs" / kind / "b_aligned",
+            sd_b,
+            {"model": spec.to_meta(), "dataset": cfg.dataset, "aligned_to": "independent/a"},
+        )
+    alphas = check_alphas(
+        default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas, cfg.allow_extrapolation
+    )
     t1 = time.perf_counter()
-    measurer = Measurer(arch, test_set, _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
-                        alphas, cfg.measure, device, bn_train=train_eval, progress=False, seed=cfg.seed)
+    measurer = Measurer(
+        arch,
+        test_set,
+        _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
+        alphas,
+        cfg.measure,
+        device,
+        bn_train=train_eval,
+        progress=False,
+        seed=cfg.seed,
+    )
     pr = measurer(sd_a, sd_b, kind)
     pr["kind"], pr["label"] = kind, PAIR_LABELS[kind]
     if kind == "spawn":
@@ -531,9 +616,16 @@ def run_point(job: dict) -> dict:
         pr["alignment"] = alignment
     pr["train_logs"] = logs
     env = {**environment(device), "seeds": {"master": cfg.seed, **seeds}}
-    results = _results_header("llfc.sweep-point", cfg.to_dict(), env, {
-        "point": point, "dataset": {"name": cfg.dataset, "n_train": len(train_set), "n_test": len(test_set)},
-        "model": spec.to_meta()})
+    results = _results_header(
+        "llfc.sweep-point",
+        cfg.to_dict(),
+        env,
+        {
+            "point": point,
+            "dataset": {"name": cfg.dataset, "n_train": len(train_set), "n_test": len(test_set)},
+            "model": spec.to_meta(),
+        },
+    )
     results["pairs"][kind] = pr
     write_tables(results["pairs"], out)
     if job.get("figures", True):
@@ -542,9 +634,15 @@ def run_point(job: dict) -> dict:
     t_measure = time.perf_counter() - t1
     results["seconds"] = {"train": t_train, "measure": t_measure, "total": time.perf_counter() - t0}
     atomic_write_json(out / "results.json", results)  # last: marks the point finished
-    return {"dir": job["dir"], "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "train_seconds": t_train, "train_cpu_seconds": c_train, "measure_seconds": t_measure,
-            "skipped": False}
+    return {
+        "dir": job["dir"],
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "train_seconds": t_train,
+        "train_cpu_seconds": c_train,
+        "measure_seconds": t_measure,
+        "skipped": False,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,8 +655,9 @@ def _executor(backend: str, jobs: int, threads: int, out: Path, cluster: dict):
             return None
         import multiprocessing as mp
 
-        return ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                   initializer=_set_threads, initargs=(threads,))
+        return ProcessPoolExecutor(
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
+        )
     check_backend(backend)
     import submitit
 
@@ -571,8 +670,13 @@ def _wait(futures: list, what: str, progress: bool, log: Callable[[str], None]) 
     """Results of futures (concurrent.futures or submitit jobs) with a tqdm bar, in completion order."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(futures), desc=what, unit="pair" if what == "pairs" else "run",
-               disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(futures),
+        desc=what,
+        unit="pair" if what == "pairs" else "run",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     out = []
     try:
         pending = list(futures)
@@ -620,17 +724,27 @@ def _prepare(sc: SweepConfig, out: Path) -> tuple[list[SweepPoint], str]:
             diff = sorted(k for k in set(od) | set(nd) if od.get(k) != nd.get(k))
             raise OutputExistsError(
                 f"{out} belongs to a different sweep config (sweep.yaml differs in: {', '.join(diff) or 'text'}); "
-                f"results of two configs are never mixed. Choose another --out, or delete {out} to start afresh.")
+                f"results of two configs are never mixed. Choose another --out, or delete {out} to start afresh."
+            )
         mode = "resume"
     elif out.exists() and any(out.iterdir()):
-        raise OutputExistsError(f"{out} exists, is not empty and holds no sweep.yaml; choose another --out "
-                                f"(or an empty folder).")
+        raise OutputExistsError(
+            f"{out} exists, is not empty and holds no sweep.yaml; choose another --out (or an empty folder)."
+        )
     return points, mode
 
 
-def run_sweep(config: SweepConfig | Mapping | str | Path, out: str | Path, *, jobs: int = 1,
-              threads: int | None = None, backend: str = "local", executor: Any = None,
-              progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_sweep(
+    config: SweepConfig | Mapping | str | Path,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    backend: str = "local",
+    executor: Any = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run (or resume) a sweep into ``out`` and aggregate it.
 
     Args:
@@ -675,23 +789,42 @@ def run_sweep(config: SweepConfig | Mapping | str | Path, out: str | Path, *, jo
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(sc.to_dict(), sort_keys=False))
     parents: dict[str, dict] = {}
     for p in points:
-        j = parents.setdefault(p.parent, {"kind": "spawn" if p.pair == "spawn" else "independent",
-                                          "dir": str(out / "parents" / p.parent),
-                                          "config": p.config.to_dict(), "iterations": [],
-                                          "threads": threads})
+        j = parents.setdefault(
+            p.parent,
+            {
+                "kind": "spawn" if p.pair == "spawn" else "independent",
+                "dir": str(out / "parents" / p.parent),
+                "config": p.config.to_dict(),
+                "iterations": [],
+                "threads": threads,
+            },
+        )
         if p.k_iteration is not None and p.k_iteration not in j["iterations"]:
             j["iterations"].append(p.k_iteration)
-    point_jobs = [{"dir": str(out / "points" / p.id), "config": p.config.to_dict(),
-                   "point": _point_meta(p), "parent_dir": str(out / "parents" / p.parent),
-                   "threads": threads, "figures": sc.point_figures} for p in points]
-    todo_parents = [j for j in parents.values() if not _parent_done(j)
-                    and any(not (Path(pj["dir"]) / "results.json").is_file()
-                            for pj in point_jobs if pj["parent_dir"] == j["dir"])]
+    point_jobs = [
+        {
+            "dir": str(out / "points" / p.id),
+            "config": p.config.to_dict(),
+            "point": _point_meta(p),
+            "parent_dir": str(out / "parents" / p.parent),
+            "threads": threads,
+            "figures": sc.point_figures,
+        }
+        for p in points
+    ]
+    todo_parents = [
+        j
+        for j in parents.values()
+        if not _parent_done(j)
+        and any(not (Path(pj["dir"]) / "results.json").is_file() for pj in point_jobs if pj["parent_dir"] == j["dir"])
+    ]
     todo_points = [j for j in point_jobs if not (Path(j["dir"]) / "results.json").is_file()]
-    log(f"sweep {sc.name}: {len(points)} pairs, {len(parents)} shared parent runs → {out} ({mode}; "
+    log(
+        f"sweep {sc.name}: {len(points)} pairs, {len(parents)} shared parent runs → {out} ({mode}; "
         f"{len(points) - len(todo_points)} pairs finished, {len(todo_points)} to run; "
         f"{'jobs ' + str(jobs) if executor is None and backend == 'local' else type(ex).__name__}, "
-        f"{threads} thread(s) per job)")
+        f"{threads} thread(s) per job)"
+    )
     submit = (lambda fn, arg: _Now(fn, arg)) if ex is None else ex.submit
     t0 = time.perf_counter()
     try:
@@ -705,34 +838,73 @@ def run_sweep(config: SweepConfig | Mapping | str | Path, out: str | Path, *, jo
     agg = aggregate(out, log=log)
     t3 = time.perf_counter()
     agg["timing"] = {
-        "parents_wall": t1 - t0, "pairs_wall": t2 - t1, "aggregate_wall": t3 - t2,
-        "total_wall": t3 - t_start, "parents_job_seconds": sum(r["seconds"] for r in pres),
+        "parents_wall": t1 - t0,
+        "pairs_wall": t2 - t1,
+        "aggregate_wall": t3 - t2,
+        "total_wall": t3 - t_start,
+        "parents_job_seconds": sum(r["seconds"] for r in pres),
         "pairs_job_seconds": sum(r["seconds"] for r in rres),
         "pairs_train_seconds": sum(r["train_seconds"] for r in rres),
         "pairs_measure_seconds": sum(r["measure_seconds"] for r in rres),
         "parents_job_cpu_seconds": sum(r["cpu_seconds"] for r in pres),
         "pairs_job_cpu_seconds": sum(r["cpu_seconds"] for r in rres),
         "pairs_train_cpu_seconds": sum(r["train_cpu_seconds"] for r in rres),
-        "parents_run": sum(not r["skipped"] for r in pres), "pairs_run": sum(not r["skipped"] for r in rres),
-        "jobs": jobs, "threads": threads}
+        "parents_run": sum(not r["skipped"] for r in pres),
+        "pairs_run": sum(not r["skipped"] for r in rres),
+        "jobs": jobs,
+        "threads": threads,
+    }
     atomic_write_json(out / "timing.json", agg["timing"])
     return agg
 
 
 def _point_meta(p: SweepPoint) -> dict:
-    return {"id": p.id, "pair": p.pair, "seed": p.seed, "k_iteration": p.k_iteration, "k_label": p.k_label,
-            "k_epoch": p.k_epoch, "steps_per_epoch": p.steps_per_epoch, "parent": p.parent, "axes": p.axes}
+    return {
+        "id": p.id,
+        "pair": p.pair,
+        "seed": p.seed,
+        "k_iteration": p.k_iteration,
+        "k_label": p.k_label,
+        "k_epoch": p.k_epoch,
+        "steps_per_epoch": p.steps_per_epoch,
+        "parent": p.parent,
+        "axes": p.axes,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # aggregation
 
 ROW_COLUMNS = (
-    "id", "dataset", "model", "model_args", "width", "pair", "seed", "k_iteration", "k_epoch", "k_label",
-    "err_a", "err_b", "error_barrier_frankle", "error_barrier_entezari", "loss_barrier_entezari",
-    "train_error_barrier_frankle", "llfc_worst_layer", "llfc_worst_alpha", "llfc_worst_distance",
-    "llfc_worst_ratio", "llfc_max_distance", "llfc_mean_distance", "llfc_mean_ratio",
-    "weak_additivity_mean", "commutativity_ratio", "stitching_max_error", "lmc_holds", "llfc_holds")
+    "id",
+    "dataset",
+    "model",
+    "model_args",
+    "width",
+    "pair",
+    "seed",
+    "k_iteration",
+    "k_epoch",
+    "k_label",
+    "err_a",
+    "err_b",
+    "error_barrier_frankle",
+    "error_barrier_entezari",
+    "loss_barrier_entezari",
+    "train_error_barrier_frankle",
+    "llfc_worst_layer",
+    "llfc_worst_alpha",
+    "llfc_worst_distance",
+    "llfc_worst_ratio",
+    "llfc_max_distance",
+    "llfc_mean_distance",
+    "llfc_mean_ratio",
+    "weak_additivity_mean",
+    "commutativity_ratio",
+    "stitching_max_error",
+    "lmc_holds",
+    "llfc_holds",
+)
 _GROUP = ("dataset", "model", "model_args", "width", "pair", "k_iteration")
 
 
@@ -768,24 +940,34 @@ def pair_row(point: dict, pr: dict) -> dict:
         return sum(xs) / len(xs) if xs else None
 
     return {
-        "id": point["id"], "dataset": ax["dataset"], "model": ax["model"], "model_args": ax["model_args"],
-        "width": ax["width"], "pair": point["pair"], "seed": point["seed"],
-        "k_iteration": point["k_iteration"], "k_epoch": point["k_epoch"], "k_label": point["k_label"],
-        "err_a": t["error"][_at(al, 1.0)], "err_b": t["error"][_at(al, 0.0)],
+        "id": point["id"],
+        "dataset": ax["dataset"],
+        "model": ax["model"],
+        "model_args": ax["model_args"],
+        "width": ax["width"],
+        "pair": point["pair"],
+        "seed": point["seed"],
+        "k_iteration": point["k_iteration"],
+        "k_epoch": point["k_epoch"],
+        "k_label": point["k_label"],
+        "err_a": t["error"][_at(al, 1.0)],
+        "err_b": t["error"][_at(al, 0.0)],
         "error_barrier_frankle": t["barriers"]["error_barrier_frankle"],
         "error_barrier_entezari": t["barriers"]["error_barrier_entezari"],
         "loss_barrier_entezari": t["barriers"]["loss_barrier_entezari"],
         "train_error_barrier_frankle": (pr["lmc"].get("train") or {}).get("barriers", {}).get("error_barrier_frankle"),
-        "llfc_worst_layer": w and w["layer"], "llfc_worst_alpha": w and w["alpha"],
-        "llfc_worst_distance": w and w["distance"], "llfc_worst_ratio": w and w["ratio"],
+        "llfc_worst_layer": w and w["layer"],
+        "llfc_worst_alpha": w and w["alpha"],
+        "llfc_worst_distance": w and w["distance"],
+        "llfc_worst_ratio": w and w["ratio"],
         "llfc_max_distance": w and w["max_distance"],
         "llfc_mean_distance": mean(ly["distance"]["mean"][i5] for ly in hidden),
-        "llfc_mean_ratio": mean(criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"])
-                                for ly in hidden),
+        "llfc_mean_ratio": mean(criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"]) for ly in hidden),
         "weak_additivity_mean": mean(ly["distance"]["mean"][i5] for ly in wa),
         "commutativity_ratio": mean(c["dist_com"] / c["dist_W"] for c in com),
         "stitching_max_error": max(st) if st else None,
-        "lmc_holds": criteria.lmc_holds(pr), "llfc_holds": criteria.llfc_holds(pr),
+        "lmc_holds": criteria.lmc_holds(pr),
+        "llfc_holds": criteria.llfc_holds(pr),
     }
 
 
@@ -799,8 +981,13 @@ def _csv(rows: list[dict], cols: Sequence[str]) -> str:
 
 
 def _numeric(rows: list[dict]) -> list[str]:
-    return [c for c in ROW_COLUMNS if c not in _GROUP and c not in ("id", "seed", "k_epoch")
-            and any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)]
+    return [
+        c
+        for c in ROW_COLUMNS
+        if c not in _GROUP
+        and c not in ("id", "seed", "k_epoch")
+        and any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
+    ]
 
 
 def seed_means(rows: list[dict]) -> list[dict]:
@@ -833,8 +1020,12 @@ def cooccurrence(rows: list[dict]) -> dict:
     for r in rows:
         if r["llfc_holds"] is None:
             continue
-        key = {(True, True): "lmc_and_llfc", (True, False): "lmc_without_llfc",
-               (False, True): "llfc_without_lmc", (False, False): "neither"}[(bool(r["lmc_holds"]), bool(r["llfc_holds"]))]
+        key = {
+            (True, True): "lmc_and_llfc",
+            (True, False): "lmc_without_llfc",
+            (False, True): "llfc_without_lmc",
+            (False, False): "neither",
+        }[(bool(r["lmc_holds"]), bool(r["llfc_holds"]))]
         cells[key].append(r["id"])
     return {"counts": {k: len(v) for k, v in cells.items()}, "pairs": cells, "thresholds": criteria.describe()}
 
@@ -842,26 +1033,34 @@ def cooccurrence(rows: list[dict]) -> dict:
 def cooccurrence_markdown(co: dict) -> str:
     """The co-occurrence table as Markdown (with the thresholds line)."""
     c = co["counts"]
-    return ("| | LLFC holds | LLFC fails |\n|---|---|---|\n"
-            f"| **LMC holds** | {c['lmc_and_llfc']} | {c['lmc_without_llfc']} |\n"
-            f"| **LMC fails** | {c['llfc_without_lmc']} | {c['neither']} |\n\n"
-            f"Thresholds: {co['thresholds']}\n")
+    return (
+        "| | LLFC holds | LLFC fails |\n|---|---|---|\n"
+        f"| **LMC holds** | {c['lmc_and_llfc']} | {c['lmc_without_llfc']} |\n"
+        f"| **LMC fails** | {c['llfc_without_lmc']} | {c['neither']} |\n\n"
+        f"Thresholds: {co['thresholds']}\n"
+    )
 
 
 def means_markdown(means: list[dict]) -> str:
     """The per-(architecture, pair kind, k) means over seeds as a Markdown table (``sweep_mean.md``)."""
+
     def pm(m, c, scale=1.0, fmt=".2f"):
         mu, sd = m.get(f"{c}_mean"), m.get(f"{c}_std")
         return "-" if mu is None else f"{scale * mu:{fmt}} ± {scale * sd:{fmt}}"
 
-    lines = ["| model | pair | k | seeds | err A (%) | error barrier (pp) | worst-layer LLFC distance | "
-             "worst-layer ratio to A-vs-B | LMC holds | LLFC holds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | pair | k | seeds | err A (%) | error barrier (pp) | worst-layer LLFC distance | "
+        "worst-layer ratio to A-vs-B | LMC holds | LLFC holds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in means:
         k = "-" if m["k_iteration"] is None else f"{m['k_iteration']} it ({m['k_epoch']:.2f} ep)"
-        lines.append(f"| {m['model']} {m['model_args']} | {m['pair']} | {k} | {m['n']} | {pm(m, 'err_a', 100)} | "
-                     f"{pm(m, 'error_barrier_frankle', 100)} | {pm(m, 'llfc_worst_distance', 1, '.3g')} | "
-                     f"{pm(m, 'llfc_worst_ratio', 1, '.3f')} | {m['lmc_holds_count']}/{m['n']} | "
-                     f"{m['llfc_holds_count']}/{m['n']} |")
+        lines.append(
+            f"| {m['model']} {m['model_args']} | {m['pair']} | {k} | {m['n']} | {pm(m, 'err_a', 100)} | "
+            f"{pm(m, 'error_barrier_frankle', 100)} | {pm(m, 'llfc_worst_distance', 1, '.3g')} | "
+            f"{pm(m, 'llfc_worst_ratio', 1, '.3f')} | {m['lmc_holds_count']}/{m['n']} | "
+            f"{m['llfc_holds_count']}/{m['n']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -887,10 +1086,16 @@ def _heatmap_rows(out: Path, pts: list[dict]) -> list[dict]:
         i5 = _at(pr["alphas"], 0.5)
         for ly in pr.get("llfc", []):
             if ly["kind"] in criteria.HIDDEN_KINDS:
-                res.append({"group": (pt["axes"]["dataset"], pt["axes"]["model"], pt["axes"]["model_args"]),
-                            "k_iteration": pt["k_iteration"], "layer": ly["name"], "seed": pt["seed"],
-                            "distance": ly["distance"]["mean"][i5],
-                            "ratio": criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"])})
+                res.append(
+                    {
+                        "group": (pt["axes"]["dataset"], pt["axes"]["model"], pt["axes"]["model_args"]),
+                        "k_iteration": pt["k_iteration"],
+                        "layer": ly["name"],
+                        "seed": pt["seed"],
+                        "distance": ly["distance"]["mean"][i5],
+                        "ratio": criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"]),
+                    }
+                )
     return res
 
 
@@ -916,22 +1121,52 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
         pt = res["point"]
         pts.append(pt)
         rows.append(pair_row(pt, res["pairs"][pt["pair"]]))
-    rows.sort(key=lambda r: (r["dataset"], r["model"], r["model_args"], str(r["width"]), r["pair"],
-                             -1 if r["k_iteration"] is None else r["k_iteration"], r["seed"]))
+    rows.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["model"],
+            r["model_args"],
+            str(r["width"]),
+            r["pair"],
+            -1 if r["k_iteration"] is None else r["k_iteration"],
+            r["seed"],
+        )
+    )
     means = seed_means(rows)
     co = cooccurrence(rows)
     rho = spearman(rows)
     atomic_write_text(out / "sweep.csv", _csv(rows, ROW_COLUMNS))
-    mcols = list(_GROUP) + ["k_epoch", "k_label", "n"] + [f"{c}_{s}" for c in _numeric(rows) for s in ("mean", "std")] \
+    mcols = (
+        list(_GROUP)
+        + ["k_epoch", "k_label", "n"]
+        + [f"{c}_{s}" for c in _numeric(rows) for s in ("mean", "std")]
         + ["lmc_holds_count", "llfc_holds_count"]
+    )
     atomic_write_text(out / "sweep_mean.csv", _csv(means, mcols))
-    atomic_write_text(out / "cooccurrence.csv", "lmc_holds,llfc_holds,count\n" + "".join(
-        f"{a},{b},{co['counts'][k]}\n" for a, b, k in ((True, True, "lmc_and_llfc"), (True, False, "lmc_without_llfc"),
-                                                       (False, True, "llfc_without_lmc"), (False, False, "neither"))))
+    atomic_write_text(
+        out / "cooccurrence.csv",
+        "lmc_holds,llfc_holds,count\n"
+        + "".join(
+            f"{a},{b},{co['counts'][k]}\n"
+            for a, b, k in (
+                (True, True, "lmc_and_llfc"),
+                (True, False, "lmc_without_llfc"),
+                (False, True, "llfc_without_lmc"),
+                (False, False, "neither"),
+            )
+        ),
+    )
     atomic_write_text(out / "cooccurrence.md", cooccurrence_markdown(co))
     atomic_write_text(out / "sweep_mean.md", means_markdown(means))
-    agg = {"rows": rows, "means": means, "cooccurrence": co, "spearman": rho,
-           "n_points": len(dirs), "n_finished": len(rows), "thresholds": criteria.describe()}
+    agg = {
+        "rows": rows,
+        "means": means,
+        "cooccurrence": co,
+        "spearman": rho,
+        "n_points": len(dirs),
+        "n_finished": len(rows),
+        "thresholds": criteria.describe(),
+    }
     atomic_write_json(out / "sweep.json", agg)
     if figures and rows:
         from llfc.report.sweep_plots import plot_heatmap, plot_scatter, plot_vs_k
@@ -951,17 +1186,29 @@ def summary(rows: list[dict], co: dict, rho: dict) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         k = r["k_label"] or "-"
-        d = f"{r['llfc_worst_distance']:.2e} (×{r['llfc_worst_ratio']:.3f})" if r["llfc_worst_distance"] is not None else "-"
-        lines.append(f"{r['id']:<44} {k:>10} {100 * r['error_barrier_frankle']:9.2f} pp {d:>24}  "
-                     f"{'yes' if r['lmc_holds'] else 'no ':<4} {'-' if r['llfc_holds'] is None else ('yes' if r['llfc_holds'] else 'no')}")
+        d = (
+            f"{r['llfc_worst_distance']:.2e} (×{r['llfc_worst_ratio']:.3f})"
+            if r["llfc_worst_distance"] is not None
+            else "-"
+        )
+        lines.append(
+            f"{r['id']:<44} {k:>10} {100 * r['error_barrier_frankle']:9.2f} pp {d:>24}  "
+            f"{'yes' if r['lmc_holds'] else 'no ':<4} "
+            f"{'-' if r['llfc_holds'] is None else ('yes' if r['llfc_holds'] else 'no')}"
+        )
     c = co["counts"]
-    lines += ["", "co-occurrence (pairs):          LLFC holds   LLFC fails",
-              f"  LMC holds                      {c['lmc_and_llfc']:>10}   {c['lmc_without_llfc']:>10}",
-              f"  LMC fails                      {c['llfc_without_lmc']:>10}   {c['neither']:>10}",
-              f"  {co['thresholds']}"]
+    lines += [
+        "",
+        "co-occurrence (pairs):          LLFC holds   LLFC fails",
+        f"  LMC holds                      {c['lmc_and_llfc']:>10}   {c['lmc_without_llfc']:>10}",
+        f"  LMC fails                      {c['llfc_without_lmc']:>10}   {c['neither']:>10}",
+        f"  {co['thresholds']}",
+    ]
     if rho.get("rho") is not None:
-        lines.append(f"Spearman ρ(error barrier, worst-layer LLFC distance) = {rho['rho']:.3f} "
-                     f"(p = {rho['p']:.2g}, n = {rho['n']} pairs)")
+        lines.append(
+            f"Spearman ρ(error barrier, worst-layer LLFC distance) = {rho['rho']:.3f} "
+            f"(p = {rho['p']:.2g}, n = {rho['n']} pairs)"
+        )
     return "\n".join(lines)
 
 
@@ -971,7 +1218,9 @@ def check_backend(backend: str) -> None:
         try:
             import submitit  # noqa: F401
         except ImportError:
-            raise SweepError("the submitit backend needs the package `submitit`: pip install submitit "
-                             "(or pip install 'llfc[cluster]'), or use --backend local.") from None
+            raise SweepError(
+                "the submitit backend needs the package `submitit`: pip install submitit "
+                "(or pip install 'llfc[cluster]'), or use --backend local."
+            ) from None
     elif backend not in BACKENDS:
         raise SweepError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}.")

@@ -32,8 +32,12 @@ from llfc.errors import IncompatibleModelsError
 StateDict = dict[str, torch.Tensor]
 
 
-def check_same_backbone(parent: Mapping[str, torch.Tensor], child: Mapping[str, torch.Tensor],
-                        child_name: str = "child", parent_name: str = "parent") -> None:
+def check_same_backbone(
+    parent: Mapping[str, torch.Tensor],
+    child: Mapping[str, torch.Tensor],
+    child_name: str = "child",
+    parent_name: str = "parent",
+) -> None:
     """Raise unless ``child`` has exactly the keys, shapes and dtypes of ``parent``.
 
     Raises:
@@ -48,14 +52,16 @@ def check_same_backbone(parent: Mapping[str, torch.Tensor], child: Mapping[str, 
             f"{child_name}'s backbone does not share {parent_name}'s architecture: key {k!r} is "
             f"{'missing from' if missing else 'not in'} {'the ' + child_name if missing else parent_name} "
             f"({len(extra) + len(missing)} keys differ). Fine-tune every child from the parent's "
-            f"architecture (only the head may differ, and it is split off first).")
+            f"architecture (only the head may differ, and it is split off first)."
+        )
     for k, t in parent.items():
         c = child[k]
         if tuple(c.shape) != tuple(t.shape) or c.dtype != t.dtype:
             raise IncompatibleModelsError(
                 f"{child_name}'s backbone does not share {parent_name}'s architecture at {k!r}: "
                 f"{tuple(c.shape)} {c.dtype} vs {tuple(t.shape)} {t.dtype}. Fine-tune every child from "
-                f"the parent's architecture and arguments (e.g. the same widths).")
+                f"the parent's architecture and arguments (e.g. the same widths)."
+            )
 
 
 def task_vector(theta: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> StateDict:
@@ -70,8 +76,9 @@ def task_vector(theta: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Te
     return {k: theta[k] - t for k, t in theta0.items() if t.is_floating_point()}
 
 
-def apply_task_vectors(theta0: Mapping[str, torch.Tensor], taus: Sequence[Mapping[str, torch.Tensor]],
-                       lambdas: Sequence[float]) -> StateDict:
+def apply_task_vectors(
+    theta0: Mapping[str, torch.Tensor], taus: Sequence[Mapping[str, torch.Tensor]], lambdas: Sequence[float]
+) -> StateDict:
     """θ_0 + Σ_i λ_i τ_i (task arithmetic; CTL paper §5.2, λ < 0 is negation, §5.2 "negation").
 
     Keys of θ_0 missing from a τ (integer buffers) keep θ_0's value.
@@ -134,8 +141,10 @@ def split_head(state: Mapping[str, torch.Tensor], head: str | None) -> tuple[Sta
     if head is None:
         return dict(state), {}
     pre = head + "."
-    return ({k: v for k, v in state.items() if not k.startswith(pre)},
-            {k: v for k, v in state.items() if k.startswith(pre)})
+    return (
+        {k: v for k, v in state.items() if not k.startswith(pre)},
+        {k: v for k, v in state.items() if k.startswith(pre)},
+    )
 
 
 def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
@@ -153,8 +162,11 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
 MAX_RELATIVE_TASK_VECTOR = 1.0
 
 
-def check_ancestry(theta0: Mapping[str, torch.Tensor], children: Mapping[str, Mapping[str, torch.Tensor]],
-                   recorded: Mapping[str, str | None] | None = None) -> list[str]:
+def check_ancestry(
+    theta0: Mapping[str, torch.Tensor],
+    children: Mapping[str, Mapping[str, torch.Tensor]],
+    recorded: Mapping[str, str | None] | None = None,
+) -> list[str]:
     """Warn when θ_0 does not look like the common pretrained ancestor of the children.
 
     CTL (paper §3) assumes that every child was fine-tuned from θ_0. Two checks, in order:
@@ -180,17 +192,21 @@ def check_ancestry(theta0: Mapping[str, torch.Tensor], children: Mapping[str, Ma
         rec = (recorded or {}).get(name)
         if rec is not None:
             if rec != fp0:
-                msgs.append(f"{name} was not fine-tuned from this parent: its checkpoint records parent "
-                            f"fingerprint {rec}, the parent's is {fp0} (llfc.task_vectors.fingerprint). "
-                            f"CTL assumes one common pretrained point; task vectors against this parent "
-                            f"are not the fine-tuning updates.")
+                msgs.append(
+                    f"{name} was not fine-tuned from this parent: its checkpoint records parent "
+                    f"fingerprint {rec}, the parent's is {fp0} (llfc.task_vectors.fingerprint). "
+                    f"CTL assumes one common pretrained point; task vectors against this parent "
+                    f"are not the fine-tuning updates."
+                )
             continue
         tau = task_vector(sd, theta0)
         rel = float(torch.sqrt(sum((t.double() ** 2).sum() for t in tau.values())) / max(float(norm0), 1e-30))
         if rel > MAX_RELATIVE_TASK_VECTOR:
-            msgs.append(f"{name} may not descend from this parent: ‖θ − θ_0‖/‖θ_0‖ = {rel:.2f} > "
-                        f"{MAX_RELATIVE_TASK_VECTOR:g} (fine-tuning moves a network a small fraction of its "
-                        f"norm). CTL assumes one common pretrained point.")
+            msgs.append(
+                f"{name} may not descend from this parent: ‖θ − θ_0‖/‖θ_0‖ = {rel:.2f} > "
+                f"{MAX_RELATIVE_TASK_VECTOR:g} (fine-tuning moves a network a small fraction of its "
+                f"norm). CTL assumes one common pretrained point."
+            )
     for m in msgs:
         warnings.warn(m, UserWarning, stacklevel=2)
     return msgs

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from llfc import distributed
 from llfc.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -61,11 +62,9 @@ from llfc.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from llfc import distributed
 from llfc.errors import ConfigError, DistributedError, NonFiniteWeightsError, OutputExistsError
 from llfc.metrics.lmc import as_classification
-from llfc.seeding import derive_seed, environment, rng_state, seed_everything, set_deterministic, \
-    set_rng_state
+from llfc.seeding import derive_seed, environment, rng_state, seed_everything, set_deterministic, set_rng_state
 
 __all__ = [
     "TrainConfig",
@@ -87,8 +86,7 @@ SCHEDULES = ("constant", "multistep", "cosine")
 SCHEDULE_STEPS = ("epoch", "iteration")
 # fields that do not change the trained weights (may differ when resuming / spawning)
 _NON_RECIPE = ("device", "eval_every", "eval_batch_size", "deterministic")
-LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_err",
-               "seconds", "data_seed")
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_err", "seconds", "data_seed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,32 +157,62 @@ class TrainConfig:
                 problems.append(msg)
 
         need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be an int >= 0, got {self.epochs!r}")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be an int >= 1, got {self.batch_size!r}",
+        )
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        need(not (self.nesterov and (self.optimizer != "sgd" or self.momentum == 0)),
-             "nesterov needs optimizer 'sgd' with momentum > 0")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        need(
+            not (self.nesterov and (self.optimizer != "sgd" or self.momentum == 0)),
+            "nesterov needs optimizer 'sgd' with momentum > 0",
+        )
+        need(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {self.betas!r}",
+        )
         need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        need(list(self.milestones) == sorted(set(self.milestones)) and all(m > 0 for m in self.milestones),
-             f"milestones must be increasing positive epochs, got {list(self.milestones)}")
+        need(
+            list(self.milestones) == sorted(set(self.milestones)) and all(m > 0 for m in self.milestones),
+            f"milestones must be increasing positive epochs, got {list(self.milestones)}",
+        )
         need(not (self.schedule == "multistep" and not self.milestones), "schedule 'multistep' needs milestones")
         need(0 < self.gamma <= 1 or self.schedule != "multistep", f"gamma must be in (0, 1], got {self.gamma!r}")
         need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
-        need(not (self.schedule == "cosine" and self.epochs > 0 and self.warmup_epochs >= self.epochs),
-             f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}) for the cosine schedule")
-        need(0 <= self.warmup_start_factor <= 1, f"warmup_start_factor must be in [0, 1], got {self.warmup_start_factor!r}")
+        need(
+            not (self.schedule == "cosine" and self.epochs > 0 and self.warmup_epochs >= self.epochs),
+            f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}) for the cosine schedule",
+        )
+        need(
+            0 <= self.warmup_start_factor <= 1,
+            f"warmup_start_factor must be in [0, 1], got {self.warmup_start_factor!r}",
+        )
         need(0 <= self.min_lr_factor <= 1, f"min_lr_factor must be in [0, 1], got {self.min_lr_factor!r}")
-        need(self.schedule_step in SCHEDULE_STEPS, f"schedule_step must be one of {', '.join(SCHEDULE_STEPS)}, got {self.schedule_step!r}")
+        need(
+            self.schedule_step in SCHEDULE_STEPS,
+            f"schedule_step must be one of {', '.join(SCHEDULE_STEPS)}, got {self.schedule_step!r}",
+        )
         need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         need(self.augment in (None, True, False), f"augment must be null, true or false, got {self.augment!r}")
-        need(isinstance(self.num_workers, int) and self.num_workers >= 0, f"num_workers must be an int >= 0, got {self.num_workers!r}")
-        need(self.max_batches_per_epoch is None or (isinstance(self.max_batches_per_epoch, int) and self.max_batches_per_epoch >= 1),
-             f"max_batches_per_epoch must be null or an int >= 1, got {self.max_batches_per_epoch!r}")
-        need(isinstance(self.eval_every, int) and self.eval_every >= 1, f"eval_every must be an int >= 1, got {self.eval_every!r}")
-        need(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, f"eval_batch_size must be an int >= 1, got {self.eval_batch_size!r}")
+        need(
+            isinstance(self.num_workers, int) and self.num_workers >= 0,
+            f"num_workers must be an int >= 0, got {self.num_workers!r}",
+        )
+        need(
+            self.max_batches_per_epoch is None
+            or (isinstance(self.max_batches_per_epoch, int) and self.max_batches_per_epoch >= 1),
+            f"max_batches_per_epoch must be null or an int >= 1, got {self.max_batches_per_epoch!r}",
+        )
+        need(
+            isinstance(self.eval_every, int) and self.eval_every >= 1,
+            f"eval_every must be an int >= 1, got {self.eval_every!r}",
+        )
+        need(
+            isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
+            f"eval_batch_size must be an int >= 1, got {self.eval_batch_size!r}",
+        )
         if problems:
             raise ConfigError("invalid training configuration: " + "; ".join(problems) + ".")
 
@@ -196,7 +224,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Build from a dict (e.g. a YAML section).
 
         Raises:
@@ -206,8 +234,7 @@ class TrainConfig:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ConfigError(
-                f"unknown training option(s) {', '.join(map(repr, unknown))}. Valid options: "
-                f"{', '.join(valid)}."
+                f"unknown training option(s) {', '.join(map(repr, unknown))}. Valid options: {', '.join(valid)}."
             )
         return cls(**dict(d))
 
@@ -236,6 +263,7 @@ class ModelSpec:
 
     def to_meta(self) -> dict[str, Any]:
         """``{"name", "kwargs"}`` with tuples as lists (JSON)."""
+
         def plain(v):
             if isinstance(v, (tuple, list)):
                 return [plain(x) for x in v]
@@ -302,14 +330,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """The optimizer of ``cfg`` over all parameters of ``model`` (one param group)."""
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` with :class:`LRFactor`; step it once per epoch or once per batch according
     to ``cfg.schedule_step``."""
     spe = batches_per_epoch if cfg.schedule_step == "iteration" else 1
@@ -325,14 +355,16 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r} was requested but CUDA is not available; use "
-                          f"device 'cpu' or 'auto'.")
+        raise ConfigError(
+            f"device {str(device)!r} was requested but CUDA is not available; use device 'cpu' or 'auto'."
+        )
     return dev
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000,
-             device: str | torch.device | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, dataset: Dataset, batch_size: int = 1000, device: str | torch.device | None = None
+) -> tuple[float, float]:
     """Mean cross-entropy and error rate of ``model`` on ``dataset`` (eval mode, no grad).
 
     Args:
@@ -354,8 +386,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000,
 
 
 @torch.no_grad()
-def _evaluate_sums(model: nn.Module, dataset: Dataset, batch_size: int,
-                   device: str | torch.device | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _evaluate_sums(
+    model: nn.Module, dataset: Dataset, batch_size: int, device: str | torch.device | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(Σ cross-entropy float64, wrong-count int64, n) of :func:`evaluate`, kept on the device."""
     if device is None:
         p = next(model.parameters(), None)
@@ -378,14 +411,16 @@ def _evaluate_sums(model: nn.Module, dataset: Dataset, batch_size: int,
     return loss_sum, wrong, n
 
 
-def _evaluate_all_ranks(model: nn.Module, dataset: Dataset, batch_size: int,
-                        device: torch.device) -> tuple[float, float]:
+def _evaluate_all_ranks(
+    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device
+) -> tuple[float, float]:
     """:func:`evaluate`; under torch.distributed each rank takes its unpadded shard
     (:func:`llfc.distributed.shard_dataset`) and the sums are added over the ranks."""
     if not distributed.is_active():
         return evaluate(model, dataset, batch_size, device)
     loss_sum, wrong, n = distributed.all_reduce_sum(
-        _evaluate_sums(model, distributed.shard_dataset(dataset, batch_size), batch_size, device))
+        _evaluate_sums(model, distributed.shard_dataset(dataset, batch_size), batch_size, device)
+    )
     return float(loss_sum) / float(n), float(wrong) / float(n)
 
 
@@ -453,8 +488,7 @@ def _check_recipe(saved: Mapping[str, Any] | None, cfg: TrainConfig, what: str) 
         saved_recipe = dict(saved)
     diff = sorted(k for k, v in cfg.recipe().items() if saved_recipe.get(k) != v)
     if diff:
-        details = ", ".join(f"{k}: {saved_recipe.get(k)!r} there vs {cfg.recipe()[k]!r} now"
-                            for k in diff)
+        details = ", ".join(f"{k}: {saved_recipe.get(k)!r} there vs {cfg.recipe()[k]!r} now" for k in diff)
         raise ConfigError(
             f"{what} was made with a different training recipe ({details}). Use the same "
             f"configuration, or start a fresh run (another out_dir, or resume=False with "
@@ -547,12 +581,14 @@ def train(
     save_at = sorted({int(i) for i in save_at_iterations})
     if stop_iteration is not None:
         if not 0 <= int(stop_iteration) <= cfg.epochs * spe:
-            raise ConfigError(f"stop_iteration must be in [0, epochs × steps per epoch = "
-                              f"{cfg.epochs * spe}], got {stop_iteration}.")
+            raise ConfigError(
+                f"stop_iteration must be in [0, epochs × steps per epoch = {cfg.epochs * spe}], got {stop_iteration}."
+            )
         stop = math.ceil(int(stop_iteration) / spe) if spe else 0
     if save_at and not (0 <= save_at[0] and save_at[-1] <= cfg.epochs * spe):
-        raise ConfigError(f"save_at_iterations must lie in [0, {cfg.epochs * spe}] (epochs × steps "
-                          f"per epoch), got {save_at}.")
+        raise ConfigError(
+            f"save_at_iterations must lie in [0, {cfg.epochs * spe}] (epochs × steps per epoch), got {save_at}."
+        )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, spe)
 
@@ -567,8 +603,9 @@ def train(
     main = distributed.is_main()
 
     out = Path(out_dir) if out_dir is not None else None
-    start, log, resumed, start_batch = _restore(model, optimizer, scheduler, cfg, data_seed, out, resume,
-                                                overwrite, start_state, base_meta, spe)
+    start, log, resumed, start_batch = _restore(
+        model, optimizer, scheduler, cfg, data_seed, out, resume, overwrite, start_state, base_meta, spe
+    )
     if start > stop:
         raise ConfigError(f"the run is already at epoch {start}, past stop_epoch {stop}.")
 
@@ -578,8 +615,15 @@ def train(
     def save_iteration(it: int, epoch: int, batch: int) -> None:
         """The full training state at global iteration ``it`` (a spawn point of a k-sweep)."""
         if out is not None and main and it in save_at:
-            save_training_state(out / f"iter-{it}", model, optimizer, scheduler, epoch, rng_state(),
-                                state_meta(iteration=it, batch_in_epoch=batch))
+            save_training_state(
+                out / f"iter-{it}",
+                model,
+                optimizer,
+                scheduler,
+                epoch,
+                rng_state(),
+                state_meta(iteration=it, batch_in_epoch=batch),
+            )
 
     if out is not None and main:  # rank 0 alone writes; the others wait at the barriers
         out.mkdir(parents=True, exist_ok=True)
@@ -594,8 +638,13 @@ def train(
     from tqdm.auto import tqdm
 
     who = "/".join(str(v) for v in (base_meta.get("pair"), base_meta.get("member")) if v) or log_name
-    bar = tqdm(total=(stop - start) * spe, desc=f"train {who}", disable=None if progress else True,
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=(stop - start) * spe,
+        desc=f"train {who}",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+        leave=True,
+    )
     try:
         for e in range(start, stop):
             t0 = time.perf_counter()
@@ -603,7 +652,7 @@ def train(
             skip = start_batch if e == start else 0  # a start state saved inside epoch e
             batches = _epoch_batches(n, cfg, data_seed, e, spe)[skip:]
             if stop_iteration is not None:
-                batches = batches[:max(0, int(stop_iteration) - e * spe - skip)]
+                batches = batches[: max(0, int(stop_iteration) - e * spe - skip)]
             global_sizes = [len(b) for b in batches] if world > 1 else None
             if world > 1:
                 batches = [_rank_part(b, world, distributed.rank()) for b in batches]
@@ -611,7 +660,7 @@ def train(
             lr0 = float(optimizer.param_groups[0]["lr"])
             bar_update = _BarUpdate(bar, progress, f"{e + 1}/{stop}", spe)
 
-            def on_batch(i: int, *sums: Any, e: int = e, skip: int = skip) -> None:
+            def on_batch(i: int, *sums: Any, e: int = e, skip: int = skip, bar_update: _BarUpdate = bar_update) -> None:
                 bar_update(i, *sums)
                 if skip + i + 1 < spe:
                     save_iteration(e * spe + skip + i + 1, e, skip + i + 1)
@@ -646,15 +695,22 @@ def train(
         final_meta.update(epoch=stop, final=log[-1] if log else None)
         save_checkpoint(out / "final", model.state_dict(), final_meta)
     distributed.barrier()
-    return TrainResult(model=model, log=log, epoch=stop, optimizer=optimizer, scheduler=scheduler,
-                       out_dir=out)
+    return TrainResult(model=model, log=log, epoch=stop, optimizer=optimizer, scheduler=scheduler, out_dir=out)
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, data_seed: int,
-             out: Path | None, resume: bool, overwrite: bool,
-             start_state: str | os.PathLike | None, base_meta: dict[str, Any], spe: int
-             ) -> tuple[int, list[dict[str, Any]], bool, int]:
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    data_seed: int,
+    out: Path | None,
+    resume: bool,
+    overwrite: bool,
+    start_state: str | os.PathLike | None,
+    base_meta: dict[str, Any],
+    spe: int,
+) -> tuple[int, list[dict[str, Any]], bool, int]:
     """Where a run starts: ``(epoch, log rows, resumed, batch in epoch)``.
 
     Loads ``out/last`` (``resume``; same recipe and data seed required, RNG states restored) or
@@ -672,8 +728,10 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
         for path, what in ((last, "the training state to resume"), (start_state, "the start state")):
             if path is not None:
                 distributed.check_same(
-                    [distributed.file_digest(p) for p in checkpoint_paths(path)], f"{what} {path}",
-                    "Put the output folder on a file system shared by all ranks.")
+                    [distributed.file_digest(p) for p in checkpoint_paths(path)],
+                    f"{what} {path}",
+                    "Put the output folder on a file system shared by all ranks.",
+                )
     if last is not None and checkpoint_exists(last):
         if resume:
             epoch, rng, smeta = load_training_state(last, model, optimizer, scheduler)
@@ -698,9 +756,12 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
         epoch, rng, smeta = load_training_state(start_state, model, optimizer, scheduler)
         _check_recipe(smeta.get("train_config"), cfg, f"the start state {start_state}")
         start_batch = int(smeta.get("batch_in_epoch") or 0)
-        base_meta["spawned_from"] = {"path": os.fspath(start_state), "epoch": epoch,
-                                     "iteration": epoch * spe + start_batch,
-                                     "seeds": smeta.get("seeds")}
+        base_meta["spawned_from"] = {
+            "path": os.fspath(start_state),
+            "epoch": epoch,
+            "iteration": epoch * spe + start_batch,
+            "seeds": smeta.get("seeds"),
+        }
         return epoch, list(smeta.get("log") or []), False, start_batch
     return 0, [], False, 0
 
@@ -713,11 +774,14 @@ def _epoch_batches(n: int, cfg: TrainConfig, data_seed: int, e: int, spe: int) -
     return [b.tolist() for b in order.split(cfg.batch_size)][:spe]
 
 
-def _epoch_loader(train_set: Dataset, batches: list[list[int]], cfg: TrainConfig, data_seed: int,
-                  e: int, device: torch.device) -> DataLoader:
+def _epoch_loader(
+    train_set: Dataset, batches: list[list[int]], cfg: TrainConfig, data_seed: int, e: int, device: torch.device
+) -> DataLoader:
     """A DataLoader yielding ``batches`` in order (worker RNGs seeded from data seed and epoch)."""
     return DataLoader(
-        train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+        train_set,
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(derive_seed(data_seed, "workers", e)),
         pin_memory=device.type == "cuda",
     )
@@ -732,15 +796,21 @@ class _BarUpdate:
     def __call__(self, i: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
         self.bar.update(1)
         if self.progress and (i % 20 == 0 or i == self.spe - 1):
-            self.bar.set_postfix(epoch=self.epoch_text, loss=f"{float(loss_sum) / seen:.4f}",
-                                 acc=f"{int(correct) / seen:.4f}")
+            self.bar.set_postfix(
+                epoch=self.epoch_text, loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.4f}"
+            )
 
 
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig,
-                 device: torch.device, on_batch: Callable[..., None],
-                 global_sizes: Sequence[int] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+    on_batch: Callable[..., None],
+    global_sizes: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One epoch of SGD steps (train mode). Returns ``(loss_sum, correct, seen)``: the float64
     sum over samples of the training loss, the int64 count of correct arg-max predictions
     (both on ``device``, no host sync per batch) and the number of samples.
@@ -784,28 +854,35 @@ def _check_ddp_input(cfg: TrainConfig, n: int, spe: int, world: int, data_seed: 
     Raises:
         DistributedError: naming the rank or the batch size to change.
     """
-    distributed.check_same({"recipe": cfg.recipe(), "data_seed": int(data_seed), "n": n},
-                           "the training configuration", "Launch every rank with the same command.")
+    distributed.check_same(
+        {"recipe": cfg.recipe(), "data_seed": int(data_seed), "n": n},
+        "the training configuration",
+        "Launch every rank with the same command.",
+    )
     smallest = min(cfg.batch_size, n - (spe - 1) * cfg.batch_size)
     if smallest < world:
         raise DistributedError(
             f"a training batch of {smallest} sample(s) cannot be split over {world} processes "
             f"(batch_size {cfg.batch_size}, {n} training samples). Use a batch size and a training "
-            f"set whose last batch has at least {world} samples, or fewer processes.")
+            f"set whose last batch has at least {world} samples, or fewer processes."
+        )
 
 
 def _rank_part(batch: list[int], world: int, rank: int) -> list[int]:
     """Rank ``rank``'s contiguous part of one global batch (no padding, no sample twice)."""
-    return batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+    return batch[rank * len(batch) // world : (rank + 1) * len(batch) // world]
 
 
 def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in DistributedDataParallel (gradients averaged over the ranks after backward)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index if device.index is not None
-                                               else torch.cuda.current_device()] if device.type == "cuda"
-                                   else None)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else None,
+    )
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -814,8 +891,7 @@ def _sync_buffers(model: nn.Module) -> None:
     distributed.broadcast_tensors(list(model.buffers()))
 
 
-def _epoch_row(e: int, lr0: float, sums: tuple[torch.Tensor, torch.Tensor, int]
-               ) -> dict[str, Any]:
+def _epoch_row(e: int, lr0: float, sums: tuple[torch.Tensor, torch.Tensor, int]) -> dict[str, Any]:
     """The log row of 0-based epoch ``e`` from the epoch's sums (test columns left None).
 
     Raises:
@@ -828,14 +904,27 @@ def _epoch_row(e: int, lr0: float, sums: tuple[torch.Tensor, torch.Tensor, int]
             f"training diverged: the mean training loss of epoch {e + 1} is {train_loss} "
             f"(lr {lr0}). Lower the learning rate or add warmup."
         )
-    return {"epoch": e + 1, "lr": lr0, "train_loss": train_loss,
-            "train_acc": int(correct) / seen, "test_loss": None, "test_acc": None,
-            "test_err": None}
+    return {
+        "epoch": e + 1,
+        "lr": lr0,
+        "train_loss": train_loss,
+        "train_acc": int(correct) / seen,
+        "test_loss": None,
+        "test_acc": None,
+        "test_err": None,
+    }
 
 
-def _save_epoch(out: Path, log_name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
-                meta: dict[str, Any], log: list[dict[str, Any]]) -> None:
+def _save_epoch(
+    out: Path,
+    log_name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    meta: dict[str, Any],
+    log: list[dict[str, Any]],
+) -> None:
     """Write the full training state to ``out/last`` and the log, atomically."""
     save_training_state(out / "last", model, optimizer, scheduler, epoch, rng_state(), meta)
     _write_log(out, log_name, log)
@@ -890,17 +979,26 @@ def independent_pair(
     """
     init_a, data_a, init_b, data_b = _check_seeds(seeds, 4, "init_a, data_a, init_b, data_b")
     if (init_a, data_a) == (init_b, data_b):
-        warnings.warn("independent_pair: both models use the same seeds; they will be identical.",
-                      stacklevel=2)
+        warnings.warn("independent_pair: both models use the same seeds; they will be identical.", stacklevel=2)
     out = Path(out_dir) if out_dir is not None else None
     base = {**({"model": _model_meta(model_fn)} if _model_meta(model_fn) else {}), **dict(meta or {})}
     models, logs = [], {}
     for name, init, data in (("a", init_a, data_a), ("b", init_b, data_b)):
         model = _init_model(model_fn, init)
-        res = train(model, train_set, test_set, cfg, data_seed=data,
-                    out_dir=None if out is None else out / name, log_name="log", resume=resume,
-                    overwrite=overwrite, progress=progress, seeds={"init": init},
-                    meta={**base, "pair": "independent", "member": name})
+        res = train(
+            model,
+            train_set,
+            test_set,
+            cfg,
+            data_seed=data,
+            out_dir=None if out is None else out / name,
+            log_name="log",
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            seeds={"init": init},
+            meta={**base, "pair": "independent", "member": name},
+        )
         models.append(res.model)
         logs[name] = res.log
     return models[0], models[1], logs
@@ -950,35 +1048,53 @@ def spawn_pair(
     init, data_p, data_a, data_b = _check_seeds(seeds, 4, "init, data_parent, data_a, data_b")
     if isinstance(cfg, Mapping):
         cfg = TrainConfig.from_dict(cfg)
-    if isinstance(spawn_epoch, bool) or not isinstance(spawn_epoch, int) \
-            or not 0 <= spawn_epoch <= cfg.epochs:
-        raise ConfigError(f"spawn_epoch must be an int in [0, epochs={cfg.epochs}], got "
-                          f"{spawn_epoch!r}.")
+    if isinstance(spawn_epoch, bool) or not isinstance(spawn_epoch, int) or not 0 <= spawn_epoch <= cfg.epochs:
+        raise ConfigError(f"spawn_epoch must be an int in [0, epochs={cfg.epochs}], got {spawn_epoch!r}.")
     if data_a == data_b and spawn_epoch < cfg.epochs:
-        warnings.warn("spawn_pair: both children use the same data seed; they will be identical.",
-                      stacklevel=2)
+        warnings.warn("spawn_pair: both children use the same data seed; they will be identical.", stacklevel=2)
     base = {**({"model": _model_meta(model_fn)} if _model_meta(model_fn) else {}), **dict(meta or {})}
     base.update(pair="spawn", spawn_epoch=spawn_epoch)
     if out_dir is None and distributed.is_active():
-        raise ConfigError("spawn_pair under torch.distributed needs out_dir: the children of every "
-                          "rank load the parent state that rank 0 writes there.")
+        raise ConfigError(
+            "spawn_pair under torch.distributed needs out_dir: the children of every "
+            "rank load the parent state that rank 0 writes there."
+        )
     tmp = tempfile.TemporaryDirectory(prefix="llfc-spawn-") if out_dir is None else None
     try:
         root = Path(tmp.name if tmp is not None else out_dir)
         parent = _init_model(model_fn, init)
-        res_p = train(parent, train_set, test_set, cfg, data_seed=data_p, stop_epoch=spawn_epoch,
-                      out_dir=root / "parent", resume=resume, overwrite=overwrite,
-                      progress=progress, seeds={"init": init},
-                      meta={**base, "member": "parent"})
+        res_p = train(
+            parent,
+            train_set,
+            test_set,
+            cfg,
+            data_seed=data_p,
+            stop_epoch=spawn_epoch,
+            out_dir=root / "parent",
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            seeds={"init": init},
+            meta={**base, "member": "parent"},
+        )
         state = root / "parent" / "last"
         models, logs = [], {"parent": res_p.log}
         for name, data in (("a", data_a), ("b", data_b)):
             child = _init_model(model_fn, init)  # weights are replaced by the parent's
-            res = train(child, train_set, test_set, cfg, data_seed=data, start_state=state,
-                        out_dir=None if tmp is not None else root / name, resume=resume,
-                        overwrite=overwrite, progress=progress,
-                        seeds={"init": init, "data_parent": data_p},
-                        meta={**base, "member": name})
+            res = train(
+                child,
+                train_set,
+                test_set,
+                cfg,
+                data_seed=data,
+                start_state=state,
+                out_dir=None if tmp is not None else root / name,
+                resume=resume,
+                overwrite=overwrite,
+                progress=progress,
+                seeds={"init": init, "data_parent": data_p},
+                meta={**base, "member": name},
+            )
             models.append(res.model)
             logs[name] = res.log
     finally:

@@ -101,6 +101,7 @@ def principal_angles_per_layer(
     Raises:
         IncompatibleModelsError: a ≥ 2-D key present in only one state dict, or shapes differ.
     """
+
     def keys(sd):
         return [n for n, t in sd.items() if t.ndim >= 2 and torch.is_floating_point(t)]
 

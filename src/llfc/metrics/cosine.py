@@ -25,8 +25,7 @@ def cos_from_inner(inner: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) 
     """
     denom = (sq_a * sq_b).sqrt()
     both_zero = (sq_a == 0) & (sq_b == 0)
-    c = torch.where(denom > 0, inner / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                    torch.zeros_like(inner))
+    c = torch.where(denom > 0, inner / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(inner))
     c = torch.where(both_zero, torch.ones_like(c), c)
     return c.clamp(-1.0, 1.0)
 
@@ -66,8 +65,9 @@ def scale_coef(f_alpha: torch.Tensor, f_int: torch.Tensor) -> torch.Tensor:
 
 def coef_from_inner(inner: torch.Tensor, sq_int: torch.Tensor, sq_alpha: torch.Tensor) -> torch.Tensor:
     """s = ⟨f_α, f_int⟩ / ‖f_int‖² from sums; 1 when both vectors are zero, 0 when only f_int is."""
-    s = torch.where(sq_int > 0, inner / torch.where(sq_int > 0, sq_int, torch.ones_like(sq_int)),
-                    torch.zeros_like(inner))
+    s = torch.where(
+        sq_int > 0, inner / torch.where(sq_int > 0, sq_int, torch.ones_like(sq_int)), torch.zeros_like(inner)
+    )
     return torch.where((sq_int == 0) & (sq_alpha == 0), torch.ones_like(s), s)
 
 
@@ -89,8 +89,9 @@ def dist_from_sums(sq_diff: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor
     return torch.zeros_like(sq_diff) if float(sq_diff) == 0 else torch.full_like(sq_diff, float("inf"))
 
 
-def cosine_distance_from_sq(sq_x: torch.Tensor, sq_y: torch.Tensor, sq_diff: torch.Tensor, *,
-                            absolute: bool = False) -> torch.Tensor:
+def cosine_distance_from_sq(
+    sq_x: torch.Tensor, sq_y: torch.Tensor, sq_diff: torch.Tensor, *, absolute: bool = False
+) -> torch.Tensor:
     """1 − cos(x, y) from ‖x‖², ‖y‖² and ‖x − y‖², without the cancellation of 1 − ⟨x,y⟩/(‖x‖‖y‖).
 
     By the law of cosines ‖x−y‖² = (‖x‖ − ‖y‖)² + 2‖x‖‖y‖(1 − cos), so
@@ -104,8 +105,11 @@ def cosine_distance_from_sq(sq_x: torch.Tensor, sq_y: torch.Tensor, sq_diff: tor
     """
     nx, ny = sq_x.sqrt(), sq_y.sqrt()
     denom = 2 * nx * ny
-    d = torch.where(denom > 0, (sq_diff - (nx - ny) ** 2) / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                    torch.ones_like(sq_diff))
+    d = torch.where(
+        denom > 0,
+        (sq_diff - (nx - ny) ** 2) / torch.where(denom > 0, denom, torch.ones_like(denom)),
+        torch.ones_like(sq_diff),
+    )
     d = torch.where((sq_x == 0) & (sq_y == 0), torch.zeros_like(d), d).clamp(0.0, 2.0)
     return torch.where(d > 1, 2 - d, d) if absolute else d
 

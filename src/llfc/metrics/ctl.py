@@ -118,8 +118,10 @@ class PairStats:
         S = self.sums.compute()
         whole = cosine_distance_from_sq(S[..., 0], S[..., 1], S[..., 2], absolute=self.absolute)
         cw = coef_from_sq(S[..., 0], S[..., 1], S[..., 2])
-        return {"distance": {"mean": dm.tolist(), "std": ds.tolist(), "whole": whole.tolist()},
-                "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": cw.tolist()}}
+        return {
+            "distance": {"mean": dm.tolist(), "std": ds.tolist(), "whole": whole.tolist()},
+            "coef": {"mean": cm.tolist(), "std": cs.tolist(), "whole": cw.tolist()},
+        }
 
 
 def _check_finite(feats: dict, who: str) -> None:
@@ -130,7 +132,8 @@ def _check_finite(feats: dict, who: str) -> None:
             raise NonFiniteWeightsError(
                 f"{who} computes non-finite features at {k!r} (NaN/Inf); its cosine would read as distance 1. "
                 f"Check the state (e.g. llfc.task_vectors.invalid_state: a negative BatchNorm running variance "
-                f"after task arithmetic) and leave such points out.")
+                f"after task arithmetic) and leave such points out."
+            )
 
 
 class CTLMeter:
@@ -155,16 +158,23 @@ class CTLMeter:
         NonFiniteWeightsError: a network computes NaN/Inf features (never reported as a distance).
     """
 
-    def __init__(self, extractor, sd_a: dict, sd_b: dict, points: Sequence[Sequence[float]],
-                 probes: Sequence[str] | None = None, states: Sequence[dict] | None = None, *,
-                 absolute: bool = False) -> None:
+    def __init__(
+        self,
+        extractor,
+        sd_a: dict,
+        sd_b: dict,
+        points: Sequence[Sequence[float]],
+        probes: Sequence[str] | None = None,
+        states: Sequence[dict] | None = None,
+        *,
+        absolute: bool = False,
+    ) -> None:
         from llfc.task_vectors import combine
 
         self.fx = extractor
         self.points = check_points(points)
         self.sd_a, self.sd_b = sd_a, sd_b
-        self.states = list(states) if states is not None else [
-            combine([sd_a, sd_b], [a, b]) for a, b in self.points]
+        self.states = list(states) if states is not None else [combine([sd_a, sd_b], [a, b]) for a, b in self.points]
         if len(self.states) != len(self.points):
             raise ConfigError(f"{len(self.states)} merged states for {len(self.points)} (alpha, beta) points.")
         by_name = {p.name: p for p in extractor.probes}

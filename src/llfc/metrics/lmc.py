@@ -80,5 +80,7 @@ def as_classification(logits, y):
         if y.ndim == 1:
             return logits, y
         return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-    raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit targets of shape "
-                     f"{tuple(y.shape)}: expected (N, C) with (N,) or (N, T, V) with (N, T)")
+    raise ValueError(
+        f"logits of shape {tuple(logits.shape)} do not fit targets of shape "
+        f"{tuple(y.shape)}: expected (N, C) with (N,) or (N, T, V) with (N, T)"
+    )

@@ -48,7 +48,7 @@ class RunningMoments:
         self.m2 = self.m2 + bm2 + delta**2 * (self.n * b / n)
         self.n = n
 
-    def merge(self, other: "RunningMoments") -> None:
+    def merge(self, other: RunningMoments) -> None:
         """Fold in another accumulator's samples (e.g. another rank's; Chan et al.'s pairwise
         update with n_B = other.n, mean_B, M2_B): δ = mean_B − mean, mean += δ·n_B/n,
         M2 += M2_B + δ²·n·n_B/n with n = n + n_B."""
@@ -90,7 +90,7 @@ class RunningSum:
         self.total = s if self.total is None else self.total + s
         self.n += values.shape[0]
 
-    def merge(self, other: "RunningSum") -> None:
+    def merge(self, other: RunningSum) -> None:
         """Add another accumulator's sum and count (e.g. another rank's)."""
         if other.total is None:
             return

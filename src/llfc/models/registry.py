@@ -64,7 +64,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
         bad = sorted(set(kwargs) - set(params))
         if bad:
             raise ConfigError(
-                f"model {name!r} does not accept argument(s) {', '.join(bad)}; "
-                f"it accepts: {', '.join(params)}."
+                f"model {name!r} does not accept argument(s) {', '.join(bad)}; it accepts: {', '.join(params)}."
             )
     return fn(**kwargs)

@@ -106,8 +106,9 @@ class CifarResNet(nn.Module):
     BN as PyTorch defaults (γ = 1, β = 0).
     """
 
-    def __init__(self, num_blocks: Sequence[int], in_channels: int, num_classes: int,
-                 width: float = 1.0, shortcut: str = "A"):
+    def __init__(
+        self, num_blocks: Sequence[int], in_channels: int, num_classes: int, width: float = 1.0, shortcut: str = "A"
+    ):
         super().__init__()
         c1, c2, c3 = (_ch(c, width) for c in (16, 32, 64))
         self.conv1 = nn.Conv2d(in_channels, c1, 3, stride=1, padding=1, bias=False)
@@ -159,8 +160,9 @@ _CIFAR_DOC = """CIFAR ResNet-{depth} ({n} BasicBlocks per stage) with BatchNorm;
 
 
 def _make_cifar(depth: int, pa: str, pb: str):
-    def factory(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
-                width: float = 1.0, shortcut: str = "A") -> CifarResNet:
+    def factory(
+        input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: float = 1.0, shortcut: str = "A"
+    ) -> CifarResNet:
         return _cifar_resnet(f"resnet{depth}", depth, input_shape, num_classes, width, shortcut)
 
     factory.__name__ = factory.__qualname__ = f"resnet{depth}"
@@ -254,8 +256,9 @@ class LNResNet(nn.Module):
     (Git Re-Basin uses Flax defaults, LeCun-normal; the init does not affect the architecture).
     """
 
-    def __init__(self, num_blocks: Sequence[int], in_channels: int, num_classes: int,
-                 width: float = 1.0, norm: str = "groupnorm"):
+    def __init__(
+        self, num_blocks: Sequence[int], in_channels: int, num_classes: int, width: float = 1.0, norm: str = "groupnorm"
+    ):
         super().__init__()
         c1, c2, c3 = (_ch(c, width) for c in (16, 32, 64))
         self.conv1 = nn.Conv2d(in_channels, c1, 3, stride=1, padding=1, bias=False)
@@ -299,16 +302,16 @@ _LN_DOC = """Git Re-Basin's ResNet-{depth} with LayerNorm and a width multiplier
 def _make_ln(depth: int, params: str):
     name = f"resnet{depth}_ln"
 
-    def factory(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
-                width: float = 1.0, norm: str = "groupnorm") -> LNResNet:
+    def factory(
+        input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: float = 1.0, norm: str = "groupnorm"
+    ) -> LNResNet:
         if norm not in NORMS:
             raise ConfigError(
                 f"{name}: norm must be 'groupnorm' (GroupNorm(1, C), over C·H·W) or 'layernorm' "
                 f"(over channels per pixel, as Git Re-Basin's Flax code), got {norm!r}."
             )
         n = (depth - 2) // 6
-        return LNResNet((n, n, n), int(input_shape[0]), int(num_classes),
-                        _check_width(name, width), norm)
+        return LNResNet((n, n, n), int(input_shape[0]), int(num_classes), _check_width(name, width), norm)
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = _LN_DOC.format(depth=depth, params=params)
@@ -376,8 +379,14 @@ class ResNet50(nn.Module):
     (torchvision's ResNet init).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: float = 1.0,
-                 stem: str = "cifar", blocks: Sequence[int] = (3, 4, 6, 3)):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: float = 1.0,
+        stem: str = "cifar",
+        blocks: Sequence[int] = (3, 4, 6, 3),
+    ):
         super().__init__()
         p = [_ch(c, width) for c in (64, 128, 256, 512)]
         self.stem = stem
@@ -412,8 +421,9 @@ class ResNet50(nn.Module):
 
 
 @register_model("resnet50")
-def resnet50(input_shape: Sequence[int] = (3, 64, 64), num_classes: int = 200,
-             width: float = 1.0, stem: str = "cifar") -> ResNet50:
+def resnet50(
+    input_shape: Sequence[int] = (3, 64, 64), num_classes: int = 200, width: float = 1.0, stem: str = "cifar"
+) -> ResNet50:
     """Bottleneck ResNet-50 for Tiny-ImageNet (64×64, 200 classes); see :class:`ResNet50`.
 
     Args:

@@ -58,8 +58,10 @@ class Attention(nn.Module):
     def __init__(self, d: int, n_heads: int, causal: bool = False, bias: bool = True):
         super().__init__()
         if d % n_heads != 0:
-            raise ConfigError(f"width {d} is not divisible by heads={n_heads}; choose a width "
-                              f"that is a multiple of the number of heads.")
+            raise ConfigError(
+                f"width {d} is not divisible by heads={n_heads}; choose a width "
+                f"that is a multiple of the number of heads."
+            )
         self.n_heads = n_heads
         self.head_dim = d // n_heads
         self.causal = causal
@@ -95,8 +97,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). Shapes: (B, T, d)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int = 4, causal: bool = False,
-                 bias: bool = True):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int = 4, causal: bool = False, bias: bool = True):
         super().__init__()
         self.ln1 = nn.LayerNorm(d)
         self.attn = Attention(d, n_heads, causal=causal, bias=bias)
@@ -135,24 +136,35 @@ class ViT(nn.Module):
     Shapes: input (B, C, H, W) float32; output (B, num_classes) logits.
     """
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int,
-                 width: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 4,
-                 patch: int = 7, pool: str = "cls", bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: tuple[int, int],
+        num_classes: int,
+        width: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        patch: int = 7,
+        pool: str = "cls",
+        bias: bool = True,
+    ):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ConfigError(f"vit pool must be 'cls' or 'mean', got {pool!r}.")
         h, w = image_size
         if h % patch or w % patch:
-            raise ConfigError(f"vit: image size {h}×{w} is not a multiple of patch={patch}; "
-                              f"choose a patch size that divides both (e.g. 7 for 28×28, 4 for 32×32).")
+            raise ConfigError(
+                f"vit: image size {h}×{w} is not a multiple of patch={patch}; "
+                f"choose a patch size that divides both (e.g. 7 for 28×28, 4 for 32×32)."
+            )
         self.pool = pool
         n = (h // patch) * (w // patch)
         self.patch_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
         if pool == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, n + (pool == "cls"), width) * 0.02)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal=False, bias=bias)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal=False, bias=bias) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
         _init_weights(self)
@@ -181,14 +193,22 @@ class GPT(nn.Module):
     Shapes: input (B, T) int64 token ids with T ≤ block_size; output (B, T, V) next-token logits.
     """
 
-    def __init__(self, vocab_size: int, block_size: int, width: int = 128, depth: int = 2,
-                 heads: int = 4, mlp_ratio: int = 4, bias: bool = True, tie_weights: bool = False):
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        bias: bool = True,
+        tie_weights: bool = False,
+    ):
         super().__init__()
         self.block_size = block_size
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Embedding(block_size, width)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal=True, bias=bias)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal=True, bias=bias) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         _init_weights(self)
@@ -197,8 +217,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
-        torch._assert(T <= self.block_size, "context longer than the GPT's position table "
-                      "(block_size); use a shorter context or build the model with a larger block_size")
+        torch._assert(
+            T <= self.block_size,
+            "context longer than the GPT's position table "
+            "(block_size); use a shorter context or build the model with a larger block_size",
+        )
         pos = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)
         for blk in self.blocks:
@@ -226,8 +249,9 @@ def vit(
     c, h, w = (int(s) for s in input_shape)
     if patch is None:
         patch = 7 if (h % 7 == 0 and w % 7 == 0) else 4
-    return ViT(c, (h, w), int(num_classes), int(width), int(depth), int(heads), int(mlp_ratio),
-               int(patch), pool, bool(bias))
+    return ViT(
+        c, (h, w), int(num_classes), int(width), int(depth), int(heads), int(mlp_ratio), int(patch), pool, bool(bias)
+    )
 
 
 @register_model("gpt")
@@ -257,5 +281,6 @@ def gpt(
             f"(block_size={block_size}); use a shorter context (dataset option context) or a "
             f"larger block_size (model option)."
         )
-    return GPT(int(num_classes), block_size, int(width), int(depth), int(heads), int(mlp_ratio),
-               bool(bias), bool(tie_weights))
+    return GPT(
+        int(num_classes), block_size, int(width), int(depth), int(heads), int(mlp_ratio), bool(bias), bool(tie_weights)
+    )

@@ -16,8 +16,7 @@ CFGS: dict[str, list] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-          512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 CLASSIFIERS = ("paper", "linear")
@@ -116,8 +115,7 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _build(cfg_name: str, batch_norm: bool, input_shape, num_classes, width, classifier, hidden,
-           dropout) -> VGG:
+def _build(cfg_name: str, batch_norm: bool, input_shape, num_classes, width, classifier, hidden, dropout) -> VGG:
     c, h, w = (int(d) for d in input_shape)
     if h < 32 or w < 32:
         raise ConfigError(
@@ -126,8 +124,7 @@ def _build(cfg_name: str, batch_norm: bool, input_shape, num_classes, width, cla
         )
     if not width > 0:
         raise ConfigError(f"VGG width multiplier must be > 0, got {width!r}.")
-    return VGG(CFGS[cfg_name], c, int(num_classes), batch_norm, float(width), classifier,
-               int(hidden), float(dropout))
+    return VGG(CFGS[cfg_name], c, int(num_classes), batch_norm, float(width), classifier, int(hidden), float(dropout))
 
 
 _DOC = """VGG-{depth}{bn} for CIFAR (configuration {cfg}{bn_text}); see :class:`VGG`.
@@ -160,9 +157,13 @@ def _make(depth: int, cfg: str, bn: bool, params: str):
 
     name = f"vgg{depth}{'_bn' if bn else ''}"
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = _DOC.format(depth=depth, bn="-BN" if bn else "", cfg=cfg,
-                                  bn_text=", BatchNorm after every conv" if bn else "",
-                                  params=params)
+    factory.__doc__ = _DOC.format(
+        depth=depth,
+        bn="-BN" if bn else "",
+        cfg=cfg,
+        bn_text=", BatchNorm after every conv" if bn else "",
+        params=params,
+    )
     return register_model(name)(factory)
 
 

@@ -12,6 +12,23 @@ Convention: ``perms[g][i]`` is the index in B of the unit that goes to position 
 See docs/permutation.md.
 """
 
+from llfc.permutation.activation_matching import (
+    ActivationMatchingReport,
+    CrossMoments,
+    NodeOutputs,
+    activation_matching,
+)
+from llfc.permutation.align import AlignResult, align
+from llfc.permutation.apply import (
+    apply_permutation,
+    axis_index,
+    check_compatible,
+    compose,
+    identity_permutation,
+    invert,
+    random_permutation,
+    strip_module_prefix,
+)
 from llfc.permutation.spec import (
     DEFAULT_RTOL,
     AxisRef,
@@ -24,33 +41,38 @@ from llfc.permutation.spec import (
     derive_spec,
     register_handler,
 )
-from llfc.permutation.apply import (
-    apply_permutation,
-    axis_index,
-    check_compatible,
-    compose,
-    identity_permutation,
-    invert,
-    random_permutation,
-    strip_module_prefix,
-)
-from llfc.permutation.weight_matching import WeightMatchingReport, moved_fraction, weight_distances, weight_matching
-from llfc.permutation.activation_matching import (
-    ActivationMatchingReport,
-    CrossMoments,
-    NodeOutputs,
-    activation_matching,
-)
 from llfc.permutation.ste import SteReport, ste_matching
-from llfc.permutation.align import AlignResult, align
+from llfc.permutation.weight_matching import WeightMatchingReport, moved_fraction, weight_distances, weight_matching
 
 __all__ = [
-    "DEFAULT_RTOL", "AxisRef", "FeatAxis", "NodeRef", "PermutationSpec", "SpecCheckError", "TraceContext",
-    "check_spec", "derive_spec", "register_handler",
-    "apply_permutation", "axis_index", "check_compatible", "compose", "identity_permutation", "invert",
-    "random_permutation", "strip_module_prefix",
-    "WeightMatchingReport", "moved_fraction", "weight_distances", "weight_matching",
-    "ActivationMatchingReport", "CrossMoments", "NodeOutputs", "activation_matching",
-    "SteReport", "ste_matching",
-    "AlignResult", "align",
+    "DEFAULT_RTOL",
+    "AxisRef",
+    "FeatAxis",
+    "NodeRef",
+    "PermutationSpec",
+    "SpecCheckError",
+    "TraceContext",
+    "check_spec",
+    "derive_spec",
+    "register_handler",
+    "apply_permutation",
+    "axis_index",
+    "check_compatible",
+    "compose",
+    "identity_permutation",
+    "invert",
+    "random_permutation",
+    "strip_module_prefix",
+    "WeightMatchingReport",
+    "moved_fraction",
+    "weight_distances",
+    "weight_matching",
+    "ActivationMatchingReport",
+    "CrossMoments",
+    "NodeOutputs",
+    "activation_matching",
+    "SteReport",
+    "ste_matching",
+    "AlignResult",
+    "align",
 ]

@@ -80,7 +80,7 @@ class CrossMoments:
         self.mean_b += db * (m / tot)
         self.count = tot
 
-    def merge(self, other: "CrossMoments") -> None:
+    def merge(self, other: CrossMoments) -> None:
         """Fold in another accumulator's samples (e.g. another rank's), with the same pairwise
         formulas as :meth:`update` (count m = other.count, means ν = other's, K = other's M)."""
         m = other.count
@@ -194,8 +194,10 @@ def _batch_inputs(batch: Any) -> tuple:
         raise ConfigError("activation matching got dict batches without an 'input'/'x'/'image' key.")
     if isinstance(batch, (list, tuple)):
         return (batch[0],)
-    raise ConfigError(f"activation matching cannot read inputs from a batch of type {type(batch).__name__}; "
-                      "give a loader yielding tensors or (inputs, labels) pairs.")
+    raise ConfigError(
+        f"activation matching cannot read inputs from a batch of type {type(batch).__name__}; "
+        "give a loader yielding tensors or (inputs, labels) pairs."
+    )
 
 
 def _group_samples(feats: dict[str, torch.Tensor], refs, n: int) -> torch.Tensor:
@@ -310,8 +312,9 @@ def activation_matching(
     """
     t0 = time.perf_counter()
     spec.resolve_sizes(model_a.state_dict())
-    stats, seen = accumulate_moments(model_a, model_b, spec, loader, max_batches=max_batches, device=device,
-                                     nodes=nodes, sharded=sharded)
+    stats, seen = accumulate_moments(
+        model_a, model_b, spec, loader, max_batches=max_batches, device=device, nodes=nodes, sharded=sharded
+    )
     perms, obj, obj_id, counts = {}, {}, {}, {}
     head_blocks: dict[str, dict[str, np.ndarray]] = {}
     for g, st in stats.items():
@@ -334,16 +337,20 @@ def activation_matching(
         n_inputs=seen,
         objective=obj,
         objective_identity=obj_id,
-        nodes={g: [r.node for r in (spec.nodes.get(g, []) if g in spec.heads else spec.feature_nodes(g, nodes))]
-               for g in spec.groups if g not in spec.within_head_groups()},
+        nodes={
+            g: [r.node for r in (spec.nodes.get(g, []) if g in spec.heads else spec.feature_nodes(g, nodes))]
+            for g in spec.groups
+            if g not in spec.within_head_groups()
+        },
         moved_fraction=moved_fraction(perms),
     )
     report.time_s = time.perf_counter() - t0
     return perms, report
 
 
-def _match_heads(spec: PermutationSpec, g: str, blocks: Mapping[str, np.ndarray], obj: dict, obj_id: dict
-                 ) -> dict[str, torch.Tensor]:
+def _match_heads(
+    spec: PermutationSpec, g: str, blocks: Mapping[str, np.ndarray], obj: dict, obj_id: dict
+) -> dict[str, torch.Tensor]:
     """Heads as units from the per-role similarity matrices ``blocks[role]`` ((H·d_h)², A rows, B
     columns): per pair (i, j) and role the best within-head assignment, then one over heads."""
     n_heads = spec.sizes[g]

@@ -20,8 +20,9 @@ from llfc.permutation.weight_matching import moved_fraction, weight_distances, w
 __all__ = ["AlignResult", "align", "example_input_for"]
 
 
-def example_input_for(model: nn.Module, shape: Sequence[int], n: int = 4,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def example_input_for(
+    model: nn.Module, shape: Sequence[int], n: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A random example batch for spec derivation: (n, *shape) float32 N(0, 1) values, or int64
     token ids in [0, num_embeddings) when the model's input feeds an ``nn.Embedding`` (a language
     model such as ``gpt``; only shapes matter for the spec, but an embedding needs valid ids)."""
@@ -116,8 +117,10 @@ def align(
     check_compatible(sd_a, sd_b)
     template = mod_a if mod_a is not None else mod_b
     if template is None:
-        raise ConfigError("align needs at least one of model_a / model_b as an nn.Module (to know the architecture); "
-                          "build the model (llfc.models.create_model) and pass it.")
+        raise ConfigError(
+            "align needs at least one of model_a / model_b as an nn.Module (to know the architecture); "
+            "build the model (llfc.models.create_model) and pass it."
+        )
     if spec is None:
         spec = derive_spec(template, example_input, check=True, seed=seed)
     spec.resolve_sizes(sd_a)
@@ -149,8 +152,7 @@ def align(
             for k in spec.keys():
                 if not torch.isfinite(sd[k]).all():
                     raise NonFiniteWeightsError(f"model {name}'s {k!r} holds NaN or Inf values.")
-        perms, rep = activation_matching(instance(sd_a, mod_a), instance(sd_b, mod_b), spec, loader,
-                                         **matching_kwargs)
+        perms, rep = activation_matching(instance(sd_a, mod_a), instance(sd_b, mod_b), spec, loader, **matching_kwargs)
         details = rep.to_dict()
         objective = float(sum(rep.objective.values()) / max(1, len(rep.objective)))
         aligned = apply_permutation(spec, perms, sd_b)

@@ -30,6 +30,7 @@ __all__ = [
     "check_compatible",
 ]
 
+
 def _check_perm(g: str, p: torch.Tensor, n: int) -> torch.Tensor:
     p = torch.as_tensor(p, dtype=torch.long)
     if p.shape != (n,) or not torch.equal(torch.sort(p).values, torch.arange(n)):
@@ -48,8 +49,9 @@ def axis_index(
     perm_within_i[a]) (``idx = idx_heads[idx_within]``). Disjoint segments (concatenated features)
     compose in any order. Returns ``None`` if no group in ``perms`` touches that axis.
     """
-    segs = [(r, perms[g]) for g, refs in spec.groups.items() if g in perms
-            for r in refs if r.key == key and r.axis == axis]
+    segs = [
+        (r, perms[g]) for g, refs in spec.groups.items() if g in perms for r in refs if r.key == key and r.axis == axis
+    ]
     if not segs:
         return None
     idx = torch.arange(length)
@@ -57,7 +59,7 @@ def axis_index(
         n = p.numel()
         seg = (p[:, None] * r.block + torch.arange(r.block)[None, :]).reshape(-1) + r.offset
         step = torch.arange(length)
-        step[r.offset: r.offset + n * r.block] = seg
+        step[r.offset : r.offset + n * r.block] = seg
         idx = idx[step]
     return idx
 
@@ -83,8 +85,9 @@ def apply_permutation(
     spec.resolve_sizes(state_dict)
     unknown = [g for g in perms if g not in spec.groups]
     if unknown:
-        raise SpecCheckError(f"perms names group {unknown[0]!r}, which the spec does not have "
-                             f"(groups: {', '.join(spec.groups)}).")
+        raise SpecCheckError(
+            f"perms names group {unknown[0]!r}, which the spec does not have (groups: {', '.join(spec.groups)})."
+        )
     ps = {g: _check_perm(g, p, spec.sizes[g]) for g, p in perms.items()}
     out = dict(state_dict)
     axes: dict[str, set[int]] = {}
@@ -143,7 +146,7 @@ def invert(perms: Mapping[str, torch.Tensor], spec: PermutationSpec | None = Non
     position perm_heads⁻¹[j].
     """
     out = {g: torch.argsort(torch.as_tensor(p)) for g, p in perms.items()}
-    for hg, roles in (spec.heads.items() if spec is not None else ()):
+    for hg, roles in spec.heads.items() if spec is not None else ():
         if hg not in perms:
             continue
         back = out[hg]
@@ -154,15 +157,16 @@ def invert(perms: Mapping[str, torch.Tensor], spec: PermutationSpec | None = Non
     return out
 
 
-def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor],
-            spec: PermutationSpec | None = None) -> dict[str, torch.Tensor]:
+def compose(
+    first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], spec: PermutationSpec | None = None
+) -> dict[str, torch.Tensor]:
     """Permutations equal to applying ``first`` and then ``second``: ``result[g] = first[g][second[g]]``.
 
     With attention heads (``spec.heads``, needed then) the within-head permutation at position i is
     ``first[within at second_heads[i]][second[within at i]]``.
     """
     out = {g: torch.as_tensor(first[g])[torch.as_tensor(second[g])] for g in first}
-    for hg, roles in (spec.heads.items() if spec is not None else ()):
+    for hg, roles in spec.heads.items() if spec is not None else ():
         if hg not in first:
             continue
         s2 = torch.as_tensor(second[hg])

@@ -53,8 +53,10 @@ def _scaled_dot_product_attention(ctx: TraceContext, node: fx.Node) -> HeadAxes 
     if all(a is None for a in axes):
         return None
     if any(isinstance(a, FeatAxis) for a in axes):
-        ctx.fail("its query, key or value carries permuted units that are not split into heads by a view of a "
-                 "(B, T, H·d_h) projection into (B, T, H, d_h)")
+        ctx.fail(
+            "its query, key or value carries permuted units that are not split into heads by a view of a "
+            "(B, T, H·d_h) projection into (B, T, H, d_h)"
+        )
     if any(a is None for a in axes):  # e.g. keys/values from the model input: nothing here may move
         for a in axes:
             ctx.fix(a)
@@ -62,8 +64,10 @@ def _scaled_dot_product_attention(ctx: TraceContext, node: fx.Node) -> HeadAxes 
     rank = len(ctx.shape(q))
     for a in axes:
         if a.inner_dim != rank - 1 or a.head_dim > rank - 3:
-            ctx.fail(f"the head dimension ({a.head_dim}) / within-head dimension ({a.inner_dim}) of its inputs are "
-                     f"not a batch dimension / the last dimension of (…, H, L, d_h)")
+            ctx.fail(
+                f"the head dimension ({a.head_dim}) / within-head dimension ({a.inner_dim}) of its inputs are "
+                f"not a batch dimension / the last dimension of (…, H, L, d_h)"
+            )
     n_heads = [ctx.splits[ctx.uf.find(a.elem)][0] for a in axes]
     if len(set(n_heads)) != 1:
         ctx.fail(f"{GQA_REASON} (query/key/value heads: {n_heads[0]}/{n_heads[1]}/{n_heads[2]})")
@@ -94,17 +98,22 @@ def _matmul(ctx: TraceContext, node: fx.Node) -> None:
     """Matrix products of activations (attention written with matmul/einsum) are refused."""
     for a in list(node.args) + list(node.kwargs.values()):
         if isinstance(a, fx.Node) and ctx.raw_axis(a) is not None:
-            ctx.fail("it multiplies permuted activations as matrices (an attention written with matmul/bmm/einsum): "
-                     "llfc derives attention symmetries from torch.nn.functional.scaled_dot_product_attention and "
-                     "nn.MultiheadAttention; rewrite the attention with F.scaled_dot_product_attention")
+            ctx.fail(
+                "it multiplies permuted activations as matrices (an attention written with matmul/bmm/einsum): "
+                "llfc derives attention symmetries from torch.nn.functional.scaled_dot_product_attention and "
+                "nn.MultiheadAttention; rewrite the attention with F.scaled_dot_product_attention"
+            )
 
 
 def _repeat_heads(ctx: TraceContext, node: fx.Node) -> None:
     """``repeat_interleave`` / ``repeat`` of heads: the key/value sharing of grouped-query attention."""
     for a in list(node.args) + list(node.kwargs.values()):
         if isinstance(a, fx.Node) and ctx.raw_axis(a) is not None:
-            ctx.fail(GQA_REASON if isinstance(ctx.raw_axis(a), HeadAxes) else
-                     "it repeats permuted units (they would no longer be permutable one by one)")
+            ctx.fail(
+                GQA_REASON
+                if isinstance(ctx.raw_axis(a), HeadAxes)
+                else "it repeats permuted units (they would no longer be permutable one by one)"
+            )
 
 
 def _is_elementwise_activation(act: object) -> bool:
@@ -116,9 +125,15 @@ def _is_elementwise_activation(act: object) -> bool:
         return False
 
 
-def bind_multihead_attention(ctx: TraceContext, prefix: str, mod: nn.MultiheadAttention,
-                             q_ax: FeatAxis | None, k_ax: FeatAxis | None, v_ax: FeatAxis | None,
-                             out_dim: int) -> FeatAxis:
+def bind_multihead_attention(
+    ctx: TraceContext,
+    prefix: str,
+    mod: nn.MultiheadAttention,
+    q_ax: FeatAxis | None,
+    k_ax: FeatAxis | None,
+    v_ax: FeatAxis | None,
+    out_dim: int,
+) -> FeatAxis:
     """Bind the parameters of an ``nn.MultiheadAttention`` at state-dict prefix ``prefix``.
 
     Heads, QK and OV units as in the module docstring; ``in_proj_weight`` (3·D, D) holds the query,
@@ -185,8 +200,9 @@ def _multihead_attention(ctx: TraceContext, node: fx.Node) -> None:
     out = bind_multihead_attention(ctx, str(node.target), mod, *axes, out_dim=rank - 1)
     weights = None
     if ctx.arg(4, "need_weights", True) and not ctx.arg(7, "average_attn_weights", True):
-        weights = ("its per-head attention weights (average_attn_weights=False) are used: they expose the order of "
-                   "the heads")
+        weights = (
+            "its per-head attention weights (average_attn_weights=False) are used: they expose the order of the heads"
+        )
     ctx.tuple_axes[node] = (out, weights)
 
 
@@ -250,8 +266,18 @@ def _register() -> None:
     register_handler(nn.MultiheadAttention, _multihead_attention, kind="other")
     register_handler(nn.TransformerEncoderLayer, _transformer_encoder_layer, kind="other")
     register_handler(nn.TransformerEncoder, _transformer_encoder, kind="other")
-    for f in [torch.arange, torch.ones, torch.zeros, torch.full, torch.empty, torch.eye, torch.tril, torch.triu,
-              torch.ones_like, torch.zeros_like]:
+    for f in [
+        torch.arange,
+        torch.ones,
+        torch.zeros,
+        torch.full,
+        torch.empty,
+        torch.eye,
+        torch.tril,
+        torch.triu,
+        torch.ones_like,
+        torch.zeros_like,
+    ]:
         register_handler(f, _constant)
     for name in ["tril", "triu", "new_ones", "new_zeros", "new_full", "new_empty"]:
         register_handler(name, _constant)

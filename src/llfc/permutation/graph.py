@@ -203,7 +203,7 @@ class TraceContext:
         """Mark the groups of ``a`` as not permutable (they reach the model's input or output)."""
         if a is None:
             return
-        for e in ([a.elem] if isinstance(a, HeadAxes) else [e for e, _ in a.parts]):
+        for e in [a.elem] if isinstance(a, HeadAxes) else [e for e, _ in a.parts]:
             self.uf.fixed[self.uf.find(e)] = True
 
     def split_heads(self, elem: int, n_heads: int, head_dim: int) -> None:
@@ -211,8 +211,10 @@ class TraceContext:
         r = self.uf.find(elem)
         prev = self.splits.get(r)
         if prev is not None and prev != (n_heads, head_dim):
-            self.fail(f"its units are split into {n_heads} heads of {head_dim} here and {prev[0]} heads of "
-                      f"{prev[1]} elsewhere")
+            self.fail(
+                f"its units are split into {n_heads} heads of {head_dim} here and {prev[0]} heads of "
+                f"{prev[1]} elsewhere"
+            )
         self.splits[r] = (n_heads, head_dim)
 
     def join_elements(self, ea: int, eb: int) -> None:
@@ -220,8 +222,9 @@ class TraceContext:
         ra, rb = self.uf.find(ea), self.uf.find(eb)
         sa, sb = self.splits.get(ra), self.splits.get(rb)
         if sa is not None and sb is not None and sa != sb:
-            self.fail(f"it combines units split into {sa[0]} heads of {sa[1]} with units split into {sb[0]} heads "
-                      f"of {sb[1]}")
+            self.fail(
+                f"it combines units split into {sa[0]} heads of {sa[1]} with units split into {sb[0]} heads of {sb[1]}"
+            )
         if not self.uf.union(ea, eb):
             self.fail(f"it combines feature axes of different sizes ({self.uf.size[ra]} vs {self.uf.size[rb]})")
         split = sa or sb
@@ -255,8 +258,11 @@ class TraceContext:
 
 
 def _unsupported(node: fx.Node, reason: str | None = None) -> UnsupportedOperationError:
-    op = _target_name(node) if node.op != "call_module" else type(
-        node.graph.owning_module.get_submodule(str(node.target))).__qualname__
+    op = (
+        _target_name(node)
+        if node.op != "call_module"
+        else type(node.graph.owning_module.get_submodule(str(node.target))).__qualname__
+    )
     why = f" because {reason}" if reason else " (no permutation handler is registered for it)"
     return UnsupportedOperationError(
         f"cannot derive a permutation spec: operation {op} at module path {_node_path(node)!r} "
@@ -265,7 +271,6 @@ def _unsupported(node: fx.Node, reason: str | None = None) -> UnsupportedOperati
         "(see docs/permutation.md, 'Handlers'), or write the spec by hand with "
         "PermutationSpec.from_groups({...}) and pass it as spec=."
     )
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,5 +523,4 @@ def _build_spec(ctx: TraceContext, order: list[tuple[fx.Node, str]]) -> Permutat
     return spec
 
 
-
-from llfc.permutation.handlers import _lookup  # (the registry imports TraceContext from here)
+from llfc.permutation.handlers import _lookup  # noqa: E402  (the registry imports TraceContext from here)

@@ -55,7 +55,9 @@ def register_handler(target: Any, handler: Handler, *, kind: str = "other") -> N
     elif callable(target):
         _FUNCTION_HANDLERS[target] = (handler, kind)
     else:
-        raise TypeError(f"cannot register a handler for {target!r}: give an nn.Module class, a function or a method name")
+        raise TypeError(
+            f"cannot register a handler for {target!r}: give an nn.Module class, a function or a method name"
+        )
 
 
 def _lookup(node: fx.Node, gm: fx.GraphModule) -> tuple[Handler, str] | None:
@@ -104,7 +106,9 @@ def _channel_passthrough(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     shape = ctx.shape(node.args[0]) if node.args else None
     if ax.dim != 1 or any(b != 1 for _, b in ax.parts):
         if shape is not None and len(shape) >= 3:
-            ctx.fail(f"the permuted units are on dimension {ax.dim} (block {ax.parts[0][1]}), not on the channel dimension 1")
+            ctx.fail(
+                f"the permuted units are on dimension {ax.dim} (block {ax.parts[0][1]}), not on the channel dimension 1"
+            )
     return ax
 
 
@@ -142,8 +146,10 @@ def _conv(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
         out = inp if inp is not None else ctx.new_axis(mod.out_channels, 1)
         ctx.bind(w, 0, out)
     else:
-        ctx.fail(f"grouped convolutions (groups={mod.groups}) are supported only with groups=1 or depthwise "
-                 "(groups = in_channels = out_channels)")
+        ctx.fail(
+            f"grouped convolutions (groups={mod.groups}) are supported only with groups=1 or depthwise "
+            "(groups = in_channels = out_channels)"
+        )
     if mod.bias is not None:
         ctx.bind(ctx.param_key("bias"), 0, out)
     return out
@@ -170,8 +176,10 @@ def _groupnorm(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     if ax.dim != 1 or any(b != 1 for _, b in ax.parts):
         ctx.fail("the permuted units are not on the channel dimension 1")
     if mod.num_groups not in (1, mod.num_channels):
-        ctx.fail(f"GroupNorm with {mod.num_groups} groups of channels only allows permutations inside each group; "
-                 "only num_groups=1 (LayerNorm over channels) and num_groups=num_channels are supported")
+        ctx.fail(
+            f"GroupNorm with {mod.num_groups} groups of channels only allows permutations inside each group; "
+            "only num_groups=1 (LayerNorm over channels) and num_groups=num_channels are supported"
+        )
     if mod.affine:
         ctx.bind(ctx.param_key("weight"), 0, ax)
         ctx.bind(ctx.param_key("bias"), 0, ax)
@@ -209,12 +217,12 @@ def _reshape_axis(ctx: TraceContext, ax: FeatAxis, in_shape: Sequence[int], out_
         return ax
     d = ax.dim
     lead = math.prod(in_shape[:d])
-    inner_in = math.prod(in_shape[d + 1:])
+    inner_in = math.prod(in_shape[d + 1 :])
     total = in_shape[d] * inner_in
     for d2 in range(len(out_shape)):
         if math.prod(out_shape[:d2]) != lead:
             continue
-        inner_out = math.prod(out_shape[d2 + 1:])
+        inner_out = math.prod(out_shape[d2 + 1 :])
         if out_shape[d2] * inner_out != total:
             continue
         # block multiplies by inner_in / inner_out (must stay integral for every part)
@@ -228,8 +236,9 @@ def _reshape_axis(ctx: TraceContext, ax: FeatAxis, in_shape: Sequence[int], out_
             parts.append((e, num // inner_out))
         if ok and sum(ctx.uf.size[e] * b for e, b in parts) == out_shape[d2]:
             return FeatAxis(d2, tuple(parts))
-    ctx.fail(f"it reshapes {in_shape} to {out_shape} in a way that splits or interleaves the permuted units "
-             f"on dimension {d}")
+    ctx.fail(
+        f"it reshapes {in_shape} to {out_shape} in a way that splits or interleaves the permuted units on dimension {d}"
+    )
     raise AssertionError  # unreachable
 
 
@@ -241,7 +250,7 @@ def _split_heads(ctx: TraceContext, ax: FeatAxis, in_shape: Sequence[int], out_s
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if len(ax.parts) != 1 or ax.parts[0][1] != 1 or len(out_shape) != len(in_shape) + 1:
         return None
-    if out_shape[:d] != in_shape[:d] or out_shape[d + 2:] != in_shape[d + 1:]:
+    if out_shape[:d] != in_shape[:d] or out_shape[d + 2 :] != in_shape[d + 1 :]:
         return None
     n_heads, dh = out_shape[d], out_shape[d + 1]
     if n_heads * dh != in_shape[d] or n_heads < 2 or dh < 2:  # unsqueeze is not a split into heads
@@ -255,11 +264,18 @@ def _merge_heads(ctx: TraceContext, ax: HeadAxes, in_shape: Sequence[int], out_s
     """A reshape merging adjacent (heads, head_dim) dimensions back into one feature dimension."""
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     h = ax.head_dim
-    if (ax.inner_dim == h + 1 and len(out_shape) == len(in_shape) - 1 and out_shape[:h] == in_shape[:h]
-            and out_shape[h + 1:] == in_shape[h + 2:] and out_shape[h] == in_shape[h] * in_shape[h + 1]):
+    if (
+        ax.inner_dim == h + 1
+        and len(out_shape) == len(in_shape) - 1
+        and out_shape[:h] == in_shape[:h]
+        and out_shape[h + 1 :] == in_shape[h + 2 :]
+        and out_shape[h] == in_shape[h] * in_shape[h + 1]
+    ):
         return FeatAxis(h, ((ax.elem, 1),))
-    ctx.fail(f"it reshapes {in_shape} to {out_shape}, which does not merge the (heads, head_dim) dimensions "
-             f"{h}, {ax.inner_dim} back into one (e.g. it folds heads into the batch); " + HEADS_REASON)
+    ctx.fail(
+        f"it reshapes {in_shape} to {out_shape}, which does not merge the (heads, head_dim) dimensions "
+        f"{h}, {ax.inner_dim} back into one (e.g. it folds heads into the batch); " + HEADS_REASON
+    )
     raise AssertionError  # unreachable
 
 
@@ -329,8 +345,10 @@ def _elementwise(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None
             if 0 <= k < len(s) and s[k] != 1:
                 if _bind_param_src(ctx, a, k, result):
                     continue
-                ctx.fail(f"it combines the permuted units with an unpermuted tensor {a.name!r} of shape {tuple(s)} "
-                         "along the same dimension")
+                ctx.fail(
+                    f"it combines the permuted units with an unpermuted tensor {a.name!r} of shape {tuple(s)} "
+                    "along the same dimension"
+                )
     return result
 
 
@@ -376,8 +394,10 @@ def _elementwise_heads(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
         for dim in (result.head_dim, result.inner_dim):
             k = None if dim is None else len(s) - (out_rank - dim)
             if k is not None and 0 <= k < len(s) and s[k] != 1:
-                ctx.fail(f"it combines attention heads with the tensor {a.name!r} of shape {tuple(s)}, which varies "
-                         f"along the head or within-head dimension (e.g. rotary position embeddings); " + HEADS_REASON)
+                ctx.fail(
+                    f"it combines attention heads with the tensor {a.name!r} of shape {tuple(s)}, which varies "
+                    f"along the head or within-head dimension (e.g. rotary position embeddings); " + HEADS_REASON
+                )
     return result
 
 
@@ -493,7 +513,7 @@ def _getitem(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     d = ax.dim
     pos = 0
     removed_before = 0
-    for i, item in enumerate(idx):
+    for item in idx:
         if item is Ellipsis or item is None or isinstance(item, fx.Node):
             ctx.fail("tensor indexing with Ellipsis, None or tensors is not supported")
         if pos == d:
@@ -514,9 +534,11 @@ def _pad(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     k = len(pad) // 2  # pads the last k dimensions, last first
     padded = {rank - 1 - i for i in range(k) if pad[2 * i] or pad[2 * i + 1]}
     if ax.dim in padded:
-        ctx.fail("torch.nn.functional.pad pads the channel dimension (a zero-padding 'option-A' shortcut): the "
-                 "padded channels are not permutable units. Use a 1x1-convolution projection shortcut, or write "
-                 "the spec by hand")
+        ctx.fail(
+            "torch.nn.functional.pad pads the channel dimension (a zero-padding 'option-A' shortcut): the "
+            "padded channels are not permutable units. Use a 1x1-convolution projection shortcut, or write "
+            "the spec by hand"
+        )
     return ax
 
 
@@ -525,49 +547,155 @@ def _no_axis(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
 
 
 def _register_builtins() -> None:
-    acts_mod = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU,
-                nn.CELU, nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LogSigmoid,
-                nn.Tanhshrink, nn.Softsign]
+    acts_mod = [
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.Softplus,
+        nn.Mish,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.Hardtanh,
+        nn.LogSigmoid,
+        nn.Tanhshrink,
+        nn.Softsign,
+    ]
     for m in acts_mod:
         register_handler(m, passthrough, kind="activation")
     register_handler(nn.PReLU, _prelu, kind="activation")
-    for m in [nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-              nn.Softmax, nn.LogSoftmax]:
+    for m in [
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.Softmax,
+        nn.LogSoftmax,
+    ]:
         register_handler(m, passthrough)
-    for m in [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample]:
+    for m in [
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d,
+        nn.Upsample,
+    ]:
         register_handler(m, _channel_passthrough)
     register_handler(nn.Linear, _linear, kind="layer")
     for m in [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]:
         register_handler(m, _conv, kind="layer")
-    for m in [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-              nn.InstanceNorm3d]:
+    for m in [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]:
         register_handler(m, _batchnorm, kind="norm")
     register_handler(nn.GroupNorm, _groupnorm, kind="norm")
     register_handler(nn.LayerNorm, _layernorm, kind="norm")
     register_handler(nn.Flatten, _flatten_module)
 
-    act_fns = [torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-               F.gelu, F.silu, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.mish, F.hardswish,
-               F.hardsigmoid, F.hardtanh, F.logsigmoid, F.softsign]
+    act_fns = [
+        torch.relu,
+        torch.relu_,
+        F.relu,
+        F.relu_,
+        F.relu6,
+        torch.sigmoid,
+        F.sigmoid,
+        torch.tanh,
+        F.tanh,
+        F.gelu,
+        F.silu,
+        F.leaky_relu,
+        F.elu,
+        F.selu,
+        F.celu,
+        F.softplus,
+        F.mish,
+        F.hardswish,
+        F.hardsigmoid,
+        F.hardtanh,
+        F.logsigmoid,
+        F.softsign,
+    ]
     for f in act_fns:
         register_handler(f, passthrough, kind="activation")
     for name in ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"]:
         register_handler(name, passthrough, kind="activation")
-    for f in [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.softmax, F.log_softmax, torch.softmax,
-              torch.log_softmax, operator.neg, torch.neg, operator.pos, torch.clone, torch.abs]:
+    for f in [
+        F.dropout,
+        F.dropout1d,
+        F.dropout2d,
+        F.dropout3d,
+        F.softmax,
+        F.log_softmax,
+        torch.softmax,
+        torch.log_softmax,
+        operator.neg,
+        torch.neg,
+        operator.pos,
+        torch.clone,
+        torch.abs,
+    ]:
         register_handler(f, passthrough)
-    for f in [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-              F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-              F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate]:
+    for f in [
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d,
+        F.interpolate,
+    ]:
         register_handler(f, _channel_passthrough)
-    for name in ["contiguous", "clone", "detach", "float", "double", "to", "type_as", "neg", "abs", "softmax",
-                 "log_softmax"]:
+    for name in [
+        "contiguous",
+        "clone",
+        "detach",
+        "float",
+        "double",
+        "to",
+        "type_as",
+        "neg",
+        "abs",
+        "softmax",
+        "log_softmax",
+    ]:
         register_handler(name, passthrough)
-    for f in [operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-              operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-              torch.minimum]:
+    for f in [
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.maximum,
+        torch.minimum,
+    ]:
         register_handler(f, _elementwise)
     for name in ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"]:
         register_handler(name, _elementwise)
@@ -597,4 +725,4 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
-import llfc.permutation.attention  # noqa: F401  (registers the transformer handlers; attention.py imports this module)
+import llfc.permutation.attention  # noqa: E402, F401  (registers the transformer handlers; attention.py imports this module)

@@ -156,7 +156,7 @@ class PermutationSpec:
         sizes: Mapping[str, int] | None = None,
         nodes: Mapping[str, Iterable[Sequence[Any]]] | None = None,
         heads: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    ) -> "PermutationSpec":
+    ) -> PermutationSpec:
         """A hand-written spec.
 
         Args:
@@ -174,15 +174,24 @@ class PermutationSpec:
         to :func:`~llfc.permutation.apply_permutation` or the matching functions.
         """
         g2 = {str(g): [AxisRef(*ref) for ref in refs] for g, refs in groups.items()}
-        spec = cls(groups=g2, sizes=dict(sizes or {}),
-                   heads={g: {k: list(v) for k, v in h.items()} for g, h in (heads or {}).items()})
+        spec = cls(
+            groups=g2,
+            sizes=dict(sizes or {}),
+            heads={g: {k: list(v) for k, v in h.items()} for g, h in (heads or {}).items()},
+        )
         if nodes:
             for g, refs in nodes.items():
                 lst = []
                 for r in refs:
                     r = tuple(r)
-                    lst.append(NodeRef(r[0], r[1] if len(r) > 1 else 1, r[2] if len(r) > 2 else 0,
-                                       r[3] if len(r) > 3 else "activation"))
+                    lst.append(
+                        NodeRef(
+                            r[0],
+                            r[1] if len(r) > 1 else 1,
+                            r[2] if len(r) > 2 else 0,
+                            r[3] if len(r) > 3 else "activation",
+                        )
+                    )
                 spec.nodes[g] = lst
         if state_dict is not None:
             spec.resolve_sizes(state_dict)
@@ -277,8 +286,10 @@ class PermutationSpec:
         return {c for h in self.heads.values() for kids in h.values() for c in kids}
 
     def __str__(self) -> str:
-        lines = [f"PermutationSpec: {len(self.groups)} groups, "
-                 f"{sum(self.sizes.get(g, 0) for g in self.groups)} permutable units"]
+        lines = [
+            f"PermutationSpec: {len(self.groups)} groups, "
+            f"{sum(self.sizes.get(g, 0) for g in self.groups)} permutable units"
+        ]
         w = max([5] + [len(g) for g in self.groups])
         lines.append(f"  {'group':<{w}}  {'size':>5}  feature node        axes (key:axis[xblock][@offset])")
         for g, refs in self.groups.items():
@@ -299,7 +310,6 @@ class PermutationSpec:
     __repr__ = __str__
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +321,6 @@ def _as_tuple(example_input: Any) -> tuple:
 
 def _clone_inputs(inputs: tuple) -> tuple:
     return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +349,10 @@ def untie_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str
         if id(p) in first:
             keep = first[id(p)]
             if not torch.equal(out[keep], out[name]):
-                raise SpecCheckError(f"{name!r} and {keep!r} are one tied parameter but hold different values "
-                                     "(the permutation spec moves them differently).")
+                raise SpecCheckError(
+                    f"{name!r} and {keep!r} are one tied parameter but hold different values "
+                    "(the permutation spec moves them differently)."
+                )
             del out[name]
         else:
             first[id(p)] = name
@@ -355,7 +366,9 @@ def _run(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: tuple) -> 
 
 
 def relative_output_change(
-    model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
     example_input: Any,
 ) -> float:
     """‖f(θ_b; x) − f(θ_a; x)‖ / ‖f(θ_a; x)‖ in eval mode (all outputs flattened, float64)."""
@@ -452,8 +465,8 @@ def check_spec(
 
 
 # Backwards-compatible names: the graph derivation and the handler registry used to live here.
-from llfc.permutation.graph import TraceContext, derive_spec, trace  # noqa: F401
-from llfc.permutation.handlers import (  # noqa: F401
+from llfc.permutation.graph import TraceContext, derive_spec, trace  # noqa: E402, F401
+from llfc.permutation.handlers import (  # noqa: E402, F401
     _FUNCTION_HANDLERS,
     _METHOD_HANDLERS,
     _MODULE_HANDLERS,

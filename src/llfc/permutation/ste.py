@@ -38,15 +38,29 @@ class SteReport:
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
-        return {"losses": self.losses, "best_step": self.best_step, "best_loss": self.best_loss,
-                "steps": self.steps, "time_s": self.time_s}
+        return {
+            "losses": self.losses,
+            "best_step": self.best_step,
+            "best_loss": self.best_loss,
+            "steps": self.steps,
+            "time_s": self.time_s,
+        }
 
 
-def ste_matching(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor],
-                 sd_b: Mapping[str, torch.Tensor], loader: Iterable, *, epochs: int = 1,
-                 lr: float = 1e-2, momentum: float = 0.9, max_steps: int | None = None,
-                 seed: int = 0, device: str | torch.device = "cpu"
-                 ) -> tuple[dict[str, torch.Tensor], SteReport]:
+def ste_matching(
+    model: nn.Module,
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    loader: Iterable,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-2,
+    momentum: float = 0.9,
+    max_steps: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], SteReport]:
     """Learn a permutation of B that lowers the loss at the midpoint ½(θ_A + π(θ_B)).
 
     Args:
@@ -92,8 +106,7 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
             with torch.no_grad():
                 perms, _ = weight_matching(spec, {k: v.detach() for k, v in free.items()}, b, seed=seed)
                 pb = apply_permutation(spec, perms, b)
-            mid = {k: 0.5 * (a[k] + (pb[k] + free[k] - free[k].detach())) if k in free else a[k]
-                   for k in a}
+            mid = {k: 0.5 * (a[k] + (pb[k] + free[k] - free[k].detach())) if k in free else a[k] for k in a}
             logits = functional_call(model, untie_state(model, mid), (x,))
             if logits.dim() == y.dim() + 1 and logits.dim() > 2:  # (B, T, V) language-model logits
                 logits, y = logits.flatten(0, -2), y.flatten()

@@ -89,21 +89,20 @@ class WeightMatchingReport:
 
 def moved_fraction(perms: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Fraction of units that a permutation moves (perm[i] ≠ i), per group."""
-    return {g: float((torch.as_tensor(p) != torch.arange(len(p))).double().mean()) if len(p) else 0.0
-            for g, p in perms.items()}
+    return {
+        g: float((torch.as_tensor(p) != torch.arange(len(p))).double().mean()) if len(p) else 0.0
+        for g, p in perms.items()
+    }
 
 
-def weight_distances(
-    sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], keys
-) -> dict[str, float]:
+def weight_distances(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], keys) -> dict[str, float]:
     """‖θ_A[k] − θ_B[k]‖_F (float64) for each key."""
     return {k: float((sd_a[k].double() - sd_b[k].double()).norm()) for k in keys}
 
 
 def _objective(sd_a, sd_b_perm, keys) -> float:
     """Σ_k ⟨θ_A[k], θ_B[k]⟩ in float64 (inputs may already be float64)."""
-    return float(sum(float(torch.dot(sd_a[k].double().reshape(-1), sd_b_perm[k].double().reshape(-1)))
-                     for k in keys))
+    return float(sum(float(torch.dot(sd_a[k].double().reshape(-1), sd_b_perm[k].double().reshape(-1))) for k in keys))
 
 
 def _segment(t: torch.Tensor, ref: AxisRef, n: int) -> torch.Tensor:
@@ -165,8 +164,10 @@ def weight_matching(
     for name, sd in (("A", sd_a), ("B", sd_b)):
         for k in keys:
             if not torch.isfinite(sd[k]).all():
-                raise NonFiniteWeightsError(f"model {name}'s {k!r} holds NaN or Inf values; weight matching needs "
-                                            "finite weights (check the checkpoint / training run).")
+                raise NonFiniteWeightsError(
+                    f"model {name}'s {k!r} holds NaN or Inf values; weight matching needs "
+                    "finite weights (check the checkpoint / training run)."
+                )
 
     A = {k: sd_a[k].detach().to(device=device, dtype=dtype) for k in keys}
     B = {k: sd_b[k].detach().to(device=device, dtype=dtype) for k in keys}
@@ -199,8 +200,13 @@ def weight_matching(
 
     # Groups a dynamic term depends on (those permuting the entry's other axes). A term's product is
     # cached and recomputed only when one of those permutations changed since (late sweeps are cheap).
-    deps = {g: [sorted({h for h, refs in spec.groups.items() for q in refs if q.key == r.key and q.axis != r.axis})
-                for r, _, _ in dynamic[g]] for g in spec.groups}
+    deps = {
+        g: [
+            sorted({h for h, refs in spec.groups.items() for q in refs if q.key == r.key and q.axis != r.axis})
+            for r, _, _ in dynamic[g]
+        ]
+        for g in spec.groups
+    }
     version = {g: 0 for g in spec.groups}
     cache: dict[tuple[str, int], tuple[tuple, torch.Tensor]] = {}
     # S_g depends only on the permutations in deps[g]: when none of them changed since g's last
@@ -249,8 +255,11 @@ def weight_matching(
             S = torch.zeros(n_heads, n_heads, dh, dh, dtype=dtype, device=device)
             for r in spec.groups[kids[0]]:  # head i's segment starts i·d_h·block after head 0's
                 a_seg = A[r.key].narrow(r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
-                b_seg = other_axes_permuted(r.key, r.axis, perms).narrow(
-                    r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
+                b_seg = (
+                    other_axes_permuted(r.key, r.axis, perms)
+                    .narrow(r.axis, r.offset, n_heads * dh * r.block)
+                    .movedim(r.axis, 0)
+                )
                 prod = a_seg.reshape(n_heads * dh, -1) @ b_seg.reshape(n_heads * dh, -1).T  # ((i,a), (j,b))
                 S += prod.reshape(n_heads, dh, n_heads, dh).transpose(1, 2)
             S64 = S.double().cpu().numpy()

@@ -52,14 +52,18 @@ def plot_lmc(pairs: dict, path: Path) -> Path:
             ax.set_xlabel("α  (θ_α = α·θ_A + (1−α)·θ_B)")
             ax.set_ylabel("error (%)" if key == "error" else "cross-entropy loss")
             b = pr["lmc"]["test"]["barriers"]
-            title = (f"{_label(name, pr)}: test error barrier {100 * b['error_barrier_frankle']:.2f} pp"
-                     if key == "error" else
-                     f"{_label(name, pr)}: test loss barrier {b['loss_barrier_entezari']:.3f}")
+            title = (
+                f"{_label(name, pr)}: test error barrier {100 * b['error_barrier_frankle']:.2f} pp"
+                if key == "error"
+                else f"{_label(name, pr)}: test loss barrier {b['loss_barrier_entezari']:.3f}"
+            )
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle("Linear mode connectivity along the path (dotted: endpoints' interpolation; "
-                 "one y-scale per column)", fontsize=10)
+    fig.suptitle(
+        "Linear mode connectivity along the path (dotted: endpoints' interpolation; one y-scale per column)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -93,12 +97,14 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         for j, (a, i) in enumerate(idx):
             m = [ly["distance"]["mean"][i] for ly in layers]
             s = [ly["distance"]["std"][i] for ly in layers]
-            ax.bar(x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % 3 + 2], label=f"α = {a:g}",
-                   error_kw={"lw": 0.6})
+            ax.bar(
+                x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % 3 + 2], label=f"α = {a:g}", error_kw={"lw": 0.6}
+            )
         m = [ly["baseline"]["mean"] for ly in layers]
         s = [ly["baseline"]["std"] for ly in layers]
-        ax.bar(x + len(idx) * w, m, w, yerr=s, capsize=1.5, color="0.6", label="A vs B (baseline)",
-               error_kw={"lw": 0.6})
+        ax.bar(
+            x + len(idx) * w, m, w, yerr=s, capsize=1.5, color="0.6", label="A vs B (baseline)", error_kw={"lw": 0.6}
+        )
         top = max(max(mm + ss for mm, ss in zip(m, s)), 1e-12)
         for xi, ly in zip(x, layers):  # worst ratio over the plotted α, written above the layer
             base = ly["baseline"]["mean"]
@@ -108,16 +114,21 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         ax.set_ylim(0, top * 1.35)
         ax.set_xlim(-0.5, max(len(layers), per_row if len(pr["llfc"]) > per_row else 0) - 0.2)
         ax.set_xticks(x + w * len(idx) / 2)
-        ax.set_xticklabels([f"{ly['name']}\n({ly['kind']})" for ly in layers], rotation=60,
-                           ha="right", fontsize=7)
+        ax.set_xticklabels([f"{ly['name']}\n({ly['kind']})" for ly in layers], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("E[1 − cos]")
         part = "" if sl.start == 0 and sl.stop == len(pr["llfc"]) else f" (layers {sl.start + 1}–{sl.stop})"
         ax.set_title(f"{_label(name, pr)}: LLFC distance per layer{part}", fontsize=9)
         ax.legend(fontsize=7, ncol=4, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
-    fig.text(0.99, 0.0, "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); "
-             "bars: mean ± std over samples",
-             ha="right", va="bottom", fontsize=6, color="0.35")
+    fig.text(
+        0.99,
+        0.0,
+        "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); bars: mean ± std over samples",
+        ha="right",
+        va="bottom",
+        fontsize=6,
+        color="0.35",
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -134,12 +145,21 @@ def plot_weak_additivity(pairs: dict, path: Path, alpha: float = 0.5) -> Path:
         i = _alpha_index(pr["alphas"], alpha)
         m = [ly["distance"]["mean"][i] for ly in pr["weak_additivity"]]
         s = [ly["distance"]["std"][i] for ly in pr["weak_additivity"]]
-        axes[0].bar(x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % len(_COLORS)],
-                    label=_label(name, pr), error_kw={"lw": 0.6})
+        axes[0].bar(
+            x + j * w,
+            m,
+            w,
+            yerr=s,
+            capsize=1.5,
+            color=_COLORS[j % len(_COLORS)],
+            label=_label(name, pr),
+            error_kw={"lw": 0.6},
+        )
         sa = [ly["sign_agreement"]["mean"] for ly in pr["weak_additivity"]]
         axes[1].bar(x + j * w, sa, w, color=_COLORS[j % len(_COLORS)], label=_label(name, pr))
-    axes[0].set_title(f"weak additivity violation at α = {alpha:g}: 1 − cos(σ(αg_A+(1−α)g_B), ασ(g_A)+(1−α)σ(g_B))",
-                      fontsize=8)
+    axes[0].set_title(
+        f"weak additivity violation at α = {alpha:g}: 1 − cos(σ(αg_A+(1−α)g_B), ασ(g_A)+(1−α)σ(g_B))", fontsize=8
+    )
     axes[1].set_title("sign agreement of pre-activations P[g_A·g_B ≥ 0]", fontsize=8)
     axes[1].set_ylim(0, 1.0)
     axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.3)
@@ -162,8 +182,12 @@ def plot_commutativity(pairs: dict, path: Path) -> Path:
     # one shared log axis starting below the smallest value: bars compare across pairs, and a
     # bar's height is not an artefact of where an autoscaled axis happens to start
     fig, axes = plt.subplots(1, n, figsize=(max(4.5 * n, 6), 3.6), squeeze=False, sharey=True)
-    vals = [max(ly[k], 1e-12) for pr in pairs.values() for ly in pr["commutativity"]
-            for k in ("dist_com", "dist_W", "dist_H")]
+    vals = [
+        max(ly[k], 1e-12)
+        for pr in pairs.values()
+        for ly in pr["commutativity"]
+        for k in ("dist_com", "dist_W", "dist_H")
+    ]
     lo, hi = min(vals), max(vals)
     for j, (name, pr) in enumerate(pairs.items()):
         ax = axes[0, j]
@@ -216,8 +240,11 @@ def plot_stitching(pairs: dict, path: Path) -> Path:
         ax.set_xticklabels([r["layer"] for r in st], rotation=60, ha="right", fontsize=7)
         ax.set_xlabel("stitched layer ℓ (B's output at ℓ replaced by A's)", fontsize=8)
         ax.set_ylabel("test error (%)")
-        ax.set_title(f"{_label(name, pr)}: identity stitching, stitched error "
-                     f"{min(vals[:len(st)], default=0):.2f}–{max(vals[:len(st)], default=0):.2f}%", fontsize=9)
+        ax.set_title(
+            f"{_label(name, pr)}: identity stitching, stitched error "
+            f"{min(vals[: len(st)], default=0):.2f}–{max(vals[: len(st)], default=0):.2f}%",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # covers no point
     fig.tight_layout()

@@ -16,31 +16,45 @@ def summary_table(pairs: dict, note: str | None = None) -> str:
     """A fixed-width table: one line per pair with endpoint errors, barriers, worst-layer LLFC
     and whether LMC and LLFC hold by the criteria of :mod:`llfc.criteria` (stated below the
     table). ``note`` (e.g. "dry run: ...") is printed above the table."""
-    head = (f"{'pair':<22} {'err A':>7} {'err B':>7} {'err barrier':>12} {'loss barrier':>13} "
-            f"{'LMC':>4} {'LLFC':>5}  {'worst hidden layer LLFC (α∈.25/.5/.75)':<40}")
+    head = (
+        f"{'pair':<22} {'err A':>7} {'err B':>7} {'err barrier':>12} {'loss barrier':>13} "
+        f"{'LMC':>4} {'LLFC':>5}  {'worst hidden layer LLFC (α∈.25/.5/.75)':<40}"
+    )
     lines = ([note] if note else []) + [head, "-" * len(head)]
     for name, pr in pairs.items():
         t = pr["lmc"]["test"]
         i1, i0 = pr["alphas"].index(1.0), pr["alphas"].index(0.0)
         b = t["barriers"]
         w = worst_layer(pr)
-        wtxt = (f"{w['layer']} @α={w['alpha']:g}: {w['distance']:.2e} vs {w['baseline']:.2e} "
-                f"(×{w['ratio']:.3f}; max {w['max_distance']:.2e})" if w else "-")
+        wtxt = (
+            f"{w['layer']} @α={w['alpha']:g}: {w['distance']:.2e} vs {w['baseline']:.2e} "
+            f"(×{w['ratio']:.3f}; max {w['max_distance']:.2e})"
+            if w
+            else "-"
+        )
         at_end = b.get("error_barrier_interior", b["error_barrier_frankle"]) < b["error_barrier_frankle"]
-        lines.append(f"{name:<22} {100 * t['error'][i1]:6.2f}% {100 * t['error'][i0]:6.2f}% "
-                     f"{100 * b['error_barrier_frankle']:8.2f}{'*' if at_end else ' '} pp {b['loss_barrier_entezari']:13.4f} "
-                     f"{_verdict(criteria.lmc_holds(pr)):>4} {_verdict(criteria.llfc_holds(pr)):>5}  {wtxt}")
+        lines.append(
+            f"{name:<22} {100 * t['error'][i1]:6.2f}% {100 * t['error'][i0]:6.2f}% "
+            f"{100 * b['error_barrier_frankle']:8.2f}{'*' if at_end else ' '} pp {b['loss_barrier_entezari']:13.4f} "
+            f"{_verdict(criteria.lmc_holds(pr)):>4} {_verdict(criteria.llfc_holds(pr)):>5}  {wtxt}"
+        )
     for name, pr in pairs.items():
         st = [r for r in pr.get("stitching", []) if r["role"] == "stitched"]
         if st:
             ends = [r["error"] for r in pr["stitching"] if r["role"] == "endpoint"]
             worst = max(st, key=lambda r: r["error"])
-            lines.append(f"{name:<22} identity stitching: stitched error {100 * min(r['error'] for r in st):.2f}–"
-                         f"{100 * worst['error']:.2f}% (worst at {worst['layer']}); endpoints "
-                         f"{100 * ends[0]:.2f}% / {100 * ends[1]:.2f}%")
-    lines.append("err barrier: Frankle et al. 2020, max_α Err(θ_α) − mean of endpoints (test set); "
-                 "loss barrier: Entezari et al. 2022.")
-    lines.append("*: the maximum is at an endpoint (the worse model), not on the path between them; "
-                 "error_barrier_interior in results.json excludes the endpoints.")
+            lines.append(
+                f"{name:<22} identity stitching: stitched error {100 * min(r['error'] for r in st):.2f}–"
+                f"{100 * worst['error']:.2f}% (worst at {worst['layer']}); endpoints "
+                f"{100 * ends[0]:.2f}% / {100 * ends[1]:.2f}%"
+            )
+    lines.append(
+        "err barrier: Frankle et al. 2020, max_α Err(θ_α) − mean of endpoints (test set); "
+        "loss barrier: Entezari et al. 2022."
+    )
+    lines.append(
+        "*: the maximum is at an endpoint (the worse model), not on the path between them; "
+        "error_barrier_interior in results.json excludes the endpoints."
+    )
     lines.append(criteria.describe())
     return "\n".join(lines)

@@ -27,8 +27,9 @@ def plot_vs_k(rows: list[dict], path: Path) -> Path:
     kmax = max([r["k_iteration"] for r in spawn] or [1])
     xo = max(kmax * 2, 10)
     for ax, col, scale, thr, ylab in (
-            (axes[0], "error_barrier_frankle", 100, 100 * criteria.LMC_MAX_ERROR_BARRIER, "test error barrier (pp)"),
-            (axes[1], "llfc_worst_distance", 1, criteria.LLFC_MAX_DISTANCE, "worst hidden-layer LLFC\ndistance E[1−cos_α]")):
+        (axes[0], "error_barrier_frankle", 100, 100 * criteria.LMC_MAX_ERROR_BARRIER, "test error barrier (pp)"),
+        (axes[1], "llfc_worst_distance", 1, criteria.LLFC_MAX_DISTANCE, "worst hidden-layer LLFC\ndistance E[1−cos_α]"),
+    ):
         for gi, g in enumerate(groups):
             c = _COLORS[gi % len(_COLORS)]
             rs = [r for r in spawn if _group_name(r) == g and r.get(col) is not None]
@@ -36,12 +37,18 @@ def plot_vs_k(rows: list[dict], path: Path) -> Path:
             m = np.array([np.mean([scale * r[col] for r in rs if r["k_iteration"] == k]) for k in ks])
             s = np.array([np.std([scale * r[col] for r in rs if r["k_iteration"] == k]) for k in ks])
             ax.scatter([r["k_iteration"] for r in rs], [scale * r[col] for r in rs], s=12, color=c, alpha=0.45)
-            ax.plot(ks, m, "-o", color=c, ms=3, label=f"spawned: {g}" if len(groups) > 1 else "spawned (mean ± std over seeds)")
+            ax.plot(
+                ks,
+                m,
+                "-o",
+                color=c,
+                ms=3,
+                label=f"spawned: {g}" if len(groups) > 1 else "spawned (mean ± std over seeds)",
+            )
             ax.fill_between(ks, m - s, m + s, color=c, alpha=0.18, lw=0)
         for j, kind in enumerate(sorted({r["pair"] for r in other})):
             vals = [scale * r[col] for r in other if r["pair"] == kind and r.get(col) is not None]
-            ax.scatter([xo] * len(vals), vals, marker="x", color=_COLORS[(len(groups) + j) % len(_COLORS)],
-                       label=kind)
+            ax.scatter([xo] * len(vals), vals, marker="x", color=_COLORS[(len(groups) + j) % len(_COLORS)], label=kind)
         ax.axhline(thr, ls="--", color="gray", lw=0.8, label="threshold (llfc.criteria)")
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
@@ -64,8 +71,9 @@ def plot_heatmap(cells: list[dict], path: Path) -> Path:
     :func:`llfc.sweep._heatmap_rows`."""
     groups = sorted({c["group"] for c in cells}) or [None]
     depth = max([len({c["layer"] for c in cells if c["group"] == g}) for g in groups if g] or [1])
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1, 3.6 + 0.05 * max(0, depth - 24)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(4.5 * len(groups) + 1, 3.6 + 0.05 * max(0, depth - 24)), squeeze=False
+    )
     for ax, g in zip(axes[0], groups):
         cs = [c for c in cells if c["group"] == g]
         if not cs:
@@ -105,13 +113,24 @@ def plot_scatter(rows: list[dict], rho: dict, path: Path) -> Path:
     sp = [r for r in rs if r["pair"] == "spawn"]
     if sp:
         ks = np.array([r["k_iteration"] for r in sp], dtype=float)
-        sc = ax.scatter([r["llfc_worst_distance"] for r in sp], [100 * r["error_barrier_frankle"] for r in sp],
-                        c=np.log10(ks + 1), cmap="plasma", s=22, label="spawned")
+        sc = ax.scatter(
+            [r["llfc_worst_distance"] for r in sp],
+            [100 * r["error_barrier_frankle"] for r in sp],
+            c=np.log10(ks + 1),
+            cmap="plasma",
+            s=22,
+            label="spawned",
+        )
         fig.colorbar(sc, ax=ax, label="log10(k + 1), k in iterations")
     for j, kind in enumerate(sorted({r["pair"] for r in rs} - {"spawn"})):
         o = [r for r in rs if r["pair"] == kind]
-        ax.scatter([r["llfc_worst_distance"] for r in o], [100 * r["error_barrier_frankle"] for r in o],
-                   marker="x", color=_COLORS[j % len(_COLORS)], label=kind)
+        ax.scatter(
+            [r["llfc_worst_distance"] for r in o],
+            [100 * r["error_barrier_frankle"] for r in o],
+            marker="x",
+            color=_COLORS[j % len(_COLORS)],
+            label=kind,
+        )
     ax.axhline(100 * criteria.LMC_MAX_ERROR_BARRIER, ls="--", color="gray", lw=0.8)
     ax.axvline(criteria.LLFC_MAX_DISTANCE, ls="--", color="gray", lw=0.8)  # LLFC also needs the ratio test
     ax.set_xscale("log")
