@@ -263,6 +263,11 @@ def test_summary_uses_the_one_criterion():
     bad_line = next(ln for ln in lines if ln.startswith("bad"))
     assert " yes   yes " in good_line and " no    no " in bad_line
     assert criteria.describe() in text
+    assert "*:" not in text  # the endpoint footnote only when a barrier peaks at an endpoint
+    at_end = _pair(0.01, 0.001, 0.5)
+    at_end["lmc"]["test"]["barriers"]["error_barrier_interior"] = 0.0
+    text = summary_table({"e": at_end})
+    assert "1.00* pp" in text and "*: the maximum is at an endpoint" in text
 
 
 # ---------------------------------------------------------------- 13. the README's Python API runs as written

@@ -21,6 +21,7 @@ def summary_table(pairs: dict, note: str | None = None) -> str:
         f"{'LMC':>4} {'LLFC':>5}  {'worst hidden layer LLFC (α∈.25/.5/.75)':<40}"
     )
     lines = ([note] if note else []) + [head, "-" * len(head)]
+    any_at_end = False
     for name, pr in pairs.items():
         t = pr["lmc"]["test"]
         i1, i0 = pr["alphas"].index(1.0), pr["alphas"].index(0.0)
@@ -33,6 +34,7 @@ def summary_table(pairs: dict, note: str | None = None) -> str:
             else "-"
         )
         at_end = b.get("error_barrier_interior", b["error_barrier_frankle"]) < b["error_barrier_frankle"]
+        any_at_end = any_at_end or at_end
         lines.append(
             f"{name:<22} {100 * t['error'][i1]:6.2f}% {100 * t['error'][i0]:6.2f}% "
             f"{100 * b['error_barrier_frankle']:8.2f}{'*' if at_end else ' '} pp {b['loss_barrier_entezari']:13.4f} "
@@ -52,9 +54,10 @@ def summary_table(pairs: dict, note: str | None = None) -> str:
         "err barrier: Frankle et al. 2020, max_α Err(θ_α) − mean of endpoints (test set); "
         "loss barrier: Entezari et al. 2022."
     )
-    lines.append(
-        "*: the maximum is at an endpoint (the worse model), not on the path between them; "
-        "error_barrier_interior in results.json excludes the endpoints."
-    )
+    if any_at_end:
+        lines.append(
+            "*: the maximum is at an endpoint (the worse model), not on the path between them; "
+            "error_barrier_interior in results.json excludes the endpoints."
+        )
     lines.append(criteria.describe())
     return "\n".join(lines)
