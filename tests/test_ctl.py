@@ -220,6 +220,8 @@ def test_tiny_finetune_pair_end_to_end(tmp_path, monkeypatch):
     assert len(pr["arithmetic"]) == len(pr["negation"]) == 2 and pr["stitching"][0]["rows"][0]["layer"] == "merged"
     assert all(0 <= e <= 1 for row in pr["errors"]["points"] for e in row.values())
     assert "control" in (out / "summary.txt").read_text()
+    html = (out / "report.html").read_text()  # every run folder has its report, a finetune run too
+    assert "Cross-Task Linearity" in html and "data:image/png;base64," in html and "control" in html
     for f in ("ctl.csv", "ctl_layers.png", "ctl_negation.png", "ctl_arithmetic.png", "ctl_stitching.png",
               "ctl_sweep.png"):
         assert (out / f).stat().st_size > 0

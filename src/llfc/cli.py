@@ -108,6 +108,10 @@ def _measure_overrides(args) -> dict:
             )
         m["test_samples"] = args.test_samples
     if args.train_samples is not None:
+        if args.train_samples < 0:
+            raise ConfigError(
+                f"--train-samples must be ≥ 0 (0 skips the train-set LMC curve), got {args.train_samples}."
+            )
         m["train_samples"] = args.train_samples
     if args.bn_mode:
         m["bn_mode"] = args.bn_mode
@@ -131,6 +135,8 @@ def cmd_run(args) -> int:
 
     cfg = ExperimentConfig.from_yaml(args.config) if args.config else ExperimentConfig()
     d = cfg.to_dict()
+    if args.model is not None and args.model != d.get("model"):
+        d["model_args"] = None  # another architecture: the config's arguments were for the old one
     for key, val in (
         ("dataset", args.dataset),
         ("data_root", args.data_root),
@@ -147,6 +153,8 @@ def cmd_run(args) -> int:
         d["download"] = True
     if args.pairs:
         d["pairs"] = args.pairs.split(",")
+    if args.model_args:
+        d["model_args"] = {**(d.get("model_args") or {}), **(_model_args(args.model_args) or {})}
     if args.widths:
         try:
             widths = [int(w) for w in args.widths.split(",")]
@@ -177,6 +185,11 @@ def cmd_analyze(args) -> int:
     from llfc.experiment import analyze_checkpoints
 
     measure = MeasureConfig(**_measure_overrides(args))
+    if args.model_args and not args.model:
+        raise ConfigError(
+            "--model-args needs --model NAME: it describes plain weights that record no architecture. "
+            "llfc checkpoints record theirs (their JSON sidecar); drop --model-args for them."
+        )
     out = Path(args.out) if args.out else _default_out("analyze")
     analyze_checkpoints(
         args.a,
@@ -240,10 +253,20 @@ def cmd_probes(args) -> int:
     info = dataset_info(args.dataset)
     kwargs = _model_args(args.model_args) or {}
     model = create_model(args.model, input_shape=list(info.input_shape), num_classes=info.num_classes, **kwargs)
+    x = torch.zeros(1, *info.input_shape, dtype=torch.long if info.modality == "text" else None)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, ValueError, IndexError) as e:
+        kind = "windows of token ids" if info.modality == "text" else "images (channels, height, width)"
+        raise ConfigError(
+            f"{args.model} cannot take {args.dataset}'s inputs, {kind} of shape {tuple(info.input_shape)} "
+            f"({str(e).splitlines()[0]}). Pass a --dataset of the kind the model reads (gpt: text such "
+            f"as tinyshakespeare; vit, mlp, lenet, vgg, resnet: images), or other --model-args."
+        ) from None
     fe = FeatureExtractor(model)
     probes = select_probes(fe.all_probes, kinds=args.kinds.split(",") if args.kinds else None)
     feats = fe.__class__(model, names=[p.name for p in probes if p.kind != "logits"])
-    x = torch.zeros(1, *info.input_shape, dtype=torch.long if info.modality == "text" else None)
     shapes = {k: tuple(v.shape[1:]) for k, v in feats(model.state_dict(), x).items()}
     print(f"{'name':<32} {'kind':<9} {'op':<14} {'feature shape':<18} conditions")
     for p in probes:
@@ -354,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", help="dataset name (default digits; see `llfc list`)")
     r.add_argument("--model", help="architecture name (default: the dataset's)")
     r.add_argument("--widths", help="MLP hidden widths, comma-separated (e.g. 512,512,512)")
+    r.add_argument(
+        "--model-args",
+        help='architecture arguments as JSON, e.g. \'{"width": 32, "depth": 2}\' for vit/gpt '
+        "(merged over the config's; see docs/models.md)",
+    )
     r.add_argument(
         "--pairs",
         help="comma-separated: spawn, independent, permutation-weight, "
@@ -496,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("llfc: interrupted. Run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        again = "the same command without --overwrite" if getattr(args, "overwrite", False) else "the same command"
+        print(f"llfc: interrupted. Run {again} again to resume from the last checkpoint.", file=sys.stderr)
         return 130
     finally:
         if owned:

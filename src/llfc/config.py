@@ -249,6 +249,14 @@ class ExperimentConfig:
                 c.model_args = dict(base["model_args"])
         if c.model_args is None:
             c.model_args = {}
+        widths = c.model_args.get("widths")
+        if widths is not None and not (
+            isinstance(widths, (list, tuple))
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+        ):
+            raise ConfigError(
+                f"widths (--widths / model_args) must be whole numbers ≥ 1, e.g. 512,512,512; got {widths!r}."
+            )
         c.train = {**base["train"], **(self.train or {})}
         epochs = c.train.get("epochs", 1)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:

@@ -21,6 +21,7 @@ LLFC_MAX_RATIO = 0.2
 LLFC_MAX_DISTANCE = 0.05
 LLFC_ALPHAS = (0.25, 0.5, 0.75)
 HIDDEN_KINDS = ("pre", "norm", "post", "residual")
+_ROUNDING = 1e-12  # float64 rounding of a difference of error rates; far below one sample in 10^9
 
 
 def _ratio(d: float, base: float) -> float:
@@ -67,7 +68,8 @@ def lmc_holds(pair: dict) -> bool:
     :func:`llfc.engine.measure_pair` (``lmc.barriers``, measured on the loader it was given).
     """
     lmc = pair["lmc"]
-    return lmc.get("test", lmc)["barriers"]["error_barrier_frankle"] <= LMC_MAX_ERROR_BARRIER
+    # an error is a count over N samples: 9/450 computed as 0.020000000000000018 is exactly 2 pp
+    return lmc.get("test", lmc)["barriers"]["error_barrier_frankle"] <= LMC_MAX_ERROR_BARRIER + _ROUNDING
 
 
 def llfc_holds(pair: dict) -> bool | None:

@@ -801,6 +801,9 @@ def run_finetune(
     plot_ctl(results, out)
     text = summary_ctl(results)
     atomic_write_text(out / "summary.txt", text + "\n")
+    from llfc.report.html import render_run_report
+
+    render_run_report(out)
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results

@@ -245,7 +245,16 @@ def vit(
 
     ``patch`` defaults to 7 for 28×28 inputs (16 patches) and 4 otherwise (64 patches on
     32×32). GLMC's paper-scale CIFAR-10 model: width 256, depth 6, heads 8 (configs/paper).
+
+    Raises:
+        ConfigError: ``input_shape`` is not an image shape (C, H, W), e.g. a text dataset's (T,).
     """
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"vit reads images (channels, height, width), but the input shape is {tuple(input_shape)} "
+            f"(a text dataset's windows of token ids?). For text use --model gpt; for vit an image "
+            f"dataset (digits, mnist, fashion-mnist, cifar10)."
+        )
     c, h, w = (int(s) for s in input_shape)
     if patch is None:
         patch = 7 if (h % 7 == 0 and w % 7 == 0) else 4
@@ -271,8 +280,13 @@ def gpt(
     (position table length) defaults to T.
 
     Raises:
-        ConfigError: ``block_size`` shorter than the context length T.
+        ConfigError: ``block_size`` shorter than the context length T, or an image ``input_shape``.
     """
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"gpt reads windows of token ids (T,), but the input shape is {tuple(input_shape)} (an image "
+            f"dataset?). Use a text dataset (--dataset tinyshakespeare) for gpt, or --model vit for images."
+        )
     t = int(input_shape[-1])
     block_size = t if block_size is None else int(block_size)
     if t > block_size:

@@ -312,6 +312,28 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
     }
 
 
+def ctl_context(run_dir: str | Path, results: dict) -> dict:
+    """What ``ctl.html.j2`` shows for a Cross-Task Linearity run (pair kind ``finetune``,
+    :mod:`llfc.finetune`): its summary.txt, every PNG of the folder, config, environment, seeds."""
+    run_dir = Path(run_dir)
+    env_path, cfg_path, summary = run_dir / "environment.json", run_dir / "config.yaml", run_dir / "summary.txt"
+    env = dict(results.get("environment") or (_read_json(env_path) if env_path.is_file() else {}))
+    seeds = env.pop("seeds", None)
+    return {
+        "title": f"llfc finetune: {run_dir.name}",
+        "results": results,
+        "summary": summary.read_text(encoding="utf-8").rstrip() if summary.is_file() else "",
+        "figures": {p.name: {"uri": _png_uri(p)} for p in sorted(run_dir.glob("*.png"))},
+        "config_yaml": cfg_path.read_text(encoding="utf-8").strip()
+        if cfg_path.is_file()
+        else _yaml(results.get("config", {})),
+        "environment": env,
+        "seeds": seeds,
+        "csvs": sorted(p.name for p in run_dir.glob("*.csv")),
+        "generator": f"llfc {__version__}",
+    }
+
+
 def render_run_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` into a run folder (``llfc run`` / ``llfc analyze`` output); returns its path.
 
@@ -330,6 +352,9 @@ def render_run_report(run_dir: str | Path) -> Path:
     results = _read_json(path)
     if not isinstance(results, dict) or not isinstance(results.get("pairs"), dict):
         raise ReportError(f'{path} has no "pairs" mapping (schema docs/results.md); rerun the command that wrote it.')
+    if results.get("kind") == "llfc.finetune":  # Cross-Task Linearity: its own schema and figures
+        html = _env().get_template("ctl.html.j2").render(**ctl_context(run_dir, results))
+        return atomic_write_text(run_dir / REPORT_NAME, html)
     if results["pairs"] and not all((run_dir / f).is_file() for f in ("lmc.png",)):
         from llfc.report.plots import plot_all
 
