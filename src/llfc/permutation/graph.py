@@ -126,7 +126,7 @@ class TraceContext:
         self.model = model
         self.gm = gm
         self.uf = _UnionFind()
-        self.axes: dict[fx.Node, FeatAxis | None] = {}
+        self.axes: dict[fx.Node, FeatAxis | HeadAxes | None] = {}
         self.params: dict[tuple[str, int], tuple[FeatAxis, int]] = {}
         self.node: fx.Node | None = None
         self._modules = dict(model.named_modules())
@@ -346,7 +346,7 @@ def derive_spec(
 
     ctx = TraceContext(model, gm)
     order: list[tuple[fx.Node, str]] = []
-    ax: FeatAxis | None
+    ax: FeatAxis | HeadAxes | None
     for node in gm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -454,7 +454,7 @@ def _build_spec(ctx: TraceContext, order: list[tuple[fx.Node, str]]) -> Permutat
     split = {r: hw for r, hw in ctx.splits.items() if r == uf.find(r)}
     # a "unit" is a plain root (int), a head set ("heads", set id) or a head of a root ("head", root, i)
     refs: dict[Any, list[AxisRef]] = {}
-    ax: FeatAxis | None
+    ax: FeatAxis | HeadAxes | None
     base: int | str  # a segment offset below, then a group name
 
     def add(unit_key: Any, ref: AxisRef) -> None:
