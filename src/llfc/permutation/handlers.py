@@ -393,8 +393,8 @@ def _elementwise_heads(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
             ctx.fail(HEADS_REASON)
         else:
             ctx.join_elements(result.elem, ax.elem)
-    assert result is not None  # called because an operand carries heads
     for a in plain:
+        assert result is not None  # called because an operand carries heads
         s = ctx.shape(a)
         assert s is not None  # plain holds operands with a shape only
         for dim in (result.head_dim, result.inner_dim):
