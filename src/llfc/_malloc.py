@@ -79,6 +79,7 @@ def malloc_tuning_available() -> bool:
 
 
 def _set(param: int, value: int) -> None:
+    assert _libc is not None  # callers checked malloc_tuning_available()
     _libc.mallopt(param, min(value, 2**31 - 1))
 
 
@@ -101,4 +102,5 @@ def retain_freed_memory() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _set(_M_TRIM_THRESHOLD, _TRIM_AFTER)
+                assert _libc is not None  # loaded when the first context was entered
                 _libc.malloc_trim(0)

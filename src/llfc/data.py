@@ -45,7 +45,7 @@ class DatasetInfo:
     """
 
     name: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -168,7 +168,7 @@ def get_dataset(
     download: bool = False,
     augment: bool | None = None,
     options: dict | None = None,
-) -> ArrayDataset:
+) -> ArrayDataset | TextDataset:
     """Load ``split`` ("train" or "test") of dataset ``name``.
 
     Args:

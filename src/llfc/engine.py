@@ -29,7 +29,7 @@ The cosine products are expanded so that f_int is never materialised:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -172,7 +172,8 @@ class PairMeter:
         self.acc = {p.name: _LLFCAcc() for p in self.llfc_probes}
         self.wa = {p.name: _WAAcc() for p in self.wa_probes}
         self.com = {p.name: torch.zeros(6, dtype=torch.float64, device=dev) for p in self.com_probes}
-        self._fa = self._fb = None  # per-batch state of update()
+        self._fa: dict[str, torch.Tensor] | None = None  # per-batch state of update()
+        self._fb: dict[str, torch.Tensor] | None = None
         self._scratch = _Scratch()
         if memory_budget is not None and not memory_budget > 0:
             from llfc.errors import ConfigError
@@ -265,6 +266,7 @@ class PairMeter:
 
     def _endpoint_stats(self, node: str):
         """(‖f_A‖², ‖f_B‖², ‖f_A − f_B‖²) per sample at ``node``, float64 (B,) each."""
+        assert self._fa is not None and self._fb is not None  # inside _update()
         A, Bm = _flat(self._fa[node]), _flat(self._fb[node])
         return _sq(A), _sq(Bm), _sq(torch.sub(A, Bm, out=self._scratch(A)))
 
@@ -275,6 +277,7 @@ class PairMeter:
             return torch.stack([sqa, torch.zeros_like(sqa)], 1)
         if f is self._fb:
             return torch.stack([sqb, torch.zeros_like(sqb)], 1)
+        assert self._fa is not None and self._fb is not None  # inside _update()
         X = _flat(f[p.node])
         d = torch.lerp(_flat(self._fb[p.node]), _flat(self._fa[p.node]), a, out=self._scratch(X))
         return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
@@ -283,6 +286,7 @@ class PairMeter:
         """Fold the (B, K, 2) rows of one probe into its accumulators."""
         acc = self.acc[p.name]
         sqa, sqb, dab = stats
+        assert self._fa is not None and self._fb is not None  # inside _update()
         acc.dim = self._fa[p.node][0].numel()
         sq_x, sq_d = R[..., 0], R[..., 1]
         sq_f = _sq_int(self._alpha_t.to(R.device), sqa, sqb, dab)
@@ -294,6 +298,8 @@ class PairMeter:
 
     def _update_wa(self, p: Probe, stats=None) -> None:
         acc = self.wa[p.name]
+        assert self._fa is not None and self._fb is not None  # inside _update()
+        assert p.input_node is not None  # wa probes have an input node
         gA, gB = _flat(self._fa[p.input_node]), _flat(self._fb[p.input_node])
         rA, rB = _flat(self._fa[p.node]), _flat(self._fb[p.node])
         sqa, sqb, dab = stats if stats is not None else self._endpoint_stats(p.node)
@@ -326,9 +332,12 @@ class PairMeter:
         return lambda t: node.target(t, *node.args[1:], **node.kwargs)
 
     def _update_com(self, p: Probe) -> None:
+        assert p.module is not None  # com probes are _commutable()
         mod = self.fx.module(p.module)
+        assert self._fa is not None and self._fb is not None  # inside _update()
         fa, fb = self._fa, self._fb
         wa, wb = self.sd_a[p.module + ".weight"], self.sd_b[p.module + ".weight"]
+        assert p.input_node is not None  # com probes are _commutable()
         HA, HB = fa[p.input_node], fb[p.input_node]
 
         def no_bias(out, sd):
@@ -375,6 +384,7 @@ class PairMeter:
             "n_samples": self.n,
             "lmc": {"loss": loss, "error": err, "barriers": barriers(self.alphas, loss, err)},
         }
+        acc: _LLFCAcc | _WAAcc  # one name for both accumulator kinds below
         if self.llfc:
             layers = []
             for p in self.llfc_probes:
@@ -429,6 +439,7 @@ class PairMeter:
             com = []
             for p in self.com_probes:
                 s = self.com[p.name]
+                assert p.module is not None  # com probes are _commutable()
                 wa_, wb_ = self.sd_a[p.module + ".weight"], self.sd_b[p.module + ".weight"]
                 com.append(
                     {
@@ -551,7 +562,7 @@ def measure_pair(
         kinds, names = ["logits"], None
     extractor = FeatureExtractor(model, kinds=kinds, names=names)
     if per_token:
-        extractor = TokenRows(extractor)
+        extractor = cast(FeatureExtractor, TokenRows(extractor))  # duck-typed via __getattr__
     dev = torch.device(device)
     move = (lambda sd: {k: v.to(dev) for k, v in sd.items()}) if dev.type != "cpu" else (lambda sd: sd)
     sa, sb = move(sd_a), move(sd_b)

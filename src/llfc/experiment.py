@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from llfc import __version__, distributed
 from llfc.checkpoint import (
@@ -527,7 +527,7 @@ def align_state_dicts(
     loader, kwargs = None, dict[str, Any]()
     if method in ("activation", "ste"):
         n = min(cfg.align.activation_samples, len(train_eval))
-        subset = Subset(train_eval, list(range(n)))
+        subset: Dataset = Subset(train_eval, list(range(n)))
         if method == "activation" and distributed.is_active():  # statistics merged over ranks
             subset, kwargs = distributed.shard_dataset(subset, cfg.align.batch_size), {"sharded": True}
         loader = _loader(subset, cfg.align.batch_size)
@@ -845,7 +845,7 @@ def align_checkpoints(
         if not dataset:
             raise ConfigError("with --model, pass --dataset NAME too (it sets the input shape).")
         info0 = dataset_info(dataset)
-        ma = {
+        ma: dict[str, Any] = {
             "name": model,
             "kwargs": {"input_shape": list(info0.input_shape), "num_classes": info0.num_classes, **(model_args or {})},
         }
@@ -865,6 +865,7 @@ def align_checkpoints(
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     shape = ma.get("kwargs", {}).get("input_shape")
+    kwargs: dict[str, Any]
     loader, kwargs = None, {}
     if method in ("activation", "ste"):
         if not dataset:
@@ -874,7 +875,7 @@ def align_checkpoints(
             dataset, "train", data_root, False, augment=False, options={"context": int(shape[-1])} if text else None
         )
         n = min(activation_samples, len(train_eval))
-        subset = Subset(train_eval, list(range(n)))
+        subset: Dataset = Subset(train_eval, list(range(n)))
         if method == "activation" and distributed.is_active():  # statistics merged over ranks
             subset, kwargs = distributed.shard_dataset(subset, batch_size), {"sharded": True}
         loader = _loader(subset, batch_size)

@@ -49,7 +49,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -131,7 +131,8 @@ class TaskSpec:
 @functools.lru_cache(maxsize=4)
 def _base_dataset(name: str, split: str, root: str | None) -> ArrayDataset:
     """One load per dataset and split (three tasks often share one dataset); never modified."""
-    return get_dataset(name, split, root, False)
+    # fine-tuning tasks are image datasets (get_dataset returns TextDataset only for text ones)
+    return cast(ArrayDataset, get_dataset(name, split, root, False))
 
 
 def task_dataset(task: TaskSpec, split: str, root=None, n: int | None = None, seed: int = 0) -> ArrayDataset:
@@ -498,7 +499,7 @@ def stitch_errors(
     merged = combine([sd_a, sd_b], [alpha, beta])
     me = ev.errors(merged)
     rows = [{"layer": "merged", "errors": {t.name: me[t.name] for t in tasks}}]
-    per_layer = {n: {} for n in probes}
+    per_layer: dict[str, dict[str, float]] = {n: {} for n in probes}
     for t in tasks:
         model = spec_for(t)()
         ex = FeatureExtractor(model, names=list(probes))
@@ -597,7 +598,7 @@ def measure_finetune_pair(
             return {k: v.to(dev) for k, v in sd.items()}
         return {k: v.to(dev) for k, v in {**split_head(sd, head)[0], **heads[t1.name]}.items()}
 
-    probe_data = ConcatDataset([data[t1.name][1], data[t2.name][1]])
+    probe_data: ConcatDataset = ConcatDataset([data[t1.name][1], data[t2.name][1]])
     loader = DataLoader(probe_data, batch_size=batch_size, shuffle=False)
     A, B = feat_state(sd_a), feat_state(sd_b)
     points = check_points(ft.points)

@@ -318,6 +318,7 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
         if pair is not None:
             d["pairs"] = [pair]
         probe = ExperimentConfig.from_dict(d, where="sweep point").resolved()
+        assert probe.model is not None and probe.model_args is not None  # set by resolved()
         if width is not None:
             probe = dataclasses.replace(probe, model_args=_with_width(probe.model, probe.model_args, width))
         kind = probe.pairs[0]
@@ -330,13 +331,16 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
             sizes[key] = _dataset_sizes(probe) if check_data else _TRAIN_SIZES.get(probe.dataset, 50000)
         spe = steps_per_epoch(sizes[key], tcfg)
         total = tcfg.epochs * spe
-        ks: list[tuple[int, str]] = []
+        ks: list[tuple[int | None, str | None]] = []  # (None, None): no spawn iteration
+        it: int | None
+        lab: str | None
         if kind == "spawn":
             seen = set()
             given = [(int(v), f"{int(v)} it") for v in g.get("spawn_iteration", [])] + [
                 (int(v) * spe, f"{int(v)} ep") for v in g.get("spawn_epoch", [])
             ]
             if not given:
+                assert probe.spawn_epoch is not None  # set by resolved()
                 given = [(int(probe.spawn_epoch) * spe, f"{int(probe.spawn_epoch)} ep")]
             for it, lab in given:
                 if it >= total:
@@ -403,15 +407,16 @@ def _set_threads(threads: int | None) -> None:
 def _data(cfg: ExperimentConfig):
     from torch.utils.data import Subset
 
-    from llfc.data import dataset_info, get_dataset
+    from llfc.data import ArrayDataset, TextDataset, dataset_info, get_dataset
     from llfc.train import ModelSpec, TrainConfig
 
     info = dataset_info(cfg.dataset)
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
     train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False)
-    test_set = get_dataset(cfg.dataset, "test", cfg.data_root, False)
+    test_set: ArrayDataset | TextDataset | Subset = get_dataset(cfg.dataset, "test", cfg.data_root, False)
     if cfg.measure.test_samples:
         test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
+    assert cfg.model is not None and cfg.model_args is not None  # job configs are resolved()
     spec = ModelSpec(
         cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes, **cfg.model_args}
     )
@@ -801,7 +806,7 @@ def run_sweep(
         )
         if p.k_iteration is not None and p.k_iteration not in j["iterations"]:
             j["iterations"].append(p.k_iteration)
-    point_jobs = [
+    point_jobs: list[dict[str, Any]] = [
         {
             "dir": str(out / "points" / p.id),
             "config": p.config.to_dict(),
@@ -1016,7 +1021,7 @@ def cooccurrence(rows: list[dict]) -> dict:
     """The four cells LMC yes/no × LLFC yes/no (thresholds of :mod:`llfc.criteria`), with the ids of the
     pairs in each. The LLFC paper predicts an empty "LMC without LLFC" cell (and Lemma 1 an empty
     "LLFC without LMC" cell). Pairs without LLFC results are not counted."""
-    cells = {"lmc_and_llfc": [], "lmc_without_llfc": [], "llfc_without_lmc": [], "neither": []}
+    cells: dict[str, list] = {"lmc_and_llfc": [], "lmc_without_llfc": [], "llfc_without_lmc": [], "neither": []}
     for r in rows:
         if r["llfc_holds"] is None:
             continue

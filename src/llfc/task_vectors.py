@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 
@@ -186,7 +186,9 @@ def check_ancestry(
     """
     msgs = []
     fp0 = fingerprint(theta0) if recorded else None
-    norm0 = torch.sqrt(sum((t.double() ** 2).sum() for t in theta0.values() if t.is_floating_point()))
+    norm0 = torch.sqrt(
+        cast(torch.Tensor, sum((t.double() ** 2).sum() for t in theta0.values() if t.is_floating_point()))
+    )
     for name, sd in children.items():
         check_same_backbone(theta0, sd, name, "the parent")
         rec = (recorded or {}).get(name)
@@ -200,7 +202,10 @@ def check_ancestry(
                 )
             continue
         tau = task_vector(sd, theta0)
-        rel = float(torch.sqrt(sum((t.double() ** 2).sum() for t in tau.values())) / max(float(norm0), 1e-30))
+        rel = float(
+            torch.sqrt(cast(torch.Tensor, sum((t.double() ** 2).sum() for t in tau.values())))
+            / max(float(norm0), 1e-30)
+        )
         if rel > MAX_RELATIVE_TASK_VECTOR:
             msgs.append(
                 f"{name} may not descend from this parent: ‖θ − θ_0‖/‖θ_0‖ = {rel:.2f} > "

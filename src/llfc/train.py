@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Sized, cast
 
 import torch
 import torch.nn as nn
@@ -334,7 +334,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
         )
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=cast(tuple[float, float], tuple(cfg.betas)), weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(
@@ -574,7 +574,7 @@ def train(
         raise ConfigError(f"stop_epoch must be in [0, epochs={cfg.epochs}], got {stop_epoch}.")
     model.to(device)
     train_set = _with_augment(train_set, cfg.augment)
-    n = len(train_set)
+    n = len(cast(Sized, train_set))
     if n == 0:
         raise ConfigError("the training set is empty.")
     spe = steps_per_epoch(n, cfg)
@@ -1061,7 +1061,7 @@ def spawn_pair(
         )
     tmp = tempfile.TemporaryDirectory(prefix="llfc-spawn-") if out_dir is None else None
     try:
-        root = Path(tmp.name if tmp is not None else out_dir)
+        root = Path(tmp.name if tmp is not None else cast("str | os.PathLike[str]", out_dir))
         parent = _init_model(model_fn, init)
         res_p = train(
             parent,

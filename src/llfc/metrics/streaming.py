@@ -54,9 +54,11 @@ class RunningMoments:
         M2 += M2_B + δ²·n·n_B/n with n = n + n_B."""
         if other.mean is None:
             return
+        assert other.m2 is not None  # set together with other.mean
         if self.mean is None:
             self.n, self.mean, self.m2 = other.n, other.mean.clone(), other.m2.clone()
             return
+        assert self.m2 is not None  # set together with self.mean
         b = other.n
         n = self.n + b
         delta = other.mean.to(self.mean.device) - self.mean

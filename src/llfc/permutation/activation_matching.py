@@ -216,7 +216,7 @@ def accumulate_moments(
     device: str | torch.device = "cpu",
     nodes: str = "post_activation",
     sharded: bool = False,
-) -> tuple[dict[str, CrossMoments], int]:
+) -> tuple[dict[str | tuple[str, str], CrossMoments], int]:
     """One streaming pass: per group, :class:`CrossMoments` of A's and B's features (both models see
     the same batches, in eval mode, without gradients). Returns (moments per group, inputs seen).
 
@@ -224,8 +224,10 @@ def accumulate_moments(
     within-head groups get none (see :func:`activation_matching`).
     ``sharded``: ``loader`` is this rank's shard (:func:`llfc.distributed.shard_dataset`); the
     moments of all ranks are merged once, after the pass, so every rank returns the totals."""
-    groups, sizes = {}, {}
+    groups: dict[str | tuple[str, str], list[NodeRef]] = {}
+    sizes: dict[str | tuple[str, str], int] = {}
     within = spec.within_head_groups()
+    g: str | tuple[str, str]
     for g in spec.groups:
         if g in within:
             continue

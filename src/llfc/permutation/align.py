@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ def example_input_for(
             continue
         for user in node.users:
             if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), nn.Embedding):
-                vocab = gm.get_submodule(str(user.target)).num_embeddings
+                vocab = cast(nn.Embedding, gm.get_submodule(str(user.target))).num_embeddings
                 return torch.randint(0, vocab, (n, *shape), generator=generator)
         break
     return torch.randn(n, *shape, generator=generator)

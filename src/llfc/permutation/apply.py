@@ -95,7 +95,7 @@ def apply_permutation(
         if g in ps:
             for r in refs:
                 axes.setdefault(r.key, set()).add(r.axis)
-    done: dict[tuple, list[torch.Tensor]] = {}
+    done: dict[tuple | None, list[torch.Tensor]] = {}
     for key, ax_set in axes.items():
         t = src = state_dict[key]
         for ax in sorted(ax_set):

@@ -26,6 +26,7 @@ whole-module handlers.
 from __future__ import annotations
 
 import operator
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -45,7 +46,8 @@ GQA_REASON = (
 def _scaled_dot_product_attention(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
     """``F.scaled_dot_product_attention(q, k, v)`` on (…, H, L, d_h) tensors split into heads."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    axes = [ctx.raw_axis(t) for t in (q, k, v)]
+    # FeatAxis | HeadAxes | None each; only HeadAxes (or all None) get past the checks below
+    axes: list[Any] = [ctx.raw_axis(t) for t in (q, k, v)]
     if ctx.raw_axis(ctx.arg(3, "attn_mask")) is not None:
         ctx.fail("its attention mask depends on permuted features")
     if ctx.arg(7, "enable_gqa", False):
@@ -61,7 +63,7 @@ def _scaled_dot_product_attention(ctx: TraceContext, node: fx.Node) -> HeadAxes 
         for a in axes:
             ctx.fix(a)
         return axes[2]
-    rank = len(ctx.shape(q))
+    rank = len(cast("tuple[int, ...]", ctx.shape(q)))
     for a in axes:
         if a.inner_dim != rank - 1 or a.head_dim > rank - 3:
             ctx.fail(
@@ -81,8 +83,8 @@ def _scaled_dot_product_attention(ctx: TraceContext, node: fx.Node) -> HeadAxes 
 
 def _embedding(ctx: TraceContext, node: fx.Node) -> FeatAxis:
     """``nn.Embedding``: its rows are looked up by index; the embedding dimension is a new group."""
-    mod = ctx.module()
-    out = ctx.new_axis(mod.embedding_dim, len(ctx.shape(node)) - 1)
+    mod = cast(nn.Embedding, ctx.module())
+    out = ctx.new_axis(mod.embedding_dim, len(cast("tuple[int, ...]", ctx.shape(node))) - 1)
     ctx.bind(ctx.param_key("weight"), 1, out)
     return out
 
@@ -181,7 +183,7 @@ def bind_multihead_attention(
 def _last_dim_axis(ctx: TraceContext, value: object, what: str) -> FeatAxis | None:
     ax = ctx.axis(value)
     shape = ctx.shape(value)
-    if ax is not None and ax.dim != len(shape) - 1:
+    if ax is not None and ax.dim != len(cast("tuple[int, ...]", shape)) - 1:  # a feature axis is on a tensor
         ctx.fail(f"the permuted units of its {what} are on dimension {ax.dim}, not on the last (embedding) dimension")
     if ax is not None and any(b != 1 for _, b in ax.parts):
         ctx.fail(f"its {what}'s units are flattened blocks")
@@ -190,14 +192,20 @@ def _last_dim_axis(ctx: TraceContext, value: object, what: str) -> FeatAxis | No
 
 def _multihead_attention(ctx: TraceContext, node: fx.Node) -> None:
     """``nn.MultiheadAttention`` (a leaf module returning ``(output, weights)``)."""
-    mod = ctx.module()
+    mod = cast(nn.MultiheadAttention, ctx.module())
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     for i, name in ((3, "key_padding_mask"), (5, "attn_mask")):
         if ctx.raw_axis(ctx.arg(i, name)) is not None:
             ctx.fail(f"its {name} depends on permuted features")
     axes = [_last_dim_axis(ctx, t, w) for t, w in ((q, "query"), (k, "key"), (v, "value"))]
-    rank = len(ctx.shape(q))
-    out = bind_multihead_attention(ctx, str(node.target), mod, *axes, out_dim=rank - 1)
+    rank = len(cast("tuple[int, ...]", ctx.shape(q)))
+    out = bind_multihead_attention(
+        ctx,
+        str(node.target),
+        mod,
+        *cast("tuple[FeatAxis | None, FeatAxis | None, FeatAxis | None]", axes),
+        out_dim=rank - 1,
+    )
     weights = None
     if ctx.arg(4, "need_weights", True) and not ctx.arg(7, "average_attn_weights", True):
         weights = (
@@ -237,18 +245,18 @@ def _residual_input(ctx: TraceContext, node: fx.Node, d_model: int) -> FeatAxis:
             ctx.fail(f"its {name} depends on permuted features")
     ax = _last_dim_axis(ctx, x, "input")
     if ax is None:  # unpermuted input: the residual stream is a fixed group
-        ax = ctx.new_axis(d_model, len(ctx.shape(x)) - 1)
+        ax = ctx.new_axis(d_model, len(cast("tuple[int, ...]", ctx.shape(x))) - 1)
         ctx.fix(ax)
     return ax
 
 
 def _transformer_encoder_layer(ctx: TraceContext, node: fx.Node) -> FeatAxis:
-    mod = ctx.module()
+    mod = cast(nn.TransformerEncoderLayer, ctx.module())
     return _encoder_layer(ctx, str(node.target), mod, _residual_input(ctx, node, mod.self_attn.embed_dim))
 
 
 def _transformer_encoder(ctx: TraceContext, node: fx.Node) -> FeatAxis:
-    mod = ctx.module()
+    mod = cast(nn.TransformerEncoder, ctx.module())
     prefix = str(node.target)
     ax = _residual_input(ctx, node, mod.layers[0].self_attn.embed_dim)
     for i, layer in enumerate(mod.layers):

@@ -10,7 +10,7 @@ Groups that reach the model's input or output are not permuted. The result is ch
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence, cast
 
 import torch
 import torch.fx as fx
@@ -126,7 +126,7 @@ class TraceContext:
         self.model = model
         self.gm = gm
         self.uf = _UnionFind()
-        self.axes: dict[fx.Node, FeatAxis | None] = {}
+        self.axes: dict[fx.Node, FeatAxis | HeadAxes | None] = {}
         self.params: dict[tuple[str, int], tuple[FeatAxis, int]] = {}
         self.node: fx.Node | None = None
         self._modules = dict(model.named_modules())
@@ -144,6 +144,7 @@ class TraceContext:
     def arg(self, i: int, name: str, default: Any = None) -> Any:
         """Positional argument ``i`` or keyword ``name`` of the current node."""
         node = self.node
+        assert node is not None  # set while derive_spec walks the graph
         if len(node.args) > i:
             return node.args[i]
         return node.kwargs.get(name, default)
@@ -178,6 +179,7 @@ class TraceContext:
     def module(self, node: fx.Node | None = None) -> nn.Module:
         """The ``nn.Module`` called by a ``call_module`` node."""
         node = node or self.node
+        assert node is not None  # set while derive_spec walks the graph
         return self._modules[str(node.target)]
 
     def size(self, ax: FeatAxis) -> int:
@@ -187,7 +189,7 @@ class TraceContext:
     # -- writing ---------------------------------------------------------------------------
     def new_axis(self, size: int, dim: int, origin: str | None = None) -> FeatAxis:
         """A fresh group of ``size`` units on dimension ``dim`` (e.g. a Linear's outputs)."""
-        e = self.uf.new(size, origin if origin is not None else _node_path(self.node))
+        e = self.uf.new(size, origin if origin is not None else _node_path(cast(fx.Node, self.node)))
         return FeatAxis(dim, ((e, 1),))
 
     def join(self, a: FeatAxis | None, b: FeatAxis | None) -> None:
@@ -234,7 +236,7 @@ class TraceContext:
     def link_heads(self, qk_elem: int, v_elem: int, path: str | None = None) -> None:
         """Queries/keys ``qk_elem`` and values ``v_elem`` of one attention (module ``path``, default
         the current node's): one permutation of heads."""
-        self.head_links.append((qk_elem, v_elem, _head_root_path(self.node) if path is None else path))
+        self.head_links.append((qk_elem, v_elem, _head_root_path(cast(fx.Node, self.node)) if path is None else path))
 
     def bind(self, key: str, axis: int, ax: FeatAxis, *, segment_offset: int = 0) -> None:
         """Declare that state-dict entry ``key`` is reordered along ``axis`` with feature axis ``ax``."""
@@ -247,13 +249,14 @@ class TraceContext:
             return
         self.params[(key, axis)] = (ax, segment_offset)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> NoReturn:
         """Raise :class:`~llfc.errors.UnsupportedOperationError` for the current node."""
-        raise _unsupported(self.node, reason)
+        raise _unsupported(cast(fx.Node, self.node), reason)
 
     def param_key(self, name: str, node: fx.Node | None = None) -> str:
         """State-dict key of parameter/buffer ``name`` of the module called by ``node``."""
         node = node or self.node
+        assert node is not None  # set while derive_spec walks the graph
         return f"{node.target}.{name}" if node.target else name
 
 
@@ -261,7 +264,7 @@ def _unsupported(node: fx.Node, reason: str | None = None) -> UnsupportedOperati
     op = (
         _target_name(node)
         if node.op != "call_module"
-        else type(node.graph.owning_module.get_submodule(str(node.target))).__qualname__
+        else type(cast(fx.GraphModule, node.graph.owning_module).get_submodule(str(node.target))).__qualname__
     )
     why = f" because {reason}" if reason else " (no permutation handler is registered for it)"
     return UnsupportedOperationError(
@@ -343,6 +346,7 @@ def derive_spec(
 
     ctx = TraceContext(model, gm)
     order: list[tuple[fx.Node, str]] = []
+    ax: FeatAxis | HeadAxes | None
     for node in gm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -394,7 +398,7 @@ def _get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Any:
 
 def _node_leaves(obj: Any) -> list[fx.Node]:
     out: list[fx.Node] = []
-    fx.node.map_arg(obj, lambda n: out.append(n) or n)
+    fx.node.map_arg(obj, lambda n: out.append(n) or n)  # type: ignore[func-returns-value]  # append, then keep n
     return out
 
 
@@ -430,7 +434,7 @@ def _head_sets(ctx: TraceContext) -> tuple[dict[int, int], dict[int, str], dict[
     for r in ctx.splits:
         find(uf.find(r))
     sets = {r: find(r) for r in list(parent)}
-    set_path = {}
+    set_path: dict[int, str] = {}
     for r, s in sorted(sets.items()):
         set_path.setdefault(s, paths.get(r, uf.origin[r] or f"group{r}"))
     return sets, set_path, role
@@ -450,6 +454,8 @@ def _build_spec(ctx: TraceContext, order: list[tuple[fx.Node, str]]) -> Permutat
     split = {r: hw for r, hw in ctx.splits.items() if r == uf.find(r)}
     # a "unit" is a plain root (int), a head set ("heads", set id) or a head of a root ("head", root, i)
     refs: dict[Any, list[AxisRef]] = {}
+    ax: FeatAxis | HeadAxes | None
+    base: int | str  # a segment offset below, then a group name
 
     def add(unit_key: Any, ref: AxisRef) -> None:
         refs.setdefault(unit_key, []).append(ref)

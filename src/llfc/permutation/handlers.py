@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.fx as fx
@@ -23,7 +23,7 @@ from llfc.permutation.spec import FeatAxis, HeadAxes
 
 __all__ = ["Handler", "passthrough", "register_handler"]
 
-Handler = Callable[[TraceContext, fx.Node], "FeatAxis | None"]
+Handler = Callable[[TraceContext, fx.Node], "FeatAxis | HeadAxes | None"]
 _MODULE_HANDLERS: dict[type, tuple[Handler, str]] = {}
 _FUNCTION_HANDLERS: dict[Any, tuple[Handler, str]] = {}
 _METHOD_HANDLERS: dict[str, tuple[Handler, str]] = {}
@@ -113,9 +113,10 @@ def _channel_passthrough(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
 
 
 def _linear(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    mod = ctx.module()
+    mod = cast(nn.Linear, ctx.module())
     inp = _first_axis(ctx)
     shape = ctx.shape(node.args[0])
+    assert shape is not None  # a Linear's input is a tensor
     rank = len(shape)
     if inp is not None and inp.dim != rank - 1:
         if not all(ctx.uf.fixed[ctx.uf.find(e)] for e, _ in inp.parts):
@@ -131,7 +132,7 @@ def _linear(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
 
 
 def _conv(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    mod = ctx.module()
+    mod = cast(nn.modules.conv._ConvNd, ctx.module())
     inp = _first_axis(ctx)
     if inp is not None and (inp.dim != 1 or any(b != 1 for _, b in inp.parts)):
         ctx.fail("its input's permuted units are not on the channel dimension")
@@ -187,11 +188,11 @@ def _groupnorm(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
 
 
 def _layernorm(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    mod = ctx.module()
+    mod = cast(nn.LayerNorm, ctx.module())
     ax = _first_axis(ctx)
     if ax is None:
         return None
-    rank = len(ctx.shape(node.args[0]))
+    rank = len(cast("tuple[int, ...]", ctx.shape(node.args[0])))
     first = rank - len(mod.normalized_shape)
     if ax.dim >= first and getattr(mod, "weight", None) is not None:
         ctx.bind(ctx.param_key("weight"), ax.dim - first, ax)
@@ -201,7 +202,7 @@ def _layernorm(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
 
 
 def _prelu(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    mod = ctx.module()
+    mod = cast(nn.PReLU, ctx.module())
     ax = _first_axis(ctx)
     if ax is not None and mod.num_parameters > 1:
         if ax.dim != 1:
@@ -284,6 +285,7 @@ def _flatten(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
     if ax is None:
         return None
     in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    assert in_shape is not None and out_shape is not None  # a feature axis is on a tensor
     if tuple(in_shape) == tuple(out_shape):
         return ax
     if isinstance(ax, HeadAxes):
@@ -294,11 +296,11 @@ def _flatten(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
     return _reshape_axis(ctx, ax, in_shape, out_shape)
 
 
-def _reshape(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
+def _reshape(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
     return _flatten(ctx, node)
 
 
-def _flatten_module(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
+def _flatten_module(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
     return _flatten(ctx, node)
 
 
@@ -341,6 +343,7 @@ def _elementwise(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None
     if result is not None:
         for a in plain:
             s = ctx.shape(a)
+            assert s is not None  # plain holds operands with a shape only
             k = len(s) - (out_rank - result.dim)
             if 0 <= k < len(s) and s[k] != 1:
                 if _bind_param_src(ctx, a, k, result):
@@ -368,7 +371,7 @@ def _bind_param_src(ctx: TraceContext, a: Any, k: int, ax: FeatAxis) -> bool:
 def _elementwise_heads(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
     """Elementwise ops on attention heads: all operands with heads share them; other operands must
     be constant over both the head and the within-head dimensions (a scalar, or a mask over tokens)."""
-    out_rank = len(ctx.shape(node))
+    out_rank = len(cast("tuple[int, ...]", ctx.shape(node)))
     result: HeadAxes | None = None
     plain = []
     for a in list(node.args) + list(node.kwargs.values()):
@@ -376,6 +379,7 @@ def _elementwise_heads(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
             continue
         ax = ctx.raw_axis(a)
         s = ctx.shape(a)
+        assert s is not None  # checked above
         if isinstance(ax, FeatAxis):
             ctx.fail(HEADS_REASON)
         if ax is None:
@@ -390,7 +394,9 @@ def _elementwise_heads(ctx: TraceContext, node: fx.Node) -> HeadAxes | None:
         else:
             ctx.join_elements(result.elem, ax.elem)
     for a in plain:
+        assert result is not None  # called because an operand carries heads
         s = ctx.shape(a)
+        assert s is not None  # plain holds operands with a shape only
         for dim in (result.head_dim, result.inner_dim):
             k = None if dim is None else len(s) - (out_rank - dim)
             if k is not None and 0 <= k < len(s) and s[k] != 1:
@@ -405,7 +411,7 @@ def _reduce(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     ax = _first_axis(ctx)
     if ax is None:
         return None
-    rank = len(ctx.shape(node.args[0]))
+    rank = len(cast("tuple[int, ...]", ctx.shape(node.args[0])))
     dims = ctx.arg(1, "dim", None)
     keepdim = bool(ctx.arg(2, "keepdim", False))
     if dims is None:
@@ -424,9 +430,10 @@ def _cat(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     tensors = ctx.arg(0, "tensors")
     dim = ctx.arg(1, "dim", 0)
     out_shape = ctx.shape(node)
+    assert out_shape is not None  # torch.cat returns a tensor
     rank = len(out_shape)
     dim = dim % rank
-    axes = [ctx.axis(t) for t in tensors]
+    axes: list[Any] = [ctx.axis(t) for t in tensors]  # FeatAxis | None; the Nones are rejected below
     if all(a is None for a in axes):
         return None
     ref = next(a for a in axes if a is not None)
@@ -458,8 +465,8 @@ def _permute(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
     ax = ctx.raw_axis(node.args[0])
     if ax is None:
         return None
-    rank = len(ctx.shape(node.args[0]))
-    dims = node.args[1:] if node.op == "call_method" else (ctx.arg(1, "dims"),)
+    rank = len(cast("tuple[int, ...]", ctx.shape(node.args[0])))
+    dims: Sequence[Any] = node.args[1:] if node.op == "call_method" else (ctx.arg(1, "dims"),)
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     dims = [d % rank for d in dims]
@@ -470,29 +477,29 @@ def _transpose(ctx: TraceContext, node: fx.Node) -> FeatAxis | HeadAxes | None:
     ax = ctx.raw_axis(node.args[0])
     if ax is None:
         return None
-    rank = len(ctx.shape(node.args[0]))
+    rank = len(cast("tuple[int, ...]", ctx.shape(node.args[0])))
     d0, d1 = ctx.arg(1, "dim0") % rank, ctx.arg(2, "dim1") % rank
     return _move_dims(ax, lambda d: d1 if d == d0 else d0 if d == d1 else d)
 
 
 def _expand(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     """``Tensor.expand``: new leading dimensions shift the units; a parameter stays a parameter."""
-    src = node.args[0]
-    out_rank = len(ctx.shape(node))
-    shift = out_rank - len(ctx.shape(src))
+    src = cast(fx.Node, node.args[0])  # the tensor it reads
+    out_rank = len(cast("tuple[int, ...]", ctx.shape(node)))
+    shift = out_rank - len(cast("tuple[int, ...]", ctx.shape(src)))
     if src in ctx.param_src:
         key, s0, sliced = ctx.param_src[src]
         ctx.param_src[node] = (key, s0 + shift, frozenset(d + shift for d in sliced))
     ax = ctx.axis(src)
     if ax is None:
         return None
-    if ctx.shape(src)[ax.dim] != ctx.shape(node)[ax.dim + shift]:
+    if cast("tuple[int, ...]", ctx.shape(src))[ax.dim] != cast("tuple[int, ...]", ctx.shape(node))[ax.dim + shift]:
         ctx.fail("it expands the permuted dimension")
     return FeatAxis(ax.dim + shift, ax.parts)
 
 
 def _getitem(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
-    src = node.args[0]
+    src = cast(fx.Node, node.args[0])  # the tensor it reads
     idx = node.args[1]
     if src in ctx.tuple_axes:  # an element of a tuple output (nn.MultiheadAttention's (output, weights))
         item = ctx.tuple_axes[src][idx] if isinstance(idx, int) and idx < len(ctx.tuple_axes[src]) else None
@@ -530,7 +537,7 @@ def _pad(ctx: TraceContext, node: fx.Node) -> FeatAxis | None:
     if ax is None:
         return None
     pad = ctx.arg(1, "pad")
-    rank = len(ctx.shape(node.args[0]))
+    rank = len(cast("tuple[int, ...]", ctx.shape(node.args[0])))
     k = len(pad) // 2  # pads the last k dimensions, last first
     padded = {rank - 1 - i for i in range(k) if pad[2 * i] or pad[2 * i + 1]}
     if ax.dim in padded:
@@ -606,6 +613,7 @@ def _register_builtins() -> None:
     register_handler(nn.LayerNorm, _layernorm, kind="norm")
     register_handler(nn.Flatten, _flatten_module)
 
+    f: Any  # the targets of the loops below (functions of several signatures)
     act_fns = [
         torch.relu,
         torch.relu_,

@@ -241,7 +241,9 @@ def weight_matching(
         t = B[key]
         for ax in axes_of_key[key]:
             if ax != axis:
-                t = t.index_select(ax, axis_index(spec, perms, key, ax, t.shape[ax]).to(t.device))
+                idx = axis_index(spec, perms, key, ax, t.shape[ax])
+                assert idx is not None  # perms holds every group of spec
+                t = t.index_select(ax, idx.to(t.device))
         return t
 
     def heads_step(g: str, perms: dict[str, torch.Tensor]) -> bool:

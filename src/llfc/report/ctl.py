@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -155,7 +156,7 @@ def plot_layers(results: dict, path: Path, point=(0.5, 0.5)) -> Path:
     return _save(fig, path)
 
 
-def _lambda_panel(results: dict, key: str, path: Path, title: str, ylabel: str) -> Path:
+def _lambda_panel(results: dict, key: str, path: Path, title: str, ylabel: str) -> Path | None:
     _name, pr = _main(results)
     rows = [r for r in pr[key] if "invalid" not in r]  # invalid networks (e.g. negative BN variance) are not drawn
     if not rows:
@@ -278,7 +279,7 @@ def plot_sweep(results: dict, path: Path) -> Path:
 def plot_ctl(results: dict, out: Path) -> list[Path]:
     """Write every figure of a finetune run into ``out``; returns the paths."""
     out = Path(out)
-    paths = [plot_layers(results, out / "ctl_layers.png")]
+    paths: list[Path | None] = [plot_layers(results, out / "ctl_layers.png")]
     _name, main = _main(results)
     if main.get("arithmetic"):
         paths += [
@@ -302,4 +303,4 @@ def plot_ctl(results: dict, out: Path) -> list[Path]:
         paths.append(plot_stitching(results, out / "ctl_stitching.png"))
     if sum(p["kind"] == "finetune" for p in results["pairs"].values()) > 1:
         paths.append(plot_sweep(results, out / "ctl_sweep.png"))
-    return paths
+    return cast(list[Path], paths)  # the None of _lambda_panel are filtered out above
