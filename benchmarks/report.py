@@ -2,9 +2,9 @@
 
     python benchmarks/report.py [--results benchmarks/results] [--out docs/benchmarks.md]
 
-Reads ``engine.json`` (benchmarks/engine.py), ``matching.json`` (benchmarks/matching.py) and, when
-present, ``matching-vgg16_bn_paper.json`` and ``suite.json`` (the test-suite durations, see
-docs/benchmarks.md). Every number in the written document comes from those files; the prose
+Reads ``engine.json`` (benchmarks/engine.py), ``matching.json`` (benchmarks/matching.py),
+``training.json`` (benchmarks/training.py) and, when present, ``matching-vgg16_bn_paper.json`` and
+``engine-no-malloc-tuning.json``. Every number in the written document comes from those files; the prose
 around the tables is fixed text in this script, written for the measurements it introduces.
 """
 
@@ -91,6 +91,27 @@ def matching_section(mt: dict | None, paper: dict | None) -> list[str]:
     return out
 
 
+def training_section(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    out = ["## Training loop (`python benchmarks/training.py`)", "",
+           f"`llfc.train.train` against a plain PyTorch loop (same model, initial weights, optimiser, "
+           f"batch order; data in memory), {t['threads']} torch thread, {t['cpu_count']} cores, torch "
+           f"{t['torch']}; the two alternate in one process, {len(t['rows'][0]['plain'])} repetitions "
+           "each, throughput ratio = min plain CPU / min llfc CPU (1.0: as fast as the plain loop; "
+           "issue 11's target ≥ 0.95). The weights after training are compared too.", "",
+           "| model | batch | steps | plain CPU s | llfc CPU s | **throughput (CPU)** | throughput (wall) | "
+           "max \|Δw\| | load |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in t["rows"]:
+        name = (f"ResNet-20 (×{r['model_args']['width']}, BN)" if r["model"] == "resnet20"
+                else NAMES.get(r["model"], r["model"]))
+        out.append(f"| {name} | {r['batch']} | {r['steps']} | "
+                   f"{min(x['cpu_s'] for x in r['plain']):.2f} | {min(x['cpu_s'] for x in r['llfc']):.2f} | "
+                   f"**{r['throughput_ratio_cpu']:.3f}** | {r['throughput_ratio_wall']:.3f} | "
+                   f"{r['max_weight_difference']:.0e} | {r['load_before']:.1f}–{r['load_after']:.1f} |")
+    return out + [""]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -112,6 +133,7 @@ def main(argv=None) -> None:
                                 "--conditions 0 --json benchmarks/results/engine-no-malloc-tuning.json`)",
                                 intro=False) + [""]
     lines += matching_section(_load(res / "matching.json"), _load(res / "matching-vgg16_bn_paper.json"))
+    lines += training_section(_load(res / "training.json"))
     notes = Path(args.notes)
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]

@@ -111,6 +111,31 @@ def test_seeded_training_is_bit_reproducible(data):
     assert [r["epoch"] for r in r1.log] == [1, 2, 3] and r1.epoch == 3
 
 
+class _Wrapped(torch.utils.data.Dataset):
+    """A dataset llfc does not know: training reads it through a DataLoader."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_in_memory_batches_equal_dataloader_batches(data, augment):
+    # an ArrayDataset is batched directly (no DataLoader); the weights must be those of the
+    # DataLoader path bit for bit, augmentation (random crops and flips) included
+    tr = data[0].with_augment(augment)
+    cfg = TrainConfig(**{**CFG.to_dict(), "augment": None})  # the dataset's own augmentation
+    direct = train(_fresh(0), tr, None, cfg, data_seed=5, progress=False)
+    loader = train(_fresh(0), _Wrapped(tr), None, cfg, data_seed=5, progress=False)
+    assert _equal(direct.model, loader.model)
+    assert _strip_time(direct.log) == _strip_time(loader.log)
+
+
 class _Interrupting(torch.utils.data.Dataset):
     """Wraps a dataset and raises after ``n`` batch fetches (a simulated crash)."""
 

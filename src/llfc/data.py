@@ -71,7 +71,8 @@ class ArrayDataset(Dataset):
         augment: if True, apply random crop (padding 4) and horizontal flip per sample.
 
     Items: ``(x, y)`` with x float32 (C, H, W) and y an int64 scalar tensor. Batched access
-    (``__getitems__``, used by DataLoader) normalises a whole batch in one operation.
+    (:meth:`batch`, and ``__getitems__``, which DataLoader uses) normalises a whole batch in one
+    operation.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, augment: bool = False):
@@ -101,19 +102,24 @@ class ArrayDataset(Dataset):
         return ds
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return (x - self._mean) / self._std
+        if x.dtype == torch.uint8:  # a new tensor: normalise it in place
+            return x.float().div_(255.0).sub_(self._mean).div_(self._std)
+        return (x.float() - self._mean) / self._std
+
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``idx`` as one batch: ``(x, y)``, x float32 (B, C, H, W) normalised (and
+        augmented, per sample, if ``augment``), y int64 (B,)."""
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        x = self.images[idx_t]
+        if self._aug is not None:
+            x = torch.stack([self._aug(xi) for xi in x])
+        return self._to_float(x), self.labels[idx_t]
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, idx):
-        idx_t = torch.as_tensor(idx, dtype=torch.long)
-        x = self.images[idx_t]
-        if self._aug is not None:
-            x = torch.stack([self._aug(xi) for xi in x])
-        x = self._to_float(x)
-        y = self.labels[idx_t]
+        x, y = self.batch(idx)
         return list(zip(x.unbind(0), y.unbind(0)))
 
 

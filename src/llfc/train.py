@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Sized, cast
+from typing import Any, Callable, Iterable, Mapping, Sequence, Sized, cast
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,7 @@ from llfc.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
+from llfc.data import ArrayDataset
 from llfc.errors import ConfigError, DistributedError, NonFiniteWeightsError, OutputExistsError
 from llfc.metrics.lmc import as_classification
 from llfc.seeding import derive_seed, environment, rng_state, seed_everything, set_deterministic, set_rng_state
@@ -776,8 +777,13 @@ def _epoch_batches(n: int, cfg: TrainConfig, data_seed: int, e: int, spe: int) -
 
 def _epoch_loader(
     train_set: Dataset, batches: list[list[int]], cfg: TrainConfig, data_seed: int, e: int, device: torch.device
-) -> DataLoader:
-    """A DataLoader yielding ``batches`` in order (worker RNGs seeded from data seed and epoch)."""
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(x, y)`` batches of ``batches``, in order: straight from an in-memory
+    :class:`~llfc.data.ArrayDataset` without workers (no per-sample split and re-stack; the same
+    tensors, and the same RNG draws, as through a DataLoader), else a DataLoader (worker RNGs
+    seeded from data seed and epoch)."""
+    if isinstance(train_set, ArrayDataset) and cfg.num_workers == 0:
+        return (train_set.batch(b) for b in batches)
     return DataLoader(
         train_set,
         batch_sampler=batches,
@@ -803,7 +809,7 @@ class _BarUpdate:
 
 def _train_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
