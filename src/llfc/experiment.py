@@ -150,21 +150,27 @@ class Measurer:
     Args:
         model: an instance of the architecture (weights unused).
         test_set: dataset of the LLFC/LMC measurement (the paper uses the test set).
-        train_subset: optional dataset for the train-set LMC curve.
+        train_eval: the training set without augmentation: the train-set LMC curve is measured on
+            ``measure.train_samples`` samples of it (a subset drawn with a seed derived from ``seed``;
+            no curve when 0), and the BN ``reset`` mode draws its batches from it.
         alphas: α grid (contains 0 and 1).
         measure: :class:`llfc.config.MeasureConfig`.
-        bn_train: training dataset (no augmentation) for the BN ``reset`` mode.
+        device: where the forward passes run.
+        progress: tqdm bars.
+        seed: the master seed (train subset and BN-reset batches).
+
+    Raises:
+        ConfigError: the test data does not fit the model, unknown probes or stitch points.
     """
 
     def __init__(
         self,
         model: nn.Module,
         test_set,
-        train_subset,
+        train_eval,
         alphas: Sequence[float],
         measure,
         device: torch.device,
-        bn_train=None,
         progress: bool = True,
         seed: int = 0,
     ):
@@ -180,12 +186,27 @@ class Measurer:
         self.sharded = distributed.is_active()
         shard = lambda ds: distributed.shard_dataset(ds, measure.batch_size)  # noqa: E731
         self.test = _loader(shard(test_set), measure.batch_size)
+        train_subset = _train_subset(train_eval, measure.train_samples, seed)
         self.train = _loader(shard(train_subset), measure.batch_size) if train_subset is not None else None
         self.bn_batches = None
         if measure.bn_mode == "reset":
             g = torch.Generator().manual_seed(derive_seed(seed, "bn-reset"))
-            dl = DataLoader(bn_train, batch_size=measure.batch_size, shuffle=True, generator=g)
+            dl = DataLoader(train_eval, batch_size=measure.batch_size, shuffle=True, generator=g)
             self.bn_batches = [x for (x, _), _i in zip(dl, range(measure.bn_batches))]
+
+    def entry(self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None):
+        """One pair's entry of results.json (schema docs/results.md): :meth:`__call__`'s measurements,
+        then ``kind`` (default ``name``), ``label`` (default ``PAIR_LABELS[kind]``) and the ``extra`` keys,
+        in that order.
+
+        Raises:
+            as :meth:`__call__`.
+        """
+        pr = self(sd_a, sd_b, name)
+        kind = kind or name
+        pr["kind"], pr["label"] = kind, label or PAIR_LABELS[kind]
+        pr.update(extra)
+        return pr
 
     def __call__(self, sd_a: dict, sd_b: dict, name: str) -> dict[str, Any]:
         check_compatible(sd_a, sd_b)
@@ -255,24 +276,44 @@ class Measurer:
         return res
 
 
+def write_outputs(pairs: dict, out: Path, *, figures: bool = True, note: str | None = None) -> str:
+    """The CSV tables, figures (unless ``figures`` is False) and summary.txt of measured pairs (entries of
+    results.json's ``pairs``) into ``out``; returns the summary (``note`` is printed above its table)."""
+    write_tables(pairs, out)
+    if figures:
+        plot_all(pairs, out)
+    text = summary_table(pairs, note=note)
+    atomic_write_text(out / "summary.txt", text + "\n")
+    return text
+
+
 def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -> str:
     """results.json, CSV tables, figures, summary.txt and report.html into ``out``; returns the summary."""
     atomic_write_json(out / "results.json", results)
-    write_tables(results["pairs"], out)
-    plot_all(results["pairs"], out)
     note = None
     if str((results.get("config") or {}).get("name") or "").endswith("(dry run)"):
         note = (
             "DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
             "numbers check that the pipeline works and are not results."
         )
-    text = summary_table(results["pairs"], note=note)
-    atomic_write_text(out / "summary.txt", text + "\n")
+    text = write_outputs(results["pairs"], out, note=note)
     render_run_report(out)
     return text
 
 
-def _results_header(kind: str, cfg_dict: dict, env: dict, extra: dict) -> dict:
+def results_header(kind: str, cfg_dict: dict, env: dict, extra: dict) -> dict:
+    """The top of a results.json (schema docs/results.md), its ``pairs`` still empty.
+
+    Args:
+        kind: what wrote it (``llfc.run``, ``llfc.analyze``, ``llfc.sweep-point``).
+        cfg_dict: the configuration as a plain dict (``config``).
+        env: :func:`llfc.seeding.environment` plus seeds (``environment``).
+        extra: further top-level keys (dataset, model, ...), placed after ``config``.
+
+    Returns:
+        ``{"schema_version", "kind", "created" (UTC, ISO 8601), "llfc_version", "environment", "config",
+        **extra, "pairs": {}}``.
+    """
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
@@ -344,11 +385,10 @@ def run_experiment(
     measurer = Measurer(
         arch,
         test_set,
-        _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
+        train_eval,
         alphas,
         cfg.measure,
         device,
-        bn_train=train_eval,
         progress=progress,
         seed=cfg.seed,
     )
@@ -371,7 +411,7 @@ def run_experiment(
         f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(alphas)} α values, "
         f"device {device} → {out} ({mode})"
     )
-    results = _results_header(
+    results = results_header(
         "llfc.run",
         cfg.to_dict(),
         env,
@@ -446,16 +486,12 @@ def run_experiment(
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
     for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
         log(f"[{name}] measuring LMC, LLFC and the conditions")
-        sd_a, sd_b = states[name]
-        pr = measurer(sd_a, sd_b, name)
-        pr["kind"], pr["label"] = name, PAIR_LABELS[name]
-        if name == "spawn":
-            pr["spawn_epoch"] = cfg.spawn_epoch
+        extra: dict[str, Any] = {"spawn_epoch": cfg.spawn_epoch} if name == "spawn" else {}
         if "alignment" in logs.get(name, {}):
-            pr["alignment"] = logs[name]["alignment"]
+            extra["alignment"] = logs[name]["alignment"]
         else:
-            pr["train_logs"] = logs.get(name)
-        results["pairs"][name] = pr
+            extra["train_logs"] = logs.get(name)
+        results["pairs"][name] = measurer.entry(*states[name], name, extra)
     text = write_report(results, out, log) if main else summary_table(results["pairs"])
     distributed.barrier()  # no rank finishes before results.json is complete
     log("\n" + text)
@@ -712,11 +748,10 @@ def analyze_checkpoints(
     measurer = Measurer(
         arch,
         test_set,
-        _train_subset(train_eval, measure.train_samples, seed),
+        train_eval,
         grid,
         measure,
         dev,
-        bn_train=train_eval,
         progress=progress,
         seed=seed,
     )
@@ -741,13 +776,17 @@ def analyze_checkpoints(
     if main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(analyze_cfg, sort_keys=False))
         atomic_write_json(out / "environment.json", env)
-    results = _results_header(
+    results = results_header(
         "llfc.analyze", analyze_cfg, env, {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma}
     )
-    pr = measurer(sd_a, sd_b, "A vs B")
-    pr["kind"], pr["label"] = "checkpoints", f"{Path(path_a).name} vs {Path(path_b).name}"
-    pr["checkpoints"] = {"A": str(path_a), "B": str(path_b)}
-    results["pairs"]["A vs B"] = pr
+    results["pairs"]["A vs B"] = measurer.entry(
+        sd_a,
+        sd_b,
+        "A vs B",
+        {"checkpoints": {"A": str(path_a), "B": str(path_b)}},
+        kind="checkpoints",
+        label=f"{Path(path_a).name} vs {Path(path_b).name}",
+    )
     text = write_report(results, out, log) if main else summary_table(results["pairs"])
     distributed.barrier()
     log("\n" + text)

@@ -536,9 +536,8 @@ def run_point(job: dict) -> dict:
             "skipped": True,
         }
     from llfc.checkpoint import save_checkpoint
-    from llfc.experiment import PAIR_LABELS, Measurer, _results_header, _train_subset, align_state_dicts
+    from llfc.experiment import Measurer, align_state_dicts, results_header, write_outputs
     from llfc.interpolate import check_alphas, default_alphas
-    from llfc.report import plot_all, summary_table, write_tables
     from llfc.seeding import environment, seed_everything
     from llfc.train import train
 
@@ -601,27 +600,19 @@ def run_point(job: dict) -> dict:
         default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas, cfg.allow_extrapolation
     )
     t1 = time.perf_counter()
-    measurer = Measurer(
-        arch,
-        test_set,
-        _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
-        alphas,
-        cfg.measure,
-        device,
-        bn_train=train_eval,
-        progress=False,
-        seed=cfg.seed,
-    )
-    pr = measurer(sd_a, sd_b, kind)
-    pr["kind"], pr["label"] = kind, PAIR_LABELS[kind]
+    extra: dict[str, Any] = {}
     if kind == "spawn":
-        pr["spawn_iteration"] = point["k_iteration"]
-        pr["spawn_epoch"] = point["k_iteration"] / point["steps_per_epoch"]
+        extra = {
+            "spawn_iteration": point["k_iteration"],
+            "spawn_epoch": point["k_iteration"] / point["steps_per_epoch"],
+        }
     if alignment is not None:
-        pr["alignment"] = alignment
-    pr["train_logs"] = logs
+        extra["alignment"] = alignment
+    extra["train_logs"] = logs
+    measurer = Measurer(arch, test_set, train_eval, alphas, cfg.measure, device, progress=False, seed=cfg.seed)
+    pr = measurer.entry(sd_a, sd_b, kind, extra)
     env = {**environment(device), "seeds": {"master": cfg.seed, **seeds}}
-    results = _results_header(
+    results = results_header(
         "llfc.sweep-point",
         cfg.to_dict(),
         env,
@@ -632,10 +623,7 @@ def run_point(job: dict) -> dict:
         },
     )
     results["pairs"][kind] = pr
-    write_tables(results["pairs"], out)
-    if job.get("figures", True):
-        plot_all(results["pairs"], out)
-    atomic_write_text(out / "summary.txt", summary_table(results["pairs"]) + "\n")
+    write_outputs(results["pairs"], out, figures=job.get("figures", True))
     t_measure = time.perf_counter() - t1
     results["seconds"] = {"train": t_train, "measure": t_measure, "total": time.perf_counter() - t0}
     atomic_write_json(out / "results.json", results)  # last: marks the point finished
