@@ -955,7 +955,9 @@ def pair_row(point: dict, pr: dict) -> dict:
         "llfc_worst_ratio": w and w["ratio"],
         "llfc_max_distance": w and w["max_distance"],
         "llfc_mean_distance": mean(ly["distance"]["mean"][i5] for ly in hidden),
-        "llfc_mean_ratio": mean(criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"]) for ly in hidden),
+        "llfc_mean_ratio": mean(
+            criteria.ratio_to_baseline(ly["distance"]["mean"][i5], ly["baseline"]["mean"]) for ly in hidden
+        ),
         "weak_additivity_mean": mean(ly["distance"]["mean"][i5] for ly in wa),
         "commutativity_ratio": mean(c["dist_com"] / c["dist_W"] for c in com),
         "stitching_max_error": max(st) if st else None,
@@ -1086,7 +1088,7 @@ def _heatmap_rows(out: Path, pts: list[dict]) -> list[dict]:
                         "layer": ly["name"],
                         "seed": pt["seed"],
                         "distance": ly["distance"]["mean"][i5],
-                        "ratio": criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"]),
+                        "ratio": criteria.ratio_to_baseline(ly["distance"]["mean"][i5], ly["baseline"]["mean"]),
                     }
                 )
     return res
