@@ -62,3 +62,51 @@ def test_run_takes_model_args(monkeypatch, tmp_path):
     assert main(argv) == 0
     cfg = seen["cfg"]
     assert cfg.model == "vit" and cfg.model_args == {"width": 16, "depth": 1}  # not the digits MLP's widths
+
+
+# --------------------------------------------------------------------------- small user-facing fixes
+TINY_SWEEP = {
+    "name": "t",
+    "base": {
+        "name": "t",
+        "dataset": "digits",
+        "model": "mlp",
+        "model_args": {"widths": [8]},
+        "alphas": 5,
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "max_batches_per_epoch": 2},
+        "measure": {"test_samples": 32, "train_samples": 0, "batch_size": 64, "stitching": False, "angles_k": 0},
+    },
+    "grid": {"pair": ["independent"], "seed": [0]},
+    "point_figures": False,
+}
+
+
+def test_sweep_threads_per_job_follow_omp_num_threads(tmp_path, monkeypatch):
+    """The banner's threads per job are the ones each job uses and records ($OMP_NUM_THREADS was ignored)."""
+    import json
+    import os
+
+    import torch
+
+    from llfc import sweep
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep.job_threads(None, 2) == (1, "OMP_NUM_THREADS")  # each worker inherits it
+    assert sweep.job_threads(3, 2) == (3, "--threads")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert sweep.job_threads(None, 2) == (2, "cores available // --jobs")
+    with pytest.raises(sweep.SweepError, match="--threads must be ≥ 1"):
+        sweep.job_threads(0, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    lines: list[str] = []
+    before = torch.get_num_threads()
+    try:
+        sweep.run_sweep(TINY_SWEEP, tmp_path / "s", progress=False, log=lines.append)
+    finally:
+        torch.set_num_threads(before)
+    assert "1 thread(s) per job (OMP_NUM_THREADS)" in lines[0]
+    (point,) = (tmp_path / "s" / "points").glob("*/results.json")
+    env = json.loads(point.read_text())["environment"]
+    assert (env["threads"], env["threads_source"]) == (1, "OMP_NUM_THREADS")

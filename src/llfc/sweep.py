@@ -396,12 +396,34 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
 # the jobs (run in worker processes or on cluster nodes)
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+def job_threads(threads: int | None, jobs: int) -> tuple[int, str]:
+    """The torch threads of each sweep job, and how they were chosen (printed in the banner, recorded
+    in each point's environment).
 
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(int(threads))
+    ``threads`` (``--threads``) when given; else ``$OMP_NUM_THREADS`` (the user's per-process count,
+    which every worker process inherits); else the cores available to this process
+    (:func:`llfc.seeding.default_threads`) divided among the ``jobs`` (at least 1).
+
+    Raises:
+        SweepError: ``threads`` < 1.
+    """
+    from llfc.seeding import default_threads
+
+    if threads is not None:
+        if threads < 1:
+            raise SweepError(f"--threads must be ≥ 1 (threads= in Python), got {threads}.")
+        return int(threads), "--threads"
+    n, source = default_threads()
+    if source == "OMP_NUM_THREADS":
+        return n, source
+    return max(1, n // jobs), "cores available // --jobs"
+
+
+def _set_threads(threads: int, source: str) -> None:
+    from llfc.seeding import set_threads
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the libraries the job starts
+    set_threads(threads, source)
 
 
 def _data(cfg: ExperimentConfig):
@@ -460,12 +482,12 @@ def train_parent(job: dict) -> dict:
 
     Args:
         job: ``{"kind": "spawn"|"independent", "dir", "config" (ExperimentConfig dict), "iterations",
-            "threads"}``.
+            "threads", "threads_source"}``.
 
     Returns:
         ``{"dir", "seconds", "skipped"}``.
     """
-    _set_threads(job.get("threads"))
+    _set_threads(job["threads"], job["threads_source"])
     t0, c0 = time.perf_counter(), time.process_time()
     if _parent_done(job):
         return {"dir": job["dir"], "seconds": 0.0, "cpu_seconds": 0.0, "skipped": True}
@@ -518,12 +540,12 @@ def run_point(job: dict) -> dict:
     ``results.json`` last (atomically).
 
     Args:
-        job: ``{"dir", "config", "point" (point.json content), "parent_dir", "threads", "figures"}``.
+        job: ``{"dir", "config", "point" (point.json content), "parent_dir", "threads", "threads_source", "figures"}``.
 
     Returns:
         ``{"dir", "seconds", "train_seconds", "measure_seconds", "skipped"}``.
     """
-    _set_threads(job.get("threads"))
+    _set_threads(job["threads"], job["threads_source"])
     out = Path(job["dir"])
     if (out / "results.json").is_file():
         return {
@@ -642,20 +664,20 @@ def run_point(job: dict) -> dict:
 # running
 
 
-def _executor(backend: str, jobs: int, threads: int, out: Path, cluster: dict):
+def _executor(backend: str, jobs: int, threads: tuple[int, str], out: Path, cluster: dict):
     if backend == "local":
         if jobs <= 1:
             return None
         import multiprocessing as mp
 
         return ProcessPoolExecutor(
-            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_set_threads, initargs=threads
         )
     check_backend(backend)
     import submitit
 
     ex = submitit.AutoExecutor(folder=str(out / "submitit"))
-    ex.update_parameters(**{"timeout_min": 60, "cpus_per_task": threads, **(cluster or {})})
+    ex.update_parameters(**{"timeout_min": 60, "cpus_per_task": threads[0], **(cluster or {})})
     return ex
 
 
@@ -746,7 +768,8 @@ def run_sweep(
             finished points (results.json present) are skipped, unfinished ones redone from their last
             checkpoint; a folder of another config is refused.
         jobs: worker processes of the local backend (1: run in this process).
-        threads: torch threads per job (default: CPU cores // jobs, at least 1).
+        threads: torch threads per job (default: $OMP_NUM_THREADS, else the cores available // jobs, at
+            least 1; :func:`job_threads`).
         backend: "local" (process pool) or "submitit" (Slurm via ``submitit.AutoExecutor``, parameters
             from the config's ``cluster:``).
         executor: any object with ``submit(fn, arg)`` returning futures/jobs with ``done()`` and
@@ -775,8 +798,8 @@ def run_sweep(
         raise SweepError(f"jobs must be a whole number ≥ 1, got {jobs!r}.")
     out = Path(out)
     points, mode = _prepare(sc, out)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    ex = executor or _executor(backend, jobs, threads, out, sc.cluster)
+    threads, threads_source = job_threads(threads, jobs)
+    ex = executor or _executor(backend, jobs, (threads, threads_source), out, sc.cluster)
     # everything is checked; now write
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(sc.to_dict(), sort_keys=False))
@@ -790,6 +813,7 @@ def run_sweep(
                 "config": p.config.to_dict(),
                 "iterations": [],
                 "threads": threads,
+                "threads_source": threads_source,
             },
         )
         if p.k_iteration is not None and p.k_iteration not in j["iterations"]:
@@ -801,6 +825,7 @@ def run_sweep(
             "point": _point_meta(p),
             "parent_dir": str(out / "parents" / p.parent),
             "threads": threads,
+            "threads_source": threads_source,
             "figures": sc.point_figures,
         }
         for p in points
@@ -816,7 +841,7 @@ def run_sweep(
         f"sweep {sc.name}: {len(points)} pairs, {len(parents)} shared parent runs → {out} ({mode}; "
         f"{len(points) - len(todo_points)} pairs finished, {len(todo_points)} to run; "
         f"{'jobs ' + str(jobs) if executor is None and backend == 'local' else type(ex).__name__}, "
-        f"{threads} thread(s) per job)"
+        f"{threads} thread(s) per job ({threads_source}))"
     )
     submit = (lambda fn, arg: _Now(fn, arg)) if ex is None else ex.submit
     t0 = time.perf_counter()
