@@ -110,3 +110,24 @@ def test_sweep_threads_per_job_follow_omp_num_threads(tmp_path, monkeypatch):
     (point,) = (tmp_path / "s" / "points").glob("*/results.json")
     env = json.loads(point.read_text())["environment"]
     assert (env["threads"], env["threads_source"]) == (1, "OMP_NUM_THREADS")
+
+
+def test_run_records_the_alpha_grid_and_test_samples_it_used(tmp_path, capsys):
+    """Duplicate α values and --test-samples beyond the test set: config.yaml and results.json record
+    the sorted, de-duplicated grid and the clipped sample count that were measured."""
+    import json
+
+    import yaml
+
+    out = tmp_path / "run"
+    argv = ["run", "--pairs", "independent", "--epochs", "1", "--widths", "8", "--alphas", "0.6,0.1,0.6,0.1"]
+    argv += ["--test-samples", "100000", "--train-samples", "0", "--no-conditions", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert "llfc: warning: --test-samples 100000 is more than digits's 450 test samples" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    grid = [0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 1.0]
+    assert res["pairs"]["independent"]["alphas"] == grid and res["dataset"]["n_test"] == 450
+    for cfg in (res["config"], yaml.safe_load((out / "config.yaml").read_text())):
+        assert cfg["alphas"] == grid and cfg["measure"]["test_samples"] == 450
+    (out / "results.json").unlink()  # an unfinished run of the same command still resumes
+    assert main(argv) == 0

@@ -17,8 +17,10 @@ command is run again (same config, same --out).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -124,6 +126,27 @@ def _train_subset(train_eval, n: int, seed: int):
     g = torch.Generator().manual_seed(derive_seed(seed, "train-subset"))
     idx = torch.randperm(len(train_eval), generator=g)[:n].sort().values.tolist()
     return Subset(train_eval, idx)
+
+
+def first_test_samples(test_set, measure, dataset_name: str):
+    """The measurement's test data: the first ``measure.test_samples`` samples of ``test_set`` (all of it
+    when None), and ``measure`` with the count actually used. A count beyond the size of the test set is
+    clipped to it, with a warning, so that config.yaml and results.json record what was measured.
+
+    Returns:
+        ``(dataset, measure)``: ``test_set`` or a ``Subset`` of it; a :class:`llfc.config.MeasureConfig`.
+    """
+    n = measure.test_samples
+    if not n:
+        return test_set, measure
+    if n > len(test_set):
+        warnings.warn(
+            f"--test-samples {n} is more than {dataset_name}'s {len(test_set)} test samples: measuring all "
+            f"{len(test_set)} (recorded as test_samples: {len(test_set)}).",
+            stacklevel=2,
+        )
+        n = len(test_set)
+    return Subset(test_set, list(range(n))), dataclasses.replace(measure, test_samples=n)
 
 
 def check_input_shape(model: nn.Module, dataset, model_desc: str, dataset_name: str) -> None:
@@ -347,25 +370,21 @@ def run_experiment(
     )
     device = resolve_device(cfg.device)
     out = Path(out)
-    cfg_text = cfg.to_yaml()
-    mode = prepare_out_dir(out, overwrite, cfg_text)
-    distributed.check_same(
-        cfg_text, "the configuration (config.yaml)", "Launch every rank with the same command and config file."
-    )
-    distributed.barrier()  # every rank has looked at --out before rank 0 writes there
     if "finetune" in cfg.pairs:  # Cross-Task Linearity: parent + fine-tuned children (llfc.finetune)
         from llfc.finetune import run_finetune
 
-        return run_finetune(cfg, out, mode, device, progress=progress, log=log)
+        return run_finetune(cfg, out, _prepare_run(cfg, out, overwrite)[1], device, progress=progress, log=log)
     info = dataset_info(cfg.dataset)
-    # data first: a missing dataset must fail before anything is written
+    # data first: a missing dataset must fail before anything is written, and config.yaml records the
+    # number of test samples measured
     dopt = cfg.dataset_args or None
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, options=dopt)
     train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False, options=dopt)
     test_set: Any = get_dataset(cfg.dataset, "test", cfg.data_root, False, options=dopt)  # or a Subset
     info = getattr(test_set, "info", info)  # a text dataset's shape (context,) and vocabulary size
-    if cfg.measure.test_samples:
-        test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
+    test_set, measure = first_test_samples(test_set, cfg.measure, cfg.dataset)
+    cfg = dataclasses.replace(cfg, measure=measure)
+    cfg_text, mode = _prepare_run(cfg, out, overwrite)
     # everything that can be checked is checked before anything is written
     assert cfg.model is not None and cfg.spawn_epoch is not None  # set by cfg.resolved()
     spec = ModelSpec(
@@ -497,6 +516,17 @@ def run_experiment(
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results
+
+
+def _prepare_run(cfg: ExperimentConfig, out: Path, overwrite: bool) -> tuple[str, str]:
+    """(config.yaml text, :func:`prepare_out_dir`'s mode) of a run, every rank agreeing on both."""
+    cfg_text = cfg.to_yaml()
+    mode = prepare_out_dir(out, overwrite, cfg_text)
+    distributed.check_same(
+        cfg_text, "the configuration (config.yaml)", "Launch every rank with the same command and config file."
+    )
+    distributed.barrier()  # every rank has looked at --out before rank 0 writes there
+    return cfg_text, mode
 
 
 def _rank_output(log: Callable[[str], None], progress: bool) -> tuple[Callable[[str], None], bool]:
@@ -742,8 +772,7 @@ def analyze_checkpoints(
         )
     train_eval = get_dataset(dataset, "train", data_root, download, augment=False, options=dopt)
     test_set: Any = get_dataset(dataset, "test", data_root, False, options=dopt)  # or a Subset of it
-    if measure.test_samples:
-        test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
+    test_set, measure = first_test_samples(test_set, measure, dataset)
     # the data against the model (input shape, probes, BN batches): still nothing written
     measurer = Measurer(
         arch,

@@ -427,23 +427,25 @@ def _set_threads(threads: int, source: str) -> None:
 
 
 def _data(cfg: ExperimentConfig):
+    """``(cfg, train_set, train_eval, test_set, spec, tcfg)`` of a job; ``cfg`` records the number of
+    test samples measured (:func:`llfc.experiment.first_test_samples`)."""
     from torch.utils.data import Subset
 
     from llfc.data import ArrayDataset, TextDataset, dataset_info, get_dataset
+    from llfc.experiment import first_test_samples
     from llfc.train import ModelSpec, TrainConfig
 
     info = dataset_info(cfg.dataset)
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
     train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False)
     test_set: ArrayDataset | TextDataset | Subset = get_dataset(cfg.dataset, "test", cfg.data_root, False)
-    if cfg.measure.test_samples:
-        test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
+    test_set, measure = first_test_samples(test_set, cfg.measure, cfg.dataset)
     assert cfg.model is not None and cfg.model_args is not None  # job configs are resolved()
     spec = ModelSpec(
         cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes, **cfg.model_args}
     )
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(_device(cfg))})
-    return train_set, train_eval, test_set, spec, tcfg
+    return dataclasses.replace(cfg, measure=measure), train_set, train_eval, test_set, spec, tcfg
 
 
 def _device(cfg: ExperimentConfig):
@@ -495,7 +497,7 @@ def train_parent(job: dict) -> dict:
     from llfc.train import independent_pair, steps_per_epoch, train
 
     cfg = ExperimentConfig.from_dict(job["config"])
-    train_set, _, test_set, spec, tcfg = _data(cfg)
+    _, train_set, _, test_set, spec, tcfg = _data(cfg)
     d = Path(job["dir"])
     meta = {"dataset": cfg.dataset, "model": spec.to_meta()}
     if job["kind"] == "spawn":
@@ -566,7 +568,7 @@ def run_point(job: dict) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = ExperimentConfig.from_dict(job["config"])
     point = job["point"]
-    train_set, train_eval, test_set, spec, tcfg = _data(cfg)
+    cfg, train_set, train_eval, test_set, spec, tcfg = _data(cfg)
     device = _device(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
