@@ -131,3 +131,26 @@ def test_run_records_the_alpha_grid_and_test_samples_it_used(tmp_path, capsys):
         assert cfg["alphas"] == grid and cfg["measure"]["test_samples"] == 450
     (out / "results.json").unlink()  # an unfinished run of the same command still resumes
     assert main(argv) == 0
+
+
+def test_unwritable_cache_names_llfc_cache_and_the_fix(tmp_path, monkeypatch):
+    import gzip
+
+    from llfc import data
+    from llfc.errors import ConfigError, DataNotFoundError
+
+    gz = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(gzip.compress(b"\x00" * 16))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LLFC_CACHE", str(blocker / "cache"))  # a folder cannot be made inside a file
+    with pytest.raises(ConfigError) as e:
+        data._decompressed("mnist", gz)
+    msg = str(e.value)
+    assert "$LLFC_CACHE" in msg and str(blocker / "cache") in msg and "export LLFC_CACHE=" in msg
+    monkeypatch.setenv("LLFC_CACHE", str(tmp_path / "cache"))  # a writable cache still works
+    assert data._decompressed("mnist", gz).read_bytes() == b"\x00" * 16
+    for bad in (b"not gzip at all", gzip.compress(bytes(range(256)) * 8)[:-20]):  # damaged files: named as such
+        gz.write_bytes(bad)
+        with pytest.raises(DataNotFoundError, match="not a valid gzip file"):
+            data._decompressed("mnist", gz)
