@@ -154,3 +154,41 @@ def test_unwritable_cache_names_llfc_cache_and_the_fix(tmp_path, monkeypatch):
         gz.write_bytes(bad)
         with pytest.raises(DataNotFoundError, match="not a valid gzip file"):
             data._decompressed("mnist", gz)
+
+
+def _mlp_weights(tmp_path, name: str, prefix: str = "", extra: dict | None = None) -> str:
+    import torch
+
+    from llfc.models import create_model
+
+    torch.manual_seed(len(name))
+    sd = create_model("mlp", input_shape=[1, 8, 8], num_classes=10, widths=[8]).state_dict()
+    path = tmp_path / f"{name}.pt"
+    torch.save({**{prefix + k: v for k, v in sd.items()}, **(extra or {})}, path)
+    return str(path)
+
+
+MLP8 = ["--model", "mlp", "--model-args", '{"widths": [8]}', "--dataset", "digits"]
+
+
+def test_corrupt_torch_file_is_named_and_no_unsafe_load_is_suggested(tmp_path):
+    import os
+
+    import torch
+
+    from llfc.checkpoint import load_torch_state_dict
+    from llfc.errors import CheckpointError
+
+    good = _mlp_weights(tmp_path, "good")
+    blob = open(good, "rb").read()
+    cases = {"random.pt": os.urandom(500), "truncated.pt": blob[: len(blob) // 2], "empty.pth": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError) as e:
+            load_torch_state_dict(tmp_path / name)
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and "corrupt" in msg, msg
+        assert "weights_only` set to `False" not in msg and "weights_only=False" not in msg, msg
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")  # sound, but a pickled module: named as such
+    with pytest.raises(CheckpointError, match=r"whole.pt holds Python objects besides tensors \(it needs torch"):
+        load_torch_state_dict(tmp_path / "whole.pt")

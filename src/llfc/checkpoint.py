@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -364,20 +365,27 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         {name: tensor} on the CPU, with the dtypes they were saved with.
 
     Raises:
-        CheckpointError: the file is missing, unreadable by ``weights_only`` loading (e.g. a
-            pickled whole model), or holds no tensors.
+        CheckpointError: the file is missing, corrupt (or no PyTorch file), holds Python objects
+            that ``weights_only`` loading refuses (e.g. a pickled whole model), or holds no tensors.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {os.fspath(path)!r}: the file does not exist.")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors of many types: all mean "not a plain state dict"
+    except Exception as e:  # errors of many types; torch's own text may advise weights_only=False: not quoted
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # a sound file that holds Python objects besides tensors
+            raise CheckpointError(
+                f"{p} holds Python objects besides tensors (it needs {found.group(1)}, e.g. a pickled "
+                f"whole model or optimizer); llfc reads only tensors, without running pickled code. Save "
+                f"the weights with torch.save(model.state_dict(), path) or "
+                f"safetensors.torch.save_file(model.state_dict(), path)."
+            ) from None
         raise CheckpointError(
-            f"{p} cannot be read as a PyTorch state dict with torch.load(weights_only=True) "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Save the weights with "
-            f"torch.save(model.state_dict(), path) or safetensors.torch.save_file(model.state_dict(), "
-            f"path); whole pickled models are not loaded (they can run arbitrary code)."
+            f"{p} is unreadable: it is not a PyTorch file llfc can read, most likely corrupt or truncated "
+            f"(an interrupted save or copy) or not a .pt file at all ({type(e).__name__}). Save or copy the "
+            f"weights again: torch.save(model.state_dict(), path)."
         ) from None
     if isinstance(obj, Mapping):
         for key in _NESTED_KEYS:
