@@ -171,6 +171,22 @@ def _mlp_weights(tmp_path, name: str, prefix: str = "", extra: dict | None = Non
 MLP8 = ["--model", "mlp", "--model-args", '{"widths": [8]}', "--dataset", "digits"]
 
 
+def test_lightning_style_model_prefix_is_stripped_or_suggested(tmp_path, capsys):
+    import torch
+
+    a, b = _mlp_weights(tmp_path, "a", "model."), _mlp_weights(tmp_path, "bb", "model.")
+    out = tmp_path / "an"
+    argv = ["analyze", a, b, *MLP8, "--alphas", "5", "--test-samples", "50", "--train-samples", "0"]
+    assert main([*argv, "--no-conditions", "--no-progress", "--out", str(out)]) == 0
+    assert "stripped the key prefix 'model.'" in capsys.readouterr().err
+    assert (out / "results.json").is_file()
+    # other keys beside the model's: nothing guessed, the prefix suggested
+    c, d = (_mlp_weights(tmp_path, n, "model.", {"loss_fn.weight": torch.ones(10)}) for n in ("c", "dd"))
+    assert main(["align", c, d, *MLP8, "--out", str(tmp_path / "al")]) == 2
+    err = capsys.readouterr().err
+    assert "under the prefix 'model.'" in err and "1 other key" in err and "Traceback" not in err
+
+
 def test_corrupt_torch_file_is_named_and_no_unsafe_load_is_suggested(tmp_path):
     import os
 

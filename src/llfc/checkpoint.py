@@ -31,6 +31,7 @@ import os
 import re
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -55,6 +56,8 @@ __all__ = [
     "build_model",
     "check_finite",
     "check_state_dict_matches",
+    "fit_key_prefix",
+    "matching_key_prefix",
     "strip_prefix",
     "save_training_state",
     "load_training_state",
@@ -557,6 +560,18 @@ def check_state_dict_matches(expected: Mapping[str, torch.Tensor], got: Mapping[
     """
     for k, v in expected.items():
         if k not in got:
+            prefix = matching_key_prefix(expected, got)
+            if prefix is not None:
+                others = [q for q in got if not (q.startswith(prefix) and q[len(prefix) :] in expected)]
+                besides = (
+                    f" (and {len(others)} other key{'s' * (len(others) > 1)}, e.g. {others[0]!r})" if others else ""
+                )
+                raise IncompatibleModelsError(
+                    f"{where} does not fit the architecture as it is: key {k!r} is missing, but it holds "
+                    f"every key of the model under the prefix {prefix!r}{besides}: a wrapper's checkpoint, "
+                    f"such as a Lightning module's. Save the wrapped network's weights alone "
+                    f"({prefix[:-1]}.state_dict() of the wrapper)."
+                )
             raise IncompatibleModelsError(
                 f"{where} does not fit the architecture: key {k!r} (shape {tuple(v.shape)}) is "
                 f"missing from it. The checkpoint was made with another architecture or options; "
@@ -576,6 +591,48 @@ def check_state_dict_matches(expected: Mapping[str, torch.Tensor], got: Mapping[
             f"{tuple(got[extra[0]].shape)}) that the model does not have ({len(extra)} unexpected "
             f"key(s) in all). Build the model it was saved from."
         )
+
+
+def matching_key_prefix(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """A key prefix P (ending in ".") such that every key of ``expected`` is in ``got`` as P + key; None
+    when there is none (or ``got`` already holds ``expected``'s keys).
+
+    Example: a Lightning module keeps its network as ``self.model``, so its checkpoint's keys are
+    ``model.<the network's keys>`` (next to, perhaps, a loss's buffers): P = ``"model."``.
+    """
+    if not expected or expected.keys() <= got.keys():
+        return None
+    first = next(iter(expected))
+    for k in got:
+        if k.endswith("." + first):
+            p = k[: len(k) - len(first)]
+            if all(p + q in got for q in expected):
+                return p
+    return None
+
+
+def fit_key_prefix(
+    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
+    """``got`` with a key prefix removed when every key carries it and it is all that keeps the keys from
+    being exactly ``expected``'s (:func:`matching_key_prefix`; e.g. ``model.`` of a Lightning module),
+    with a warning naming it; else ``got`` unchanged (:func:`check_state_dict_matches` then says what
+    differs, and suggests a prefix that only some keys carry).
+
+    Args:
+        expected: e.g. ``model.state_dict()`` of the architecture.
+        got: the state dict read from a file.
+        where: names the source of ``got`` in the warning.
+    """
+    prefix = matching_key_prefix(expected, got)
+    if prefix is None or len(got) != len(expected):  # other keys too: suggested, not guessed
+        return dict(got)
+    warnings.warn(
+        f"{where}: stripped the key prefix {prefix!r} from every key (a wrapper's, e.g. a Lightning module's "
+        f"self.{prefix[:-1]}); the keys are then exactly the model's.",
+        stacklevel=2,
+    )
+    return {k[len(prefix) :]: v for k, v in got.items()}
 
 
 def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:

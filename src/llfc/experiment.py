@@ -33,6 +33,7 @@ from llfc.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     check_finite,
+    fit_key_prefix,
     save_checkpoint,
     strip_prefix,
 )
@@ -748,6 +749,11 @@ def analyze_checkpoints(
             f"the checkpoints are different architectures: {path_a} is {ma.get('name')!r} and "
             f"{path_b} is {mb.get('name')!r}. Pair two checkpoints of one architecture."
         )
+    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
+    sd_a, sd_b = (
+        fit_key_prefix(arch.state_dict(), sd_a, str(path_a)),
+        fit_key_prefix(arch.state_dict(), sd_b, str(path_b)),
+    )
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     if _same_weights(sd_a, sd_b):
         warnings.warn(
@@ -758,7 +764,6 @@ def analyze_checkpoints(
     if not dataset:
         raise ConfigError("the checkpoints do not record their dataset; pass --dataset NAME.")
     dev = resolve_device(device)
-    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     info = dataset_info(dataset)
@@ -926,10 +931,14 @@ def align_checkpoints(
             f"pass --model NAME [--model-args JSON] --dataset NAME, or save it "
             f"with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}})."
         )
+    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
+    sd_a, sd_b = (
+        fit_key_prefix(arch.state_dict(), sd_a, str(path_a)),
+        fit_key_prefix(arch.state_dict(), sd_b, str(path_b)),
+    )
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     check_finite(sd_a, str(path_a))
     check_finite(sd_b, str(path_b))
-    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     shape = ma.get("kwargs", {}).get("input_shape")
