@@ -208,3 +208,19 @@ def test_corrupt_torch_file_is_named_and_no_unsafe_load_is_suggested(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")  # sound, but a pickled module: named as such
     with pytest.raises(CheckpointError, match=r"whole.pt holds Python objects besides tensors \(it needs torch"):
         load_torch_state_dict(tmp_path / "whole.pt")
+
+
+def test_ctl_summary_legend_states_only_the_criteria_of_its_columns():
+    from llfc.report.ctl import summary_ctl
+
+    pair = {
+        "points": [[0.5, 0.5]],
+        "pretrain_epochs": 2,
+        "errors": {"A": {"t1": 0.1}, "B": {"t2": 0.2}, "points": [{"t1": 0.3, "t2": 0.4}]},
+        "verdict": {"holds": True, "worst": {"layer": "layers.1", "distance": 0.01, "baseline": 0.1}},
+    }
+    text = summary_ctl({"tasks": [{"name": "t0"}, {"name": "t1"}, {"name": "t2"}], "pairs": {"p": pair}})
+    assert "CTL holds" in text.splitlines()[0]  # the column
+    legend = text.splitlines()[-1]
+    assert "LMC" not in text and "barrier" not in legend  # no LMC column, so no LMC threshold
+    assert f"≤ {criteria.LLFC_MAX_RATIO:g} × E[1−cos_AB]" in legend and f"≤ {criteria.LLFC_MAX_DISTANCE:g}" in legend

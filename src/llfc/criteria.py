@@ -86,10 +86,16 @@ def llfc_holds(pair: dict) -> bool | None:
     return w["ratio"] <= LLFC_MAX_RATIO and w["max_distance"] <= LLFC_MAX_DISTANCE
 
 
-def describe() -> str:
-    """One line stating the thresholds, for summaries and generated documents."""
+def describe_llfc(label: str = "LLFC holds") -> str:
+    """The LLFC thresholds in words, after ``label`` (e.g. ``"CTL holds (LLFC thresholds)"`` for a table
+    whose only verdict column uses them); ends with a reference to docs/results.md."""
     return (
-        f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; LLFC holds: in every hidden "
-        f"layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ {LLFC_MAX_RATIO:g} × "
-        f"E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md)."
+        f"{label}: in every hidden layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ "
+        f"{LLFC_MAX_RATIO:g} × E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md)."
     )
+
+
+def describe() -> str:
+    """One line stating the LMC and LLFC thresholds, for summaries and generated documents that show both
+    verdicts."""
+    return f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; {describe_llfc()}"
