@@ -224,3 +224,23 @@ def test_ctl_summary_legend_states_only_the_criteria_of_its_columns():
     legend = text.splitlines()[-1]
     assert "LMC" not in text and "barrier" not in legend  # no LMC column, so no LMC threshold
     assert f"≤ {criteria.LLFC_MAX_RATIO:g} × E[1−cos_AB]" in legend and f"≤ {criteria.LLFC_MAX_DISTANCE:g}" in legend
+
+
+@pytest.mark.parametrize("method", ["activation", "ste", "weight"])
+def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys, method):
+    from llfc.checkpoint import save_checkpoint
+    from llfc.models import create_model
+
+    kw = {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [8]}
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"m{seed}"
+        save_checkpoint(path, create_model("mlp", **kw).state_dict(), {"model": {"name": "mlp", "kwargs": kw}})
+        paths.append(str(path))
+    out = tmp_path / "al"
+    # an MNIST-sized dataset for a digits-sized model: refused before any data file is looked for
+    argv = ["align", *paths, "--method", method, "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "none")]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "(1, 8, 8)" in err and "(1, 28, 28)" in err and "--dataset" in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("al*"))

@@ -652,6 +652,26 @@ def _check_weights_fit(arch: nn.Module, sd: dict, path, given_model: bool) -> No
         ) from None
 
 
+def _dataset_options(ma: dict, dataset: str) -> dict | None:
+    """The options of ``dataset`` for the checkpoints' model ``ma`` (``{"name", "kwargs"}``): a text
+    dataset's windows of the model's context, else None. Reads no data.
+
+    Raises:
+        ConfigError: the model was built for images of another shape than the dataset's.
+    """
+    info = dataset_info(dataset)
+    shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
+    if info.modality == "text":
+        return {"context": int(shape[-1])}  # windows the model takes
+    if shape != tuple(info.input_shape):
+        raise ConfigError(
+            f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
+            f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
+            f"--dataset the models were trained on."
+        )
+    return None
+
+
 def _build_arch(name: str, kwargs: dict) -> nn.Module:
     from llfc.models import create_model
 
@@ -766,15 +786,7 @@ def analyze_checkpoints(
     dev = resolve_device(device)
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
-    info = dataset_info(dataset)
-    shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
-    dopt = {"context": shape[-1]} if info.modality == "text" else None  # windows the model takes
-    if dopt is None and shape != tuple(info.input_shape):
-        raise ConfigError(
-            f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
-            f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
-            f"--dataset the models were trained on."
-        )
+    dopt = _dataset_options(ma, dataset)
     train_eval = get_dataset(dataset, "train", data_root, download, augment=False, options=dopt)
     test_set: Any = get_dataset(dataset, "test", data_root, False, options=dopt)  # or a Subset of it
     test_set, measure = first_test_samples(test_set, measure, dataset)
@@ -942,15 +954,14 @@ def align_checkpoints(
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     shape = ma.get("kwargs", {}).get("input_shape")
+    dopt = _dataset_options(ma, dataset) if dataset else None  # data the model cannot take: refused now
     kwargs: dict[str, Any]
     loader, kwargs = None, {}
     if method in ("activation", "ste"):
         if not dataset:
             raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
-        text = dataset_info(dataset).modality == "text" and shape is not None
-        train_eval = get_dataset(
-            dataset, "train", data_root, False, augment=False, options={"context": int(shape[-1])} if text else None
-        )
+        train_eval = get_dataset(dataset, "train", data_root, False, augment=False, options=dopt)
+        check_input_shape(arch, train_eval, f"model {ma['name']!r}", dataset)
         n = min(activation_samples, len(train_eval))
         subset: Dataset = Subset(train_eval, list(range(n)))
         if method == "activation" and distributed.is_active():  # statistics merged over ranks
