@@ -142,8 +142,8 @@ def first_test_samples(test_set, measure, dataset_name: str):
         return test_set, measure
     if n > len(test_set):
         warnings.warn(
-            f"--test-samples {n} is more than {dataset_name}'s {len(test_set)} test samples: measuring all "
-            f"{len(test_set)} (recorded as test_samples: {len(test_set)}).",
+            f"--test-samples {n} (test_samples in Python) is more than {dataset_name}'s {len(test_set)} test "
+            f"samples: measuring all {len(test_set)} (recorded as test_samples: {len(test_set)}).",
             stacklevel=2,
         )
         n = len(test_set)
@@ -218,7 +218,9 @@ class Measurer:
             dl = DataLoader(train_eval, batch_size=measure.batch_size, shuffle=True, generator=g)
             self.bn_batches = [x for (x, _), _i in zip(dl, range(measure.bn_batches))]
 
-    def entry(self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None):
+    def entry(
+        self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None
+    ) -> dict[str, Any]:
         """One pair's entry of results.json (schema docs/results.md): :meth:`__call__`'s measurements,
         then ``kind`` (default ``name``), ``label`` (default ``PAIR_LABELS[kind]``) and the ``extra`` keys,
         in that order.
