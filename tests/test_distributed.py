@@ -1,7 +1,6 @@
 """Data-parallel runs (gloo, 2 CPU processes) give the 1-process results: measurement up to float64
 summation order, training up to float32 rounding; shards are disjoint and unpadded."""
 
-import math
 import os
 import socket
 from pathlib import Path
@@ -25,8 +24,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, tmp: str, job) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -49,30 +49,14 @@ def two_ranks(tmp_path_factory) -> tuple[Path, list]:
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _close(a, b, path="") -> None:
-    """Equal structure; ints equal; floats equal up to 1e-12 relative (float64 summation order)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) or (a == b), (path, a, b)
-    else:
-        assert a == b, (path, a, b)
-
-
 # ---------------------------------------------------------------------------------------- shards
 
-@pytest.mark.parametrize("n,bs,world", [(50, 8, 2), (50, 8, 3), (7, 1, 7), (1000, 128, 4), (9, 4, 3),
-                                         (10, 8, 3)])
+
+@pytest.mark.parametrize("n,bs,world", [(50, 8, 2), (50, 8, 3), (7, 1, 7), (1000, 128, 4), (9, 4, 3), (10, 8, 3)])
 def test_shards_are_disjoint_unpadded_whole_batches(n, bs, world):
     parts = [shard_range(n, bs, world, r) for r in range(world)]
-    assert [i for p in parts for i in p] == list(range(n))          # disjoint, complete, no padding
-    assert all(p.start % bs == 0 for p in parts if len(p))          # whole batches of 1 process
+    assert [i for p in parts for i in p] == list(range(n))  # disjoint, complete, no padding
+    assert all(p.start % bs == 0 for p in parts if len(p))  # whole batches of 1 process
     assert len(parts[0]) > 0 and sum(len(p) for p in parts) == n
     k = -(-n // bs)  # every rank has a batch when there are enough of them
     assert all(len(p) > 0 for p in parts) == (k >= world)
@@ -101,6 +85,7 @@ def test_an_unavailable_backend_is_named_with_the_available_ones(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- measurement
+
 
 def _measure_setup():
     from llfc.models import create_model
@@ -131,25 +116,23 @@ def _measure(sharded: bool) -> dict:
     res["stitching"] = stitching_errors(model, sd_a, sd_b, loader, sharded=sharded)
     few = Subset(data, range(5))  # one batch: rank 1 has nothing to measure and only merges
     few = shard_dataset(few, BS) if sharded else few
-    res["idle_rank"] = measure_pair(model, sd_a, sd_b, DataLoader(few, batch_size=BS), [0.0, 0.5, 1.0],
-                                    sharded=sharded)
+    res["idle_rank"] = measure_pair(model, sd_a, sd_b, DataLoader(few, batch_size=BS), [0.0, 0.5, 1.0], sharded=sharded)
     ma = copy.deepcopy(model)
     ma.load_state_dict(sd_a)
     spec = derive_spec(ma, data[:2][0])
-    perms, rep = activation_matching(ma, model_b, spec, ((xb,) for xb, _ in loader),
-                                     correlation=True, sharded=sharded)
+    perms, rep = activation_matching(ma, model_b, spec, ((xb,) for xb, _ in loader), correlation=True, sharded=sharded)
     res["perms"] = {g: p.tolist() for g, p in perms.items()}
     res["am_objective"], res["am_inputs"] = rep.objective, rep.n_inputs
     return res
 
 
-def test_two_process_measurement_equals_one_process(two_ranks):
+def test_two_process_measurement_equals_one_process(two_ranks, assert_tree_close):
     ranks = [r["measure"] for r in two_ranks[1]]
     single = _measure(sharded=False)
     assert ranks[0]["n_samples"] == N == single["n_samples"]  # no sample padded or dropped
     assert ranks[0]["am_inputs"] == N and ranks[1]["idle_rank"]["n_samples"] == 5
     for r in ranks:
-        _close(single, r)
+        assert_tree_close(single, r, rel=1e-12, abs=1e-15)  # float64 summation order
     assert single["perms"] == ranks[1]["perms"]
 
 
@@ -179,11 +162,19 @@ def _train_runs(root: Path) -> dict:
     torch.manual_seed(7)
     train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "r", stop_epoch=1, progress=False)
     torch.manual_seed(8)  # another init: the resumed run must take everything from the checkpoint
-    resumed = train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "r", resume=True,
-                    progress=False)
-    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
-    return {"a": sd(a), "b": sd(b), "logs": logs, "full": sd(full.model),
-            "resumed": sd(resumed.model), "resumed_log": resumed.log}
+    resumed = train(spec(), tr, te, cfg, data_seed=4, out_dir=root / "r", resume=True, progress=False)
+
+    def sd(m):
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    return {
+        "a": sd(a),
+        "b": sd(b),
+        "logs": logs,
+        "full": sd(full.model),
+        "resumed": sd(resumed.model),
+        "resumed_log": resumed.log,
+    }
 
 
 def _train_job(tmp: Path) -> dict:  # returns what the test compares
@@ -192,8 +183,9 @@ def _train_job(tmp: Path) -> dict:  # returns what the test compares
     out = _train_runs(tmp / "ddp")
     spec, cfg, tr, te = _train_setup()
     torch.manual_seed(3)  # BatchNorm: each rank normalises its part; rank 0's statistics are kept
-    bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
-                             torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    bn = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    )
     train(bn, tr, te, cfg, data_seed=9, progress=False)
     out["bn_buffers"] = {k: v.clone() for k, v in bn.state_dict().items() if "running" in k}
     cfg.lr = 0.05 if dist.get_rank() == 0 else 0.06  # ranks that disagree on the recipe
@@ -223,6 +215,7 @@ def test_two_process_ddp_training_equals_one_process_and_resumes(two_ranks, tmp_
     assert "spawn/parent/last.safetensors" in written and "r/final.safetensors" in written
     assert not [p for p in written if ".tmp" in p]  # atomic writes by rank 0 only
     import json
+
     meta = json.loads((ddp_root / "ddp" / "spawn" / "a" / "final.json").read_text())
     assert meta["data_parallel"] == {"world_size": 2}
     for r in ranks:
@@ -234,6 +227,7 @@ def test_two_process_ddp_training_equals_one_process_and_resumes(two_ranks, tmp_
 
 # ------------------------------------------------------------------------------- a rank dies
 
+
 def _dying_rank_job(tmp: Path):
     from llfc.distributed import shard_dataset
     from llfc.engine import measure_pair
@@ -242,8 +236,7 @@ def _dying_rank_job(tmp: Path):
     if dist.get_rank() == 1:
         os._exit(0)  # dies mid-pass, before the all-reduce, without a word
     try:
-        measure_pair(model, sd_a, sd_b, DataLoader(shard_dataset(data, BS), batch_size=BS), [0.0, 1.0],
-                     sharded=True)
+        measure_pair(model, sd_a, sd_b, DataLoader(shard_dataset(data, BS), batch_size=BS), [0.0, 1.0], sharded=True)
         msg = None
     except DistributedError as e:
         msg = str(e)
@@ -257,7 +250,8 @@ def test_a_rank_dying_mid_pass_is_a_clean_error_on_the_others(two_ranks):
 
 # ------------------------------------------------------------------------- the CLI on torchrun
 
-def test_torchrun_analyze_equals_one_process_and_only_rank_0_prints(tmp_path):
+
+def test_torchrun_analyze_equals_one_process_and_only_rank_0_prints(tmp_path, assert_tree_close):
     import json
     import subprocess
     import sys
@@ -271,15 +265,35 @@ def test_torchrun_analyze_equals_one_process_and_only_rank_0_prints(tmp_path):
         torch.manual_seed(seed)
         m = create_model("mlp", input_shape=(1, 8, 8), num_classes=10, widths=[16])
         paths.append(str(tmp_path / f"m{seed}"))
-        save_checkpoint(paths[-1], m.state_dict(), {"dataset": "digits", "model": {
-            "name": "mlp", "kwargs": {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [16]}}})
+        save_checkpoint(
+            paths[-1],
+            m.state_dict(),
+            {
+                "dataset": "digits",
+                "model": {"name": "mlp", "kwargs": {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [16]}},
+            },
+        )
     args = ["analyze", *paths, "--alphas", "5", "--train-samples", "100", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "llfc", *args, "--out", str(tmp_path / "two")]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "llfc",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("results, tables and figures in") == 1  # rank 0 alone prints
@@ -289,4 +303,4 @@ def test_torchrun_analyze_equals_one_process_and_only_rank_0_prints(tmp_path):
     p1, p2 = one["pairs"]["A vs B"], two["pairs"]["A vs B"]
     p1.pop("seconds"), p2.pop("seconds")
     assert p2["n_samples"] == 450  # digits test split: 256 on rank 0, 194 on rank 1, none twice
-    _close(p1, p2)
+    assert_tree_close(p1, p2, rel=1e-12, abs=1e-15)

@@ -1,7 +1,5 @@
 """The engine's memory budget (micro-batches) and malloc tuning change no result."""
 
-import math
-
 import pytest
 import torch
 
@@ -28,35 +26,19 @@ def _resnet_pair():
     return m, sd_a, sd_b, x, torch.randint(0, 4, (23,), generator=g)
 
 
-def _assert_same(a, b, path="res"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same(u, v, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-9, abs=1e-12), path
-    else:
-        assert a == b, path
-
-
-def test_micro_batches_give_the_unchunked_results():
+def test_micro_batches_give_the_unchunked_results(assert_tree_close):
     m, sd_a, sd_b, x, y = _resnet_pair()
     per_sample = sum(t.numel() * t.element_size() for t in FeatureExtractor(m)(sd_a, x[:1]).values())
-    budget = 4 * per_sample * 5.5           # room for 5 samples: 23 = 5 chunks of at most 5
+    budget = 4 * per_sample * 5.5  # room for 5 samples: 23 = 5 chunks of at most 5
     meter = PairMeter(FeatureExtractor(m), sd_a, sd_b, ALPHAS, memory_budget=budget)
     assert meter.micro_batch(x) == 5
     assert meter.micro_batch(x[:4]) == 4
     assert PairMeter(FeatureExtractor(m), sd_a, sd_b, ALPHAS, memory_budget=1).micro_batch(x) == 1
     whole = measure_pair(m, sd_a, sd_b, [(x, y)], ALPHAS, memory_budget=None)
-    chunked = measure_pair(m, sd_a, sd_b, [(x[:20], y[:20]), (x[20:], y[20:])], ALPHAS,
-                           memory_budget=budget)
+    chunked = measure_pair(m, sd_a, sd_b, [(x[:20], y[:20]), (x[20:], y[20:])], ALPHAS, memory_budget=budget)
     assert chunked["n_samples"] == whole["n_samples"] == 23
     assert whole["llfc"] and whole["weak_additivity"] and whole["commutativity"]
-    _assert_same(chunked, whole)
+    assert_tree_close(chunked, whole, rel=1e-9, abs=1e-12)
     with pytest.raises(ConfigError, match="memory_budget"):
         PairMeter(FeatureExtractor(m), sd_a, sd_b, ALPHAS, memory_budget=0)
 

@@ -28,8 +28,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -54,6 +56,8 @@ __all__ = [
     "build_model",
     "check_finite",
     "check_state_dict_matches",
+    "fit_key_prefix",
+    "matching_key_prefix",
     "strip_prefix",
     "save_training_state",
     "load_training_state",
@@ -364,20 +368,27 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         {name: tensor} on the CPU, with the dtypes they were saved with.
 
     Raises:
-        CheckpointError: the file is missing, unreadable by ``weights_only`` loading (e.g. a
-            pickled whole model), or holds no tensors.
+        CheckpointError: the file is missing, corrupt (or no PyTorch file), holds Python objects
+            that ``weights_only`` loading refuses (e.g. a pickled whole model), or holds no tensors.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {os.fspath(path)!r}: the file does not exist.")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors of many types: all mean "not a plain state dict"
+    except Exception as e:  # errors of many types; torch's own text may advise weights_only=False: not quoted
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # a sound file that holds Python objects besides tensors
+            raise CheckpointError(
+                f"{p} holds Python objects besides tensors (it needs {found.group(1)}, e.g. a pickled "
+                f"whole model or optimizer); llfc reads only tensors, without running pickled code. Save "
+                f"the weights with torch.save(model.state_dict(), path) or "
+                f"safetensors.torch.save_file(model.state_dict(), path)."
+            ) from None
         raise CheckpointError(
-            f"{p} cannot be read as a PyTorch state dict with torch.load(weights_only=True) "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Save the weights with "
-            f"torch.save(model.state_dict(), path) or safetensors.torch.save_file(model.state_dict(), "
-            f"path); whole pickled models are not loaded (they can run arbitrary code)."
+            f"{p} is unreadable: it is not a PyTorch file llfc can read, most likely corrupt or truncated "
+            f"(an interrupted save or copy) or not a .pt file at all ({type(e).__name__}). Save or copy the "
+            f"weights again: torch.save(model.state_dict(), path)."
         ) from None
     if isinstance(obj, Mapping):
         for key in _NESTED_KEYS:
@@ -549,6 +560,18 @@ def check_state_dict_matches(expected: Mapping[str, torch.Tensor], got: Mapping[
     """
     for k, v in expected.items():
         if k not in got:
+            prefix = matching_key_prefix(expected, got)
+            if prefix is not None:
+                others = [q for q in got if not (q.startswith(prefix) and q[len(prefix) :] in expected)]
+                besides = (
+                    f" (and {len(others)} other key{'s' * (len(others) > 1)}, e.g. {others[0]!r})" if others else ""
+                )
+                raise IncompatibleModelsError(
+                    f"{where} does not fit the architecture as it is: key {k!r} is missing, but it holds "
+                    f"every key of the model under the prefix {prefix!r}{besides}: a wrapper's checkpoint, "
+                    f"such as a Lightning module's. Save the wrapped network's weights alone "
+                    f"({prefix[:-1]}.state_dict() of the wrapper)."
+                )
             raise IncompatibleModelsError(
                 f"{where} does not fit the architecture: key {k!r} (shape {tuple(v.shape)}) is "
                 f"missing from it. The checkpoint was made with another architecture or options; "
@@ -568,6 +591,48 @@ def check_state_dict_matches(expected: Mapping[str, torch.Tensor], got: Mapping[
             f"{tuple(got[extra[0]].shape)}) that the model does not have ({len(extra)} unexpected "
             f"key(s) in all). Build the model it was saved from."
         )
+
+
+def matching_key_prefix(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """A key prefix P (ending in ".") such that every key of ``expected`` is in ``got`` as P + key; None
+    when there is none (or ``got`` already holds ``expected``'s keys).
+
+    Example: a Lightning module keeps its network as ``self.model``, so its checkpoint's keys are
+    ``model.<the network's keys>`` (next to, perhaps, a loss's buffers): P = ``"model."``.
+    """
+    if not expected or expected.keys() <= got.keys():
+        return None
+    first = next(iter(expected))
+    for k in got:
+        if k.endswith("." + first):
+            p = k[: len(k) - len(first)]
+            if all(p + q in got for q in expected):
+                return p
+    return None
+
+
+def fit_key_prefix(
+    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
+    """``got`` with a key prefix removed when every key carries it and it is all that keeps the keys from
+    being exactly ``expected``'s (:func:`matching_key_prefix`; e.g. ``model.`` of a Lightning module),
+    with a warning naming it; else ``got`` unchanged (:func:`check_state_dict_matches` then says what
+    differs, and suggests a prefix that only some keys carry).
+
+    Args:
+        expected: e.g. ``model.state_dict()`` of the architecture.
+        got: the state dict read from a file.
+        where: names the source of ``got`` in the warning.
+    """
+    prefix = matching_key_prefix(expected, got)
+    if prefix is None or len(got) != len(expected):  # other keys too: suggested, not guessed
+        return dict(got)
+    warnings.warn(
+        f"{where}: stripped the key prefix {prefix!r} from every key (a wrapper's, e.g. a Lightning module's "
+        f"self.{prefix[:-1]}); the keys are then exactly the model's.",
+        stacklevel=2,
+    )
+    return {k[len(prefix) :]: v for k, v in got.items()}
 
 
 def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:

@@ -464,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config", help="sweep YAML file, or a catalogue name (`llfc reproduce --list`)")
     sw.add_argument("--out", help="sweep folder (default runs/<name>-<time>); rerun to resume")
     sw.add_argument("--jobs", type=int, default=1, help="parallel local worker processes (default 1)")
-    sw.add_argument("--threads", type=int, help="torch threads per job (default: cores // jobs)")
+    sw.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per job (default $OMP_NUM_THREADS, else the cores available // --jobs)",
+    )
     sw.add_argument(
         "--backend",
         choices=["local", "submitit"],

@@ -167,7 +167,8 @@ class ExperimentConfig:
             permutation-activation, permutation-ste.
         spawn_epoch: k, the epoch at which the spawned pair forks (0 allowed).
         seed: master seed; every other seed is derived from it and recorded.
-        alphas: the α grid: an int n (n evenly spaced points plus 0.25/0.5/0.75) or a list.
+        alphas: the α grid: an int n (n evenly spaced points plus 0.25/0.5/0.75) or a list (made the
+            grid measured by :meth:`resolved`: sorted, without repeats, 0, .25, .5, .75 and 1 added).
         allow_extrapolation: accept α outside [0, 1].
         train: training recipe (llfc.train.TrainConfig fields) overriding the dataset default.
         measure, align: see :class:`MeasureConfig`, :class:`AlignConfig`.
@@ -236,7 +237,7 @@ class ExperimentConfig:
         """A copy with the dataset's defaults filled in and every field validated.
 
         Raises:
-            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch.
+            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch, bad α values.
         """
         from llfc.data import dataset_info
 
@@ -282,6 +283,10 @@ class ExperimentConfig:
                 f"spawn_epoch must be in [0, epochs) = [0, {epochs}), got {c.spawn_epoch}: the two "
                 f"children need at least one epoch of their own to differ."
             )
+        if not isinstance(c.alphas, int):  # what is measured: sorted, without repeats, 0/.25/.5/.75/1 added
+            from llfc.interpolate import check_alphas
+
+            c.alphas = check_alphas(c.alphas, c.allow_extrapolation)
         if c.measure.bn_mode not in ("interpolate", "reset"):
             raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
         return c

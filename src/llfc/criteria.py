@@ -24,8 +24,14 @@ HIDDEN_KINDS = ("pre", "norm", "post", "residual")
 _ROUNDING = 1e-12  # float64 rounding of a difference of error rates; far below one sample in 10^9
 
 
-def _ratio(d: float, base: float) -> float:
-    """d / base, with 0/0 = 0 and d/0 = inf (the baseline is 0 only for identical features)."""
+def ratio_to_baseline(d: float, base: float) -> float:
+    """``d / base`` for two non-negative distances, with 0/0 = 0 and d/0 = inf.
+
+    The LLFC ratio that ``LLFC_MAX_RATIO`` bounds is ``ratio_to_baseline(d, base)`` of a mean LLFC
+    distance d = E_x[1 − cos(f_α, α f_A + (1−α) f_B)] and the A-vs-B baseline base = E_x[1 − cos(f_A,
+    f_B)] (dimensionless; LLFC paper §3); the baseline is 0 only for identical features. Reports use it
+    for other distance ratios too (commutativity: Dist_com over the smaller of Dist_W, Dist_H).
+    """
     if base > 0:
         return d / base
     return 0.0 if d == 0 else float("inf")
@@ -53,7 +59,7 @@ def worst_layer(pair: dict, alphas=LLFC_ALPHAS, kinds=HIDDEN_KINDS) -> dict | No
                 continue
             d = ly["distance"]["mean"][i]
             dmax = max(dmax, d)
-            ratio = _ratio(d, base)
+            ratio = ratio_to_baseline(d, base)
             if best is None or ratio > best["ratio"]:
                 best = {"layer": ly["name"], "alpha": a, "distance": d, "baseline": base, "ratio": ratio}
     if best is not None:
@@ -80,10 +86,16 @@ def llfc_holds(pair: dict) -> bool | None:
     return w["ratio"] <= LLFC_MAX_RATIO and w["max_distance"] <= LLFC_MAX_DISTANCE
 
 
-def describe() -> str:
-    """One line stating the thresholds, for summaries and generated documents."""
+def describe_llfc(label: str = "LLFC holds") -> str:
+    """The LLFC thresholds in words, after ``label`` (e.g. ``"CTL holds (LLFC thresholds)"`` for a table
+    whose only verdict column uses them); ends with a reference to docs/results.md."""
     return (
-        f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; LLFC holds: in every hidden "
-        f"layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ {LLFC_MAX_RATIO:g} × "
-        f"E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md)."
+        f"{label}: in every hidden layer at α ∈ {{{', '.join(f'{a:g}' for a in LLFC_ALPHAS)}}}, E[1−cos_α] ≤ "
+        f"{LLFC_MAX_RATIO:g} × E[1−cos_AB] and ≤ {LLFC_MAX_DISTANCE:g} (docs/results.md)."
     )
+
+
+def describe() -> str:
+    """One line stating the LMC and LLFC thresholds, for summaries and generated documents that show both
+    verdicts."""
+    return f"LMC holds: Frankle error barrier ≤ {100 * LMC_MAX_ERROR_BARRIER:g} pp; {describe_llfc()}"

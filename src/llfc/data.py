@@ -15,9 +15,11 @@ Fashion-MNIST (as ``../shared/data`` does): they are decompressed into a cache f
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -299,19 +301,35 @@ def _decompressed(name: str, src: Path) -> Path:
     key = hashlib.sha1(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     dst = cache_dir() / "data" / "gunzip" / key / src.name[:-3]
     if not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
         try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(src, "rb") as fi, open(tmp, "wb") as fo:
                 shutil.copyfileobj(fi, fo)
-        except (OSError, EOFError) as e:
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             tmp.unlink(missing_ok=True)
             raise DataNotFoundError(
                 f"{name}: {src} is not a valid gzip file ({e}); it is corrupted or truncated. "
                 f"Replace it with the original download (or pass --download)."
             ) from None
+        except OSError as e:
+            if getattr(e, "filename", None) == os.fspath(src):
+                raise  # the source cannot be read: not the cache's fault
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise _cache_error(dst.parent, e) from None
         os.replace(tmp, dst)
     return dst
+
+
+def _cache_error(folder: Path, e: OSError) -> ConfigError:
+    """The error for a cache that cannot be written: names ``$LLFC_CACHE``, the folder and the fix."""
+    now = f"$LLFC_CACHE is {os.environ['LLFC_CACHE']}" if "LLFC_CACHE" in os.environ else "$LLFC_CACHE is not set"
+    return ConfigError(
+        f"llfc cannot write its cache of decompressed data in {folder} ({e.strerror or e}). The cache is "
+        f"$LLFC_CACHE, default ~/.cache/llfc ({now}): point it at a writable folder with free space, e.g. "
+        f"export LLFC_CACHE=/tmp/llfc-cache."
+    )
 
 
 @register_dataset(DatasetInfo("mnist", (1, 28, 28), 10, mean=(0.1307,), std=(0.3081,)))

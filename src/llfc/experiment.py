@@ -17,8 +17,10 @@ command is run again (same config, same --out).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +33,7 @@ from llfc.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     check_finite,
+    fit_key_prefix,
     save_checkpoint,
     strip_prefix,
 )
@@ -126,6 +129,27 @@ def _train_subset(train_eval, n: int, seed: int):
     return Subset(train_eval, idx)
 
 
+def first_test_samples(test_set, measure, dataset_name: str):
+    """The measurement's test data: the first ``measure.test_samples`` samples of ``test_set`` (all of it
+    when None), and ``measure`` with the count actually used. A count beyond the size of the test set is
+    clipped to it, with a warning, so that config.yaml and results.json record what was measured.
+
+    Returns:
+        ``(dataset, measure)``: ``test_set`` or a ``Subset`` of it; a :class:`llfc.config.MeasureConfig`.
+    """
+    n = measure.test_samples
+    if not n:
+        return test_set, measure
+    if n > len(test_set):
+        warnings.warn(
+            f"--test-samples {n} (test_samples in Python) is more than {dataset_name}'s {len(test_set)} test "
+            f"samples: measuring all {len(test_set)} (recorded as test_samples: {len(test_set)}).",
+            stacklevel=2,
+        )
+        n = len(test_set)
+    return Subset(test_set, list(range(n))), dataclasses.replace(measure, test_samples=n)
+
+
 def check_input_shape(model: nn.Module, dataset, model_desc: str, dataset_name: str) -> None:
     """Run ``model`` on one sample of ``dataset``; a shape error becomes a clear ConfigError.
 
@@ -150,21 +174,27 @@ class Measurer:
     Args:
         model: an instance of the architecture (weights unused).
         test_set: dataset of the LLFC/LMC measurement (the paper uses the test set).
-        train_subset: optional dataset for the train-set LMC curve.
+        train_eval: the training set without augmentation: the train-set LMC curve is measured on
+            ``measure.train_samples`` samples of it (a subset drawn with a seed derived from ``seed``;
+            no curve when 0), and the BN ``reset`` mode draws its batches from it.
         alphas: α grid (contains 0 and 1).
         measure: :class:`llfc.config.MeasureConfig`.
-        bn_train: training dataset (no augmentation) for the BN ``reset`` mode.
+        device: where the forward passes run.
+        progress: tqdm bars.
+        seed: the master seed (train subset and BN-reset batches).
+
+    Raises:
+        ConfigError: the test data does not fit the model, unknown probes or stitch points.
     """
 
     def __init__(
         self,
         model: nn.Module,
         test_set,
-        train_subset,
+        train_eval,
         alphas: Sequence[float],
         measure,
         device: torch.device,
-        bn_train=None,
         progress: bool = True,
         seed: int = 0,
     ):
@@ -180,12 +210,29 @@ class Measurer:
         self.sharded = distributed.is_active()
         shard = lambda ds: distributed.shard_dataset(ds, measure.batch_size)  # noqa: E731
         self.test = _loader(shard(test_set), measure.batch_size)
+        train_subset = _train_subset(train_eval, measure.train_samples, seed)
         self.train = _loader(shard(train_subset), measure.batch_size) if train_subset is not None else None
         self.bn_batches = None
         if measure.bn_mode == "reset":
             g = torch.Generator().manual_seed(derive_seed(seed, "bn-reset"))
-            dl = DataLoader(bn_train, batch_size=measure.batch_size, shuffle=True, generator=g)
+            dl = DataLoader(train_eval, batch_size=measure.batch_size, shuffle=True, generator=g)
             self.bn_batches = [x for (x, _), _i in zip(dl, range(measure.bn_batches))]
+
+    def entry(
+        self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None
+    ) -> dict[str, Any]:
+        """One pair's entry of results.json (schema docs/results.md): :meth:`__call__`'s measurements,
+        then ``kind`` (default ``name``), ``label`` (default ``PAIR_LABELS[kind]``) and the ``extra`` keys,
+        in that order.
+
+        Raises:
+            as :meth:`__call__`.
+        """
+        pr = self(sd_a, sd_b, name)
+        kind = kind or name
+        pr["kind"], pr["label"] = kind, label or PAIR_LABELS[kind]
+        pr.update(extra)
+        return pr
 
     def __call__(self, sd_a: dict, sd_b: dict, name: str) -> dict[str, Any]:
         check_compatible(sd_a, sd_b)
@@ -255,24 +302,44 @@ class Measurer:
         return res
 
 
+def write_outputs(pairs: dict, out: Path, *, figures: bool = True, note: str | None = None) -> str:
+    """The CSV tables, figures (unless ``figures`` is False) and summary.txt of measured pairs (entries of
+    results.json's ``pairs``) into ``out``; returns the summary (``note`` is printed above its table)."""
+    write_tables(pairs, out)
+    if figures:
+        plot_all(pairs, out)
+    text = summary_table(pairs, note=note)
+    atomic_write_text(out / "summary.txt", text + "\n")
+    return text
+
+
 def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -> str:
     """results.json, CSV tables, figures, summary.txt and report.html into ``out``; returns the summary."""
     atomic_write_json(out / "results.json", results)
-    write_tables(results["pairs"], out)
-    plot_all(results["pairs"], out)
     note = None
     if str((results.get("config") or {}).get("name") or "").endswith("(dry run)"):
         note = (
             "DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
             "numbers check that the pipeline works and are not results."
         )
-    text = summary_table(results["pairs"], note=note)
-    atomic_write_text(out / "summary.txt", text + "\n")
+    text = write_outputs(results["pairs"], out, note=note)
     render_run_report(out)
     return text
 
 
-def _results_header(kind: str, cfg_dict: dict, env: dict, extra: dict) -> dict:
+def results_header(kind: str, cfg_dict: dict, env: dict, extra: dict) -> dict:
+    """The top of a results.json (schema docs/results.md), its ``pairs`` still empty.
+
+    Args:
+        kind: what wrote it (``llfc.run``, ``llfc.analyze``, ``llfc.sweep-point``).
+        cfg_dict: the configuration as a plain dict (``config``).
+        env: :func:`llfc.seeding.environment` plus seeds (``environment``).
+        extra: further top-level keys (dataset, model, ...), placed after ``config``.
+
+    Returns:
+        ``{"schema_version", "kind", "created" (UTC, ISO 8601), "llfc_version", "environment", "config",
+        **extra, "pairs": {}}``.
+    """
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
@@ -306,25 +373,21 @@ def run_experiment(
     )
     device = resolve_device(cfg.device)
     out = Path(out)
-    cfg_text = cfg.to_yaml()
-    mode = prepare_out_dir(out, overwrite, cfg_text)
-    distributed.check_same(
-        cfg_text, "the configuration (config.yaml)", "Launch every rank with the same command and config file."
-    )
-    distributed.barrier()  # every rank has looked at --out before rank 0 writes there
     if "finetune" in cfg.pairs:  # Cross-Task Linearity: parent + fine-tuned children (llfc.finetune)
         from llfc.finetune import run_finetune
 
-        return run_finetune(cfg, out, mode, device, progress=progress, log=log)
+        return run_finetune(cfg, out, _prepare_run(cfg, out, overwrite)[1], device, progress=progress, log=log)
     info = dataset_info(cfg.dataset)
-    # data first: a missing dataset must fail before anything is written
+    # data first: a missing dataset must fail before anything is written, and config.yaml records the
+    # number of test samples measured
     dopt = cfg.dataset_args or None
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, options=dopt)
     train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False, options=dopt)
     test_set: Any = get_dataset(cfg.dataset, "test", cfg.data_root, False, options=dopt)  # or a Subset
     info = getattr(test_set, "info", info)  # a text dataset's shape (context,) and vocabulary size
-    if cfg.measure.test_samples:
-        test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
+    test_set, measure = first_test_samples(test_set, cfg.measure, cfg.dataset)
+    cfg = dataclasses.replace(cfg, measure=measure)
+    cfg_text, mode = _prepare_run(cfg, out, overwrite)
     # everything that can be checked is checked before anything is written
     assert cfg.model is not None and cfg.spawn_epoch is not None  # set by cfg.resolved()
     spec = ModelSpec(
@@ -344,11 +407,10 @@ def run_experiment(
     measurer = Measurer(
         arch,
         test_set,
-        _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
+        train_eval,
         alphas,
         cfg.measure,
         device,
-        bn_train=train_eval,
         progress=progress,
         seed=cfg.seed,
     )
@@ -371,7 +433,7 @@ def run_experiment(
         f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(alphas)} α values, "
         f"device {device} → {out} ({mode})"
     )
-    results = _results_header(
+    results = results_header(
         "llfc.run",
         cfg.to_dict(),
         env,
@@ -446,21 +508,28 @@ def run_experiment(
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
     for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
         log(f"[{name}] measuring LMC, LLFC and the conditions")
-        sd_a, sd_b = states[name]
-        pr = measurer(sd_a, sd_b, name)
-        pr["kind"], pr["label"] = name, PAIR_LABELS[name]
-        if name == "spawn":
-            pr["spawn_epoch"] = cfg.spawn_epoch
+        extra: dict[str, Any] = {"spawn_epoch": cfg.spawn_epoch} if name == "spawn" else {}
         if "alignment" in logs.get(name, {}):
-            pr["alignment"] = logs[name]["alignment"]
+            extra["alignment"] = logs[name]["alignment"]
         else:
-            pr["train_logs"] = logs.get(name)
-        results["pairs"][name] = pr
+            extra["train_logs"] = logs.get(name)
+        results["pairs"][name] = measurer.entry(*states[name], name, extra)
     text = write_report(results, out, log) if main else summary_table(results["pairs"])
     distributed.barrier()  # no rank finishes before results.json is complete
     log("\n" + text)
     log(f"\nresults, tables and figures in {out}")
     return results
+
+
+def _prepare_run(cfg: ExperimentConfig, out: Path, overwrite: bool) -> tuple[str, str]:
+    """(config.yaml text, :func:`prepare_out_dir`'s mode) of a run, every rank agreeing on both."""
+    cfg_text = cfg.to_yaml()
+    mode = prepare_out_dir(out, overwrite, cfg_text)
+    distributed.check_same(
+        cfg_text, "the configuration (config.yaml)", "Launch every rank with the same command and config file."
+    )
+    distributed.barrier()  # every rank has looked at --out before rank 0 writes there
+    return cfg_text, mode
 
 
 def _rank_output(log: Callable[[str], None], progress: bool) -> tuple[Callable[[str], None], bool]:
@@ -585,6 +654,26 @@ def _check_weights_fit(arch: nn.Module, sd: dict, path, given_model: bool) -> No
         ) from None
 
 
+def _dataset_options(ma: dict, dataset: str) -> dict | None:
+    """The options of ``dataset`` for the checkpoints' model ``ma`` (``{"name", "kwargs"}``): a text
+    dataset's windows of the model's context, else None. Reads no data.
+
+    Raises:
+        ConfigError: the model was built for images of another shape than the dataset's.
+    """
+    info = dataset_info(dataset)
+    shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
+    if info.modality == "text":
+        return {"context": int(shape[-1])}  # windows the model takes
+    if shape != tuple(info.input_shape):
+        raise ConfigError(
+            f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
+            f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
+            f"--dataset the models were trained on."
+        )
+    return None
+
+
 def _build_arch(name: str, kwargs: dict) -> nn.Module:
     from llfc.models import create_model
 
@@ -682,6 +771,11 @@ def analyze_checkpoints(
             f"the checkpoints are different architectures: {path_a} is {ma.get('name')!r} and "
             f"{path_b} is {mb.get('name')!r}. Pair two checkpoints of one architecture."
         )
+    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
+    sd_a, sd_b = (
+        fit_key_prefix(arch.state_dict(), sd_a, str(path_a)),
+        fit_key_prefix(arch.state_dict(), sd_b, str(path_b)),
+    )
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     if _same_weights(sd_a, sd_b):
         warnings.warn(
@@ -692,31 +786,20 @@ def analyze_checkpoints(
     if not dataset:
         raise ConfigError("the checkpoints do not record their dataset; pass --dataset NAME.")
     dev = resolve_device(device)
-    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
-    info = dataset_info(dataset)
-    shape = tuple(ma.get("kwargs", {}).get("input_shape", info.input_shape))
-    dopt = {"context": shape[-1]} if info.modality == "text" else None  # windows the model takes
-    if dopt is None and shape != tuple(info.input_shape):
-        raise ConfigError(
-            f"the checkpoints' model {ma['name']!r} was built for {shape} images (channels, height, "
-            f"width) but dataset {dataset!r} has {tuple(info.input_shape)} images. Pass the "
-            f"--dataset the models were trained on."
-        )
+    dopt = _dataset_options(ma, dataset)
     train_eval = get_dataset(dataset, "train", data_root, download, augment=False, options=dopt)
     test_set: Any = get_dataset(dataset, "test", data_root, False, options=dopt)  # or a Subset of it
-    if measure.test_samples:
-        test_set = Subset(test_set, list(range(min(measure.test_samples, len(test_set)))))
+    test_set, measure = first_test_samples(test_set, measure, dataset)
     # the data against the model (input shape, probes, BN batches): still nothing written
     measurer = Measurer(
         arch,
         test_set,
-        _train_subset(train_eval, measure.train_samples, seed),
+        train_eval,
         grid,
         measure,
         dev,
-        bn_train=train_eval,
         progress=progress,
         seed=seed,
     )
@@ -741,13 +824,17 @@ def analyze_checkpoints(
     if main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(analyze_cfg, sort_keys=False))
         atomic_write_json(out / "environment.json", env)
-    results = _results_header(
+    results = results_header(
         "llfc.analyze", analyze_cfg, env, {"dataset": {"name": dataset, "n_test": len(test_set)}, "model": ma}
     )
-    pr = measurer(sd_a, sd_b, "A vs B")
-    pr["kind"], pr["label"] = "checkpoints", f"{Path(path_a).name} vs {Path(path_b).name}"
-    pr["checkpoints"] = {"A": str(path_a), "B": str(path_b)}
-    results["pairs"]["A vs B"] = pr
+    results["pairs"]["A vs B"] = measurer.entry(
+        sd_a,
+        sd_b,
+        "A vs B",
+        {"checkpoints": {"A": str(path_a), "B": str(path_b)}},
+        kind="checkpoints",
+        label=f"{Path(path_a).name} vs {Path(path_b).name}",
+    )
     text = write_report(results, out, log) if main else summary_table(results["pairs"])
     distributed.barrier()
     log("\n" + text)
@@ -858,22 +945,25 @@ def align_checkpoints(
             f"pass --model NAME [--model-args JSON] --dataset NAME, or save it "
             f"with llfc.checkpoint.save_checkpoint(..., meta={{'model': ...}})."
         )
+    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
+    sd_a, sd_b = (
+        fit_key_prefix(arch.state_dict(), sd_a, str(path_a)),
+        fit_key_prefix(arch.state_dict(), sd_b, str(path_b)),
+    )
     check_compatible(sd_a, sd_b, (str(path_a), str(path_b)))
     check_finite(sd_a, str(path_a))
     check_finite(sd_b, str(path_b))
-    arch = _build_arch(ma["name"], ma.get("kwargs", {}))
     _check_weights_fit(arch, sd_a, path_a, bool(model))
     _check_weights_fit(arch, sd_b, path_b, bool(model))
     shape = ma.get("kwargs", {}).get("input_shape")
+    dopt = _dataset_options(ma, dataset) if dataset else None  # data the model cannot take: refused now
     kwargs: dict[str, Any]
     loader, kwargs = None, {}
     if method in ("activation", "ste"):
         if not dataset:
             raise ConfigError(f"{method} matching needs training data: pass --dataset NAME.")
-        text = dataset_info(dataset).modality == "text" and shape is not None
-        train_eval = get_dataset(
-            dataset, "train", data_root, False, augment=False, options={"context": int(shape[-1])} if text else None
-        )
+        train_eval = get_dataset(dataset, "train", data_root, False, augment=False, options=dopt)
+        check_input_shape(arch, train_eval, f"model {ma['name']!r}", dataset)
         n = min(activation_samples, len(train_eval))
         subset: Dataset = Subset(train_eval, list(range(n)))
         if method == "activation" and distributed.is_active():  # statistics merged over ranks

@@ -184,7 +184,7 @@ def default_threads() -> tuple[int, str]:
     return max(1, n), "cores available to the process"
 
 
-def set_threads(n: int | None = None) -> int:
+def set_threads(n: int | None = None, source: str = "--threads") -> int:
     """Set torch's intra-op thread count (``torch.set_num_threads``); returns it.
 
     Results are bit-identical across runs only for the same thread count (the order of float
@@ -193,6 +193,7 @@ def set_threads(n: int | None = None) -> int:
 
     Args:
         n: threads (≥ 1); None: :func:`default_threads`.
+        source: how ``n`` was chosen, recorded as ``threads_source`` (when ``n`` is given).
 
     Raises:
         ConfigError: n < 1.
@@ -205,7 +206,7 @@ def set_threads(n: int | None = None) -> int:
     else:
         if int(n) < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {n}.")
-        n, _THREADS_SOURCE = int(n), "--threads"
+        n, _THREADS_SOURCE = int(n), source
     torch.set_num_threads(n)
     return n
 

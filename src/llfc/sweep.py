@@ -396,32 +396,56 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
 # the jobs (run in worker processes or on cluster nodes)
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+def job_threads(threads: int | None, jobs: int) -> tuple[int, str]:
+    """The torch threads of each sweep job, and how they were chosen (printed in the banner, recorded
+    in each point's environment).
 
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(int(threads))
+    ``threads`` (``--threads``) when given; else ``$OMP_NUM_THREADS`` (the user's per-process count,
+    which every worker process inherits); else the cores available to this process
+    (:func:`llfc.seeding.default_threads`) divided among the ``jobs`` (at least 1).
+
+    Raises:
+        SweepError: ``threads`` < 1.
+    """
+    from llfc.seeding import default_threads
+
+    if threads is not None:
+        if threads < 1:
+            raise SweepError(f"--threads must be ≥ 1 (threads= in Python), got {threads}.")
+        return int(threads), "--threads"
+    n, source = default_threads()
+    if source == "OMP_NUM_THREADS":
+        return n, source
+    return max(1, n // jobs), "cores available // --jobs"
+
+
+def _set_threads(threads: int, source: str) -> None:
+    from llfc.seeding import set_threads
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the libraries the job starts
+    set_threads(threads, source)
 
 
 def _data(cfg: ExperimentConfig):
+    """``(cfg, train_set, train_eval, test_set, spec, tcfg)`` of a job; ``cfg`` records the number of
+    test samples measured (:func:`llfc.experiment.first_test_samples`)."""
     from torch.utils.data import Subset
 
     from llfc.data import ArrayDataset, TextDataset, dataset_info, get_dataset
+    from llfc.experiment import first_test_samples
     from llfc.train import ModelSpec, TrainConfig
 
     info = dataset_info(cfg.dataset)
     train_set = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.download)
     train_eval = get_dataset(cfg.dataset, "train", cfg.data_root, False, augment=False)
     test_set: ArrayDataset | TextDataset | Subset = get_dataset(cfg.dataset, "test", cfg.data_root, False)
-    if cfg.measure.test_samples:
-        test_set = Subset(test_set, list(range(min(cfg.measure.test_samples, len(test_set)))))
+    test_set, measure = first_test_samples(test_set, cfg.measure, cfg.dataset)
     assert cfg.model is not None and cfg.model_args is not None  # job configs are resolved()
     spec = ModelSpec(
         cfg.model, {"input_shape": list(info.input_shape), "num_classes": info.num_classes, **cfg.model_args}
     )
     tcfg = TrainConfig.from_dict({**cfg.train, "device": str(_device(cfg))})
-    return train_set, train_eval, test_set, spec, tcfg
+    return dataclasses.replace(cfg, measure=measure), train_set, train_eval, test_set, spec, tcfg
 
 
 def _device(cfg: ExperimentConfig):
@@ -460,12 +484,12 @@ def train_parent(job: dict) -> dict:
 
     Args:
         job: ``{"kind": "spawn"|"independent", "dir", "config" (ExperimentConfig dict), "iterations",
-            "threads"}``.
+            "threads", "threads_source"}``.
 
     Returns:
         ``{"dir", "seconds", "skipped"}``.
     """
-    _set_threads(job.get("threads"))
+    _set_threads(job["threads"], job["threads_source"])
     t0, c0 = time.perf_counter(), time.process_time()
     if _parent_done(job):
         return {"dir": job["dir"], "seconds": 0.0, "cpu_seconds": 0.0, "skipped": True}
@@ -473,7 +497,7 @@ def train_parent(job: dict) -> dict:
     from llfc.train import independent_pair, steps_per_epoch, train
 
     cfg = ExperimentConfig.from_dict(job["config"])
-    train_set, _, test_set, spec, tcfg = _data(cfg)
+    _, train_set, _, test_set, spec, tcfg = _data(cfg)
     d = Path(job["dir"])
     meta = {"dataset": cfg.dataset, "model": spec.to_meta()}
     if job["kind"] == "spawn":
@@ -518,12 +542,12 @@ def run_point(job: dict) -> dict:
     ``results.json`` last (atomically).
 
     Args:
-        job: ``{"dir", "config", "point" (point.json content), "parent_dir", "threads", "figures"}``.
+        job: ``{"dir", "config", "point" (point.json content), "parent_dir", "threads", "threads_source", "figures"}``.
 
     Returns:
         ``{"dir", "seconds", "train_seconds", "measure_seconds", "skipped"}``.
     """
-    _set_threads(job.get("threads"))
+    _set_threads(job["threads"], job["threads_source"])
     out = Path(job["dir"])
     if (out / "results.json").is_file():
         return {
@@ -536,16 +560,15 @@ def run_point(job: dict) -> dict:
             "skipped": True,
         }
     from llfc.checkpoint import save_checkpoint
-    from llfc.experiment import PAIR_LABELS, Measurer, _results_header, _train_subset, align_state_dicts
+    from llfc.experiment import Measurer, align_state_dicts, results_header, write_outputs
     from llfc.interpolate import check_alphas, default_alphas
-    from llfc.report import plot_all, summary_table, write_tables
     from llfc.seeding import environment, seed_everything
     from llfc.train import train
 
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = ExperimentConfig.from_dict(job["config"])
     point = job["point"]
-    train_set, train_eval, test_set, spec, tcfg = _data(cfg)
+    cfg, train_set, train_eval, test_set, spec, tcfg = _data(cfg)
     device = _device(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
@@ -601,27 +624,19 @@ def run_point(job: dict) -> dict:
         default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas, cfg.allow_extrapolation
     )
     t1 = time.perf_counter()
-    measurer = Measurer(
-        arch,
-        test_set,
-        _train_subset(train_eval, cfg.measure.train_samples, cfg.seed),
-        alphas,
-        cfg.measure,
-        device,
-        bn_train=train_eval,
-        progress=False,
-        seed=cfg.seed,
-    )
-    pr = measurer(sd_a, sd_b, kind)
-    pr["kind"], pr["label"] = kind, PAIR_LABELS[kind]
+    extra: dict[str, Any] = {}
     if kind == "spawn":
-        pr["spawn_iteration"] = point["k_iteration"]
-        pr["spawn_epoch"] = point["k_iteration"] / point["steps_per_epoch"]
+        extra = {
+            "spawn_iteration": point["k_iteration"],
+            "spawn_epoch": point["k_iteration"] / point["steps_per_epoch"],
+        }
     if alignment is not None:
-        pr["alignment"] = alignment
-    pr["train_logs"] = logs
+        extra["alignment"] = alignment
+    extra["train_logs"] = logs
+    measurer = Measurer(arch, test_set, train_eval, alphas, cfg.measure, device, progress=False, seed=cfg.seed)
+    pr = measurer.entry(sd_a, sd_b, kind, extra)
     env = {**environment(device), "seeds": {"master": cfg.seed, **seeds}}
-    results = _results_header(
+    results = results_header(
         "llfc.sweep-point",
         cfg.to_dict(),
         env,
@@ -632,10 +647,7 @@ def run_point(job: dict) -> dict:
         },
     )
     results["pairs"][kind] = pr
-    write_tables(results["pairs"], out)
-    if job.get("figures", True):
-        plot_all(results["pairs"], out)
-    atomic_write_text(out / "summary.txt", summary_table(results["pairs"]) + "\n")
+    write_outputs(results["pairs"], out, figures=job.get("figures", True))
     t_measure = time.perf_counter() - t1
     results["seconds"] = {"train": t_train, "measure": t_measure, "total": time.perf_counter() - t0}
     atomic_write_json(out / "results.json", results)  # last: marks the point finished
@@ -654,20 +666,20 @@ def run_point(job: dict) -> dict:
 # running
 
 
-def _executor(backend: str, jobs: int, threads: int, out: Path, cluster: dict):
+def _executor(backend: str, jobs: int, threads: tuple[int, str], out: Path, cluster: dict):
     if backend == "local":
         if jobs <= 1:
             return None
         import multiprocessing as mp
 
         return ProcessPoolExecutor(
-            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_set_threads, initargs=threads
         )
     check_backend(backend)
     import submitit
 
     ex = submitit.AutoExecutor(folder=str(out / "submitit"))
-    ex.update_parameters(**{"timeout_min": 60, "cpus_per_task": threads, **(cluster or {})})
+    ex.update_parameters(**{"timeout_min": 60, "cpus_per_task": threads[0], **(cluster or {})})
     return ex
 
 
@@ -758,7 +770,8 @@ def run_sweep(
             finished points (results.json present) are skipped, unfinished ones redone from their last
             checkpoint; a folder of another config is refused.
         jobs: worker processes of the local backend (1: run in this process).
-        threads: torch threads per job (default: CPU cores // jobs, at least 1).
+        threads: torch threads per job (default: $OMP_NUM_THREADS, else the cores available // jobs, at
+            least 1; :func:`job_threads`).
         backend: "local" (process pool) or "submitit" (Slurm via ``submitit.AutoExecutor``, parameters
             from the config's ``cluster:``).
         executor: any object with ``submit(fn, arg)`` returning futures/jobs with ``done()`` and
@@ -787,8 +800,8 @@ def run_sweep(
         raise SweepError(f"jobs must be a whole number ≥ 1, got {jobs!r}.")
     out = Path(out)
     points, mode = _prepare(sc, out)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    ex = executor or _executor(backend, jobs, threads, out, sc.cluster)
+    threads, threads_source = job_threads(threads, jobs)
+    ex = executor or _executor(backend, jobs, (threads, threads_source), out, sc.cluster)
     # everything is checked; now write
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(sc.to_dict(), sort_keys=False))
@@ -802,6 +815,7 @@ def run_sweep(
                 "config": p.config.to_dict(),
                 "iterations": [],
                 "threads": threads,
+                "threads_source": threads_source,
             },
         )
         if p.k_iteration is not None and p.k_iteration not in j["iterations"]:
@@ -813,6 +827,7 @@ def run_sweep(
             "point": _point_meta(p),
             "parent_dir": str(out / "parents" / p.parent),
             "threads": threads,
+            "threads_source": threads_source,
             "figures": sc.point_figures,
         }
         for p in points
@@ -828,7 +843,7 @@ def run_sweep(
         f"sweep {sc.name}: {len(points)} pairs, {len(parents)} shared parent runs → {out} ({mode}; "
         f"{len(points) - len(todo_points)} pairs finished, {len(todo_points)} to run; "
         f"{'jobs ' + str(jobs) if executor is None and backend == 'local' else type(ex).__name__}, "
-        f"{threads} thread(s) per job)"
+        f"{threads} thread(s) per job ({threads_source}))"
     )
     submit = (lambda fn, arg: _Now(fn, arg)) if ex is None else ex.submit
     t0 = time.perf_counter()
@@ -967,7 +982,9 @@ def pair_row(point: dict, pr: dict) -> dict:
         "llfc_worst_ratio": w and w["ratio"],
         "llfc_max_distance": w and w["max_distance"],
         "llfc_mean_distance": mean(ly["distance"]["mean"][i5] for ly in hidden),
-        "llfc_mean_ratio": mean(criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"]) for ly in hidden),
+        "llfc_mean_ratio": mean(
+            criteria.ratio_to_baseline(ly["distance"]["mean"][i5], ly["baseline"]["mean"]) for ly in hidden
+        ),
         "weak_additivity_mean": mean(ly["distance"]["mean"][i5] for ly in wa),
         "commutativity_ratio": mean(c["dist_com"] / c["dist_W"] for c in com),
         "stitching_max_error": max(st) if st else None,
@@ -1098,7 +1115,7 @@ def _heatmap_rows(out: Path, pts: list[dict]) -> list[dict]:
                         "layer": ly["name"],
                         "seed": pt["seed"],
                         "distance": ly["distance"]["mean"][i5],
-                        "ratio": criteria._ratio(ly["distance"]["mean"][i5], ly["baseline"]["mean"]),
+                        "ratio": criteria.ratio_to_baseline(ly["distance"]["mean"][i5], ly["baseline"]["mean"]),
                     }
                 )
     return res

@@ -98,7 +98,7 @@ def summary_ctl(results: dict) -> str:
         )
     lines.append(
         "errors in %; worst layer: largest E[1−cos(f_αβ, αf_A+βf_B)] / E[1−cos(f_A, f_B)] over hidden "
-        "layers and α+β=1 points. " + criteria.describe().replace("LLFC holds", "CTL holds (LLFC thresholds)")
+        "layers and α+β=1 points. " + criteria.describe_llfc("CTL holds (LLFC thresholds)")
     )
     return "\n".join(lines)
 

@@ -179,7 +179,7 @@ def _llfc_rows(pair: dict) -> tuple[list[float], list[dict]]:
                 "dim": ly.get("dim"),
                 "baseline": base,
                 "dists": dists,
-                "ratio": None if worst is None else criteria._ratio(worst, base),
+                "ratio": None if worst is None else criteria.ratio_to_baseline(worst, base),
                 "hidden": ly["kind"] in criteria.HIDDEN_KINDS,
             }
         )
@@ -211,7 +211,7 @@ def _commutativity_rows(pair: dict) -> list[dict]:
                 "com": ly["dist_com"],
                 "W": ly["dist_W"],
                 "H": ly["dist_H"],
-                "ratio": criteria._ratio(ly["dist_com"], parts),
+                "ratio": criteria.ratio_to_baseline(ly["dist_com"], parts),
             }
         )
     return rows
