@@ -247,3 +247,87 @@ def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err and "(1, 8, 8)" in err and "(1, 28, 28)" in err and "--dataset" in err
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("al*"))
+
+
+EXTRAPOLATED = [-0.2, 0.0, 0.25, 0.5, 0.75, 1.0, 1.2]
+TINY_RUN = ["--pairs", "spawn", "--spawn-epoch", "0", "--epochs", "1", "--widths", "8", "--test-samples", "100"]
+TINY_RUN += ["--train-samples", "0", "--no-conditions", "--no-progress"]
+
+
+def _test_error(sd: dict) -> float:
+    """Test error of the digits MLP-8 with weights ``sd`` on the whole digits test set."""
+    import torch
+
+    from llfc.data import get_dataset
+    from llfc.models import create_model
+
+    model = create_model("mlp", input_shape=[1, 8, 8], num_classes=10, widths=[8])
+    model.load_state_dict(sd)
+    x, y = map(torch.stack, zip(*[(x, torch.as_tensor(y)) for x, y in get_dataset("digits", "test")]))
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) != y).float().mean().item()
+
+
+def test_allow_extrapolation_flag_reaches_the_measurement_of_analyze(tmp_path):
+    """--allow-extrapolation was recorded, then the measurement refused α = -0.2 all the same."""
+    import json
+
+    import torch
+
+    from llfc.interpolate import lerp_state_dict
+
+    a, b = _mlp_weights(tmp_path, "a"), _mlp_weights(tmp_path, "bb")
+    out = tmp_path / "an"
+    argv = ["analyze", a, b, *MLP8, "--alphas=-0.2,0.5,1.2", "--allow-extrapolation", "--train-samples", "0"]
+    assert main([*argv, "--no-conditions", "--no-progress", "--out", str(out)]) == 0
+    pair = json.loads((out / "results.json").read_text())["pairs"]["A vs B"]
+    assert pair["alphas"] == EXTRAPOLATED
+    sd_a = torch.load(a, weights_only=True)
+    sd_b = torch.load(b, weights_only=True)
+    for i in (0, -1):  # θ_α = α·θ_A + (1−α)·θ_B beyond both ends
+        assert pair["lmc"]["test"]["error"][i] == pytest.approx(
+            _test_error(lerp_state_dict(sd_a, sd_b, EXTRAPOLATED[i])), abs=1e-6
+        )
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_allow_extrapolation_of_run_from_the_flag_or_the_yaml_config(tmp_path, how):
+    import json
+
+    import yaml
+
+    out = tmp_path / "run"
+    argv = ["run", *TINY_RUN, "--out", str(out)]
+    if how == "flag":
+        argv += ["--alphas=-0.2,0.5,1.2", "--allow-extrapolation"]
+    else:
+        cfg = tmp_path / "x.yaml"
+        cfg.write_text("allow_extrapolation: true\nalphas: [-0.2, 0.5, 1.2]\n")
+        argv += ["--config", str(cfg)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["pairs"]["spawn"]["alphas"] == EXTRAPOLATED
+    assert len(res["pairs"]["spawn"]["lmc"]["test"]["error"]) == len(EXTRAPOLATED)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["allow_extrapolation"] is True and saved["alphas"] == EXTRAPOLATED
+
+
+@pytest.mark.parametrize(
+    "alphas, words",
+    [(["--alphas=-0.2,0.5"], "--allow-extrapolation"), (["--alphas", "3"], "at least 5 points")],
+)
+def test_run_checks_the_alpha_grid_before_training_or_writing(tmp_path, capsys, monkeypatch, alphas, words):
+    import llfc.experiment
+    from llfc.config import ExperimentConfig
+    from llfc.errors import ConfigError
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the α grid was checked")
+
+    monkeypatch.setattr(llfc.experiment, "spawn_pair", no_training)
+    out = tmp_path / "run"
+    assert main(["run", *TINY_RUN, *alphas, "--out", str(out)]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="at least 5 points"):  # with the other config checks
+        ExperimentConfig(alphas=3).resolved()

@@ -233,11 +233,25 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # -------------------------------------------------------------- resolution
+    def alpha_grid(self) -> list[float]:
+        """The α grid measured (α weights A): :func:`llfc.interpolate.default_alphas` of an int
+        ``alphas``, else the values sorted, without repeats, 0, 0.25, 0.5, 0.75 and 1 added.
+
+        Raises:
+            ConfigError: fewer than 5 or too many points, a non-finite α, or one outside [0, 1]
+                without ``allow_extrapolation`` (``--allow-extrapolation``).
+        """
+        from llfc.interpolate import check_alphas, default_alphas
+
+        grid = default_alphas(self.alphas) if isinstance(self.alphas, int) else self.alphas
+        return check_alphas(grid, self.allow_extrapolation)
+
     def resolved(self) -> ExperimentConfig:
         """A copy with the dataset's defaults filled in and every field validated.
 
         Raises:
-            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch, bad α values.
+            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch, bad α grid
+            (:meth:`alpha_grid`).
         """
         from llfc.data import dataset_info
 
@@ -283,10 +297,9 @@ class ExperimentConfig:
                 f"spawn_epoch must be in [0, epochs) = [0, {epochs}), got {c.spawn_epoch}: the two "
                 f"children need at least one epoch of their own to differ."
             )
+        grid = c.alpha_grid()  # with the other checks: a bad grid fails before anything is trained or written
         if not isinstance(c.alphas, int):  # what is measured: sorted, without repeats, 0/.25/.5/.75/1 added
-            from llfc.interpolate import check_alphas
-
-            c.alphas = check_alphas(c.alphas, c.allow_extrapolation)
+            c.alphas = grid
         if c.measure.bn_mode not in ("interpolate", "reset"):
             raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
         return c
