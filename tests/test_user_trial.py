@@ -331,3 +331,51 @@ def test_run_checks_the_alpha_grid_before_training_or_writing(tmp_path, capsys, 
     assert not out.exists()
     with pytest.raises(ConfigError, match="at least 5 points"):  # with the other config checks
         ExperimentConfig(alphas=3).resolved()
+
+
+FIGURES = ["lmc.png", "llfc.png", "weak_additivity.png", "commutativity.png", "stitching.png"]
+
+
+@pytest.fixture(scope="module")
+def one_sample_run(tmp_path_factory):
+    """``llfc analyze A B --test-samples 1 --train-samples 0`` of two MLP-8s on digits."""
+    tmp = tmp_path_factory.mktemp("one")
+    a, b = _mlp_weights(tmp, "a"), _mlp_weights(tmp, "bb")
+    out = tmp / "an"
+    argv = ["analyze", a, b, *MLP8, "--test-samples", "1", "--train-samples", "0", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    return out
+
+
+def _embedded_figures(run) -> int:
+    return (run / "report.html").read_text().count('<img src="data:image/png;base64,')
+
+
+def test_one_test_sample_draws_every_figure_without_undefined_error_bars(one_sample_run):
+    """The std over one sample is undefined (NaN in memory, null in results.json): plot_llfc failed
+    with 'Axis limits cannot be NaN or Inf'."""
+    import json
+
+    pair = json.loads((one_sample_run / "results.json").read_text())["pairs"]["A vs B"]
+    assert pair["n_samples"] == 1 and pair["llfc"][0]["baseline"]["std"] is None
+    assert all((one_sample_run / f).stat().st_size > 0 for f in FIGURES)
+    assert _embedded_figures(one_sample_run) == len(FIGURES)
+    for f in FIGURES:  # drawn again from results.json, where the std is null
+        (one_sample_run / f).unlink()
+    assert main(["report", str(one_sample_run)]) == 0
+    assert all((one_sample_run / f).stat().st_size > 0 for f in FIGURES)
+
+
+@pytest.mark.parametrize("figure", FIGURES)
+def test_report_redraws_each_missing_figure(one_sample_run, tmp_path, figure):
+    """`llfc report DIR` redrew the figures only when lmc.png was missing; report.html then embedded fewer."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_sample_run, run)
+    kept = {f: (run / f).stat().st_mtime_ns for f in FIGURES if f != figure}
+    (run / figure).unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / figure).stat().st_size > 0
+    assert {f: (run / f).stat().st_mtime_ns for f in kept} == kept  # the others are left as they are
+    assert _embedded_figures(run) == len(FIGURES)
