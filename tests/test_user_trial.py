@@ -379,3 +379,23 @@ def test_report_redraws_each_missing_figure(one_sample_run, tmp_path, figure):
     assert (run / figure).stat().st_size > 0
     assert {f: (run / f).stat().st_mtime_ns for f in kept} == kept  # the others are left as they are
     assert _embedded_figures(run) == len(FIGURES)
+
+
+def test_lmc_figure_joins_the_endpoints_not_the_ends_of_an_extrapolated_grid(tmp_path, monkeypatch):
+    """The dotted reference line of lmc.png joined the first and last α of the grid: α = -0.2 and 1.2
+    under extrapolation, not the two models."""
+    from llfc.report import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    errors = [0.5, 0.1, 0.2, 0.3, 0.2, 0.05, 0.4]
+    lmc = {
+        "loss": [2 * e for e in errors],
+        "error": errors,
+        "barriers": dict.fromkeys(["error_barrier_frankle", "loss_barrier_entezari"], 0.0),
+    }
+    plots.plot_lmc({"p": {"alphas": EXTRAPOLATED, "lmc": {"test": lmc}}}, tmp_path / "lmc.png")
+    (fig,) = figs
+    dotted = [ln for ln in fig.axes[1].lines if ln.get_linestyle() == ":"]
+    assert [list(ln.get_ydata()) for ln in dotted] == [pytest.approx([10.0, 5.0])]  # B (α = 0), A (α = 1), in %
+    plots.plt.close(fig)

@@ -46,6 +46,7 @@ def plot_lmc(pairs: dict, path: Path) -> Path:
     fig, axes = plt.subplots(n, 2, figsize=(9, 2.8 * n), squeeze=False, sharey="col")
     for row, (name, pr) in enumerate(pairs.items()):
         al = np.array(pr["alphas"])
+        ends = [_alpha_index(pr["alphas"], a) for a in (0.0, 1.0)]  # not the grid's ends under extrapolation
         for col, key in enumerate(("loss", "error")):
             ax = axes[row, col]
             for split, style, color in (("test", "-", _COLORS[0]), ("train", "--", _COLORS[1])):
@@ -54,7 +55,7 @@ def plot_lmc(pairs: dict, path: Path) -> Path:
                     continue
                 v = np.array(lmc[key]) * (100 if key == "error" else 1)
                 ax.plot(al, v, style, marker="o", ms=3, color=color, label=split)
-                ax.plot([0, 1], [v[0], v[-1]], ":", color=color, lw=1)
+                ax.plot([0, 1], v[ends], ":", color=color, lw=1)
             ax.set_xlabel("α  (θ_α = α·θ_A + (1−α)·θ_B)")
             ax.set_ylabel("error (%)" if key == "error" else "cross-entropy loss")
             b = pr["lmc"]["test"]["barriers"]
