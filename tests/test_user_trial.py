@@ -399,3 +399,66 @@ def test_lmc_figure_joins_the_endpoints_not_the_ends_of_an_extrapolated_grid(tmp
     dotted = [ln for ln in fig.axes[1].lines if ln.get_linestyle() == ":"]
     assert [list(ln.get_ydata()) for ln in dotted] == [pytest.approx([10.0, 5.0])]  # B (α = 0), A (α = 1), in %
     plots.plt.close(fig)
+
+
+def _bn_pair():
+    import torch
+    import torch.nn as nn
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    return net(0), net(0).state_dict(), net(1).state_dict()
+
+
+@pytest.mark.parametrize("form", ["tensors", "tensor", "xy tuples", "xy lists", "loader xy", "loader x-only"])
+def test_bn_batches_take_the_forms_a_user_has(form):
+    """bn_mode='reset' with a list of (x, y) tuples (what a DataLoader yields) raised a raw
+    AttributeError: 'tuple' object has no attribute 'to'."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from llfc.engine import measure_pair
+    from llfc.interpolate import lerp_state_dict, path_states
+
+    model, sd_a, sd_b = _bn_pair()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    xs = list(x.split(16))
+    batches = {
+        "tensors": xs,
+        "tensor": x,
+        "xy tuples": list(zip(xs, y.split(16))),
+        "xy lists": [[xb, yb] for xb, yb in zip(xs, y.split(16))],
+        "loader xy": DataLoader(TensorDataset(x, y), batch_size=16),
+        "loader x-only": DataLoader(TensorDataset(x), batch_size=16),
+    }[form]
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    states = path_states(model, sd_a, sd_b, grid, "reset", batches)
+    # the interior BN statistics: the average over the batches of the batch mean / unbiased variance of
+    # the first Linear's output (REPAIR's cumulative average)
+    mid = lerp_state_dict(sd_a, sd_b, 0.5)
+    h = x @ mid["0.weight"].T + mid["0.bias"]
+    chunks = [h] if form == "tensor" else list(h.split(16))
+    assert torch.allclose(states[2]["1.running_mean"], h.mean(0), atol=1e-6)
+    assert torch.allclose(states[2]["1.running_var"], torch.stack([c.var(0) for c in chunks]).mean(0), atol=1e-6)
+    assert states[0] is sd_b and states[-1] is sd_a  # the endpoints keep their trained statistics
+    res = measure_pair(model, sd_a, sd_b, [(x, y)], grid, bn_mode="reset", bn_batches=batches)
+    ref = measure_pair(model, sd_a, sd_b, [(x, y)], grid, states=states)
+    assert res["lmc"]["loss"] == ref["lmc"]["loss"]
+
+
+@pytest.mark.parametrize("form", ["dict batches", "dataset", "number"])
+def test_bn_batches_in_another_form_is_one_clear_error(form):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from llfc.errors import ConfigError
+    from llfc.interpolate import path_states
+
+    model, sd_a, sd_b = _bn_pair()
+    x = torch.randn(16, 4)
+    batches = {"dict batches": [{"x": x}], "dataset": TensorDataset(x), "number": 20}[form]
+    with pytest.raises(ConfigError, match=r"bn_batches .*\(x, y\) tuples"):
+        path_states(model, sd_a, sd_b, [0.0, 0.5, 1.0], "reset", batches)

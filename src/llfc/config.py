@@ -107,8 +107,13 @@ class MeasureConfig:
         test_samples: use the first N test samples (None: all).
         train_samples: size of the fixed random train subset for the train-set LMC curve (0: skip).
         batch_size: evaluation batch size.
-        bn_mode: "interpolate" or "reset" (BatchNorm statistics along the path).
-        bn_batches: training batches used to reset BN statistics.
+        bn_mode: BatchNorm running statistics along the path: "interpolate" (lerped like the
+            weights, the official LLFC code) or "reset" (recomputed on training batches for every
+            interior α, REPAIR-style; the endpoints α = 0, 1 are the trained networks and keep their
+            trained statistics, so the barriers compare reset interior networks against the trained
+            endpoints).
+        bn_batches: number of training batches (of ``batch_size``) the "reset" mode recomputes the
+            statistics on.
         stitching: identity model stitching per Linear/Conv layer (paper App. B.4, Tables 2–3).
         stitch_points: "official" (the official script's points: for ResNets conv1, every block
             output and the logits) or "pre" (every Linear/Conv output); see :mod:`llfc.stitching`.
