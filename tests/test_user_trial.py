@@ -247,3 +247,218 @@ def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err and "(1, 8, 8)" in err and "(1, 28, 28)" in err and "--dataset" in err
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("al*"))
+
+
+EXTRAPOLATED = [-0.2, 0.0, 0.25, 0.5, 0.75, 1.0, 1.2]
+TINY_RUN = ["--pairs", "spawn", "--spawn-epoch", "0", "--epochs", "1", "--widths", "8", "--test-samples", "100"]
+TINY_RUN += ["--train-samples", "0", "--no-conditions", "--no-progress"]
+
+
+def _test_error(sd: dict) -> float:
+    """Test error of the digits MLP-8 with weights ``sd`` on the whole digits test set."""
+    import torch
+
+    from llfc.data import get_dataset
+    from llfc.models import create_model
+
+    model = create_model("mlp", input_shape=[1, 8, 8], num_classes=10, widths=[8])
+    model.load_state_dict(sd)
+    x, y = map(torch.stack, zip(*[(x, torch.as_tensor(y)) for x, y in get_dataset("digits", "test")]))
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) != y).float().mean().item()
+
+
+def test_allow_extrapolation_flag_reaches_the_measurement_of_analyze(tmp_path):
+    """--allow-extrapolation was recorded, then the measurement refused α = -0.2 all the same."""
+    import json
+
+    import torch
+
+    from llfc.interpolate import lerp_state_dict
+
+    a, b = _mlp_weights(tmp_path, "a"), _mlp_weights(tmp_path, "bb")
+    out = tmp_path / "an"
+    argv = ["analyze", a, b, *MLP8, "--alphas=-0.2,0.5,1.2", "--allow-extrapolation", "--train-samples", "0"]
+    assert main([*argv, "--no-conditions", "--no-progress", "--out", str(out)]) == 0
+    pair = json.loads((out / "results.json").read_text())["pairs"]["A vs B"]
+    assert pair["alphas"] == EXTRAPOLATED
+    sd_a = torch.load(a, weights_only=True)
+    sd_b = torch.load(b, weights_only=True)
+    for i in (0, -1):  # θ_α = α·θ_A + (1−α)·θ_B beyond both ends
+        assert pair["lmc"]["test"]["error"][i] == pytest.approx(
+            _test_error(lerp_state_dict(sd_a, sd_b, EXTRAPOLATED[i])), abs=1e-6
+        )
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_allow_extrapolation_of_run_from_the_flag_or_the_yaml_config(tmp_path, how):
+    import json
+
+    import yaml
+
+    out = tmp_path / "run"
+    argv = ["run", *TINY_RUN, "--out", str(out)]
+    if how == "flag":
+        argv += ["--alphas=-0.2,0.5,1.2", "--allow-extrapolation"]
+    else:
+        cfg = tmp_path / "x.yaml"
+        cfg.write_text("allow_extrapolation: true\nalphas: [-0.2, 0.5, 1.2]\n")
+        argv += ["--config", str(cfg)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["pairs"]["spawn"]["alphas"] == EXTRAPOLATED
+    assert len(res["pairs"]["spawn"]["lmc"]["test"]["error"]) == len(EXTRAPOLATED)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["allow_extrapolation"] is True and saved["alphas"] == EXTRAPOLATED
+
+
+@pytest.mark.parametrize(
+    "alphas, words",
+    [(["--alphas=-0.2,0.5"], "--allow-extrapolation"), (["--alphas", "3"], "at least 5 points")],
+)
+def test_run_checks_the_alpha_grid_before_training_or_writing(tmp_path, capsys, monkeypatch, alphas, words):
+    import llfc.experiment
+    from llfc.config import ExperimentConfig
+    from llfc.errors import ConfigError
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the α grid was checked")
+
+    monkeypatch.setattr(llfc.experiment, "spawn_pair", no_training)
+    out = tmp_path / "run"
+    assert main(["run", *TINY_RUN, *alphas, "--out", str(out)]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="at least 5 points"):  # with the other config checks
+        ExperimentConfig(alphas=3).resolved()
+
+
+FIGURES = ["lmc.png", "llfc.png", "weak_additivity.png", "commutativity.png", "stitching.png"]
+
+
+@pytest.fixture(scope="module")
+def one_sample_run(tmp_path_factory):
+    """``llfc analyze A B --test-samples 1 --train-samples 0`` of two MLP-8s on digits."""
+    tmp = tmp_path_factory.mktemp("one")
+    a, b = _mlp_weights(tmp, "a"), _mlp_weights(tmp, "bb")
+    out = tmp / "an"
+    argv = ["analyze", a, b, *MLP8, "--test-samples", "1", "--train-samples", "0", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    return out
+
+
+def _embedded_figures(run) -> int:
+    return (run / "report.html").read_text().count('<img src="data:image/png;base64,')
+
+
+def test_one_test_sample_draws_every_figure_without_undefined_error_bars(one_sample_run):
+    """The std over one sample is undefined (NaN in memory, null in results.json): plot_llfc failed
+    with 'Axis limits cannot be NaN or Inf'."""
+    import json
+
+    pair = json.loads((one_sample_run / "results.json").read_text())["pairs"]["A vs B"]
+    assert pair["n_samples"] == 1 and pair["llfc"][0]["baseline"]["std"] is None
+    assert all((one_sample_run / f).stat().st_size > 0 for f in FIGURES)
+    assert _embedded_figures(one_sample_run) == len(FIGURES)
+    for f in FIGURES:  # drawn again from results.json, where the std is null
+        (one_sample_run / f).unlink()
+    assert main(["report", str(one_sample_run)]) == 0
+    assert all((one_sample_run / f).stat().st_size > 0 for f in FIGURES)
+
+
+@pytest.mark.parametrize("figure", FIGURES)
+def test_report_redraws_each_missing_figure(one_sample_run, tmp_path, figure):
+    """`llfc report DIR` redrew the figures only when lmc.png was missing; report.html then embedded fewer."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_sample_run, run)
+    kept = {f: (run / f).stat().st_mtime_ns for f in FIGURES if f != figure}
+    (run / figure).unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / figure).stat().st_size > 0
+    assert {f: (run / f).stat().st_mtime_ns for f in kept} == kept  # the others are left as they are
+    assert _embedded_figures(run) == len(FIGURES)
+
+
+def test_lmc_figure_joins_the_endpoints_not_the_ends_of_an_extrapolated_grid(tmp_path, monkeypatch):
+    """The dotted reference line of lmc.png joined the first and last α of the grid: α = -0.2 and 1.2
+    under extrapolation, not the two models."""
+    from llfc.report import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    errors = [0.5, 0.1, 0.2, 0.3, 0.2, 0.05, 0.4]
+    lmc = {
+        "loss": [2 * e for e in errors],
+        "error": errors,
+        "barriers": dict.fromkeys(["error_barrier_frankle", "loss_barrier_entezari"], 0.0),
+    }
+    plots.plot_lmc({"p": {"alphas": EXTRAPOLATED, "lmc": {"test": lmc}}}, tmp_path / "lmc.png")
+    (fig,) = figs
+    dotted = [ln for ln in fig.axes[1].lines if ln.get_linestyle() == ":"]
+    assert [list(ln.get_ydata()) for ln in dotted] == [pytest.approx([10.0, 5.0])]  # B (α = 0), A (α = 1), in %
+    plots.plt.close(fig)
+
+
+def _bn_pair():
+    import torch
+    import torch.nn as nn
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    return net(0), net(0).state_dict(), net(1).state_dict()
+
+
+@pytest.mark.parametrize("form", ["tensors", "tensor", "xy tuples", "xy lists", "loader xy", "loader x-only"])
+def test_bn_batches_take_the_forms_a_user_has(form):
+    """bn_mode='reset' with a list of (x, y) tuples (what a DataLoader yields) raised a raw
+    AttributeError: 'tuple' object has no attribute 'to'."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from llfc.engine import measure_pair
+    from llfc.interpolate import lerp_state_dict, path_states
+
+    model, sd_a, sd_b = _bn_pair()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    xs = list(x.split(16))
+    batches = {
+        "tensors": xs,
+        "tensor": x,
+        "xy tuples": list(zip(xs, y.split(16))),
+        "xy lists": [[xb, yb] for xb, yb in zip(xs, y.split(16))],
+        "loader xy": DataLoader(TensorDataset(x, y), batch_size=16),
+        "loader x-only": DataLoader(TensorDataset(x), batch_size=16),
+    }[form]
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    states = path_states(model, sd_a, sd_b, grid, "reset", batches)
+    # the interior BN statistics: the average over the batches of the batch mean / unbiased variance of
+    # the first Linear's output (REPAIR's cumulative average)
+    mid = lerp_state_dict(sd_a, sd_b, 0.5)
+    h = x @ mid["0.weight"].T + mid["0.bias"]
+    chunks = [h] if form == "tensor" else list(h.split(16))
+    assert torch.allclose(states[2]["1.running_mean"], h.mean(0), atol=1e-6)
+    assert torch.allclose(states[2]["1.running_var"], torch.stack([c.var(0) for c in chunks]).mean(0), atol=1e-6)
+    assert states[0] is sd_b and states[-1] is sd_a  # the endpoints keep their trained statistics
+    res = measure_pair(model, sd_a, sd_b, [(x, y)], grid, bn_mode="reset", bn_batches=batches)
+    ref = measure_pair(model, sd_a, sd_b, [(x, y)], grid, states=states)
+    assert res["lmc"]["loss"] == ref["lmc"]["loss"]
+
+
+@pytest.mark.parametrize("form", ["dict batches", "dataset", "number"])
+def test_bn_batches_in_another_form_is_one_clear_error(form):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from llfc.errors import ConfigError
+    from llfc.interpolate import path_states
+
+    model, sd_a, sd_b = _bn_pair()
+    x = torch.randn(16, 4)
+    batches = {"dict batches": [{"x": x}], "dataset": TensorDataset(x), "number": 20}[form]
+    with pytest.raises(ConfigError, match=r"bn_batches .*\(x, y\) tuples"):
+        path_states(model, sd_a, sd_b, [0.0, 0.5, 1.0], "reset", batches)

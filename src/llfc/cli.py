@@ -80,7 +80,12 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-samples", type=int, help="measure on the first N test samples (default: all)")
     g.add_argument("--train-samples", type=int, help="train subset size for the train-set LMC curve")
     g.add_argument(
-        "--bn-mode", choices=["interpolate", "reset"], help="BatchNorm statistics along the path (default interpolate)"
+        "--bn-mode",
+        choices=["interpolate", "reset"],
+        help="BatchNorm running statistics along the path: interpolate (lerped like the weights, the "
+        "official LLFC code; default) or reset (recomputed on training batches for every interior α, "
+        "REPAIR-style; the endpoints keep their trained statistics, so the barrier compares reset "
+        "interior networks against the trained endpoints)",
     )
     g.add_argument("--no-conditions", action="store_true", help="skip weak additivity and commutativity")
     g.add_argument(

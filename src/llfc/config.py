@@ -107,8 +107,13 @@ class MeasureConfig:
         test_samples: use the first N test samples (None: all).
         train_samples: size of the fixed random train subset for the train-set LMC curve (0: skip).
         batch_size: evaluation batch size.
-        bn_mode: "interpolate" or "reset" (BatchNorm statistics along the path).
-        bn_batches: training batches used to reset BN statistics.
+        bn_mode: BatchNorm running statistics along the path: "interpolate" (lerped like the
+            weights, the official LLFC code) or "reset" (recomputed on training batches for every
+            interior α, REPAIR-style; the endpoints α = 0, 1 are the trained networks and keep their
+            trained statistics, so the barriers compare reset interior networks against the trained
+            endpoints).
+        bn_batches: number of training batches (of ``batch_size``) the "reset" mode recomputes the
+            statistics on.
         stitching: identity model stitching per Linear/Conv layer (paper App. B.4, Tables 2–3).
         stitch_points: "official" (the official script's points: for ResNets conv1, every block
             output and the logits) or "pre" (every Linear/Conv output); see :mod:`llfc.stitching`.
@@ -233,11 +238,25 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # -------------------------------------------------------------- resolution
+    def alpha_grid(self) -> list[float]:
+        """The α grid measured (α weights A): :func:`llfc.interpolate.default_alphas` of an int
+        ``alphas``, else the values sorted, without repeats, 0, 0.25, 0.5, 0.75 and 1 added.
+
+        Raises:
+            ConfigError: fewer than 5 or too many points, a non-finite α, or one outside [0, 1]
+                without ``allow_extrapolation`` (``--allow-extrapolation``).
+        """
+        from llfc.interpolate import check_alphas, default_alphas
+
+        grid = default_alphas(self.alphas) if isinstance(self.alphas, int) else self.alphas
+        return check_alphas(grid, self.allow_extrapolation)
+
     def resolved(self) -> ExperimentConfig:
         """A copy with the dataset's defaults filled in and every field validated.
 
         Raises:
-            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch, bad α values.
+            ConfigError / UnknownNameError: unknown pair kinds, dataset, bad spawn epoch, bad α grid
+            (:meth:`alpha_grid`).
         """
         from llfc.data import dataset_info
 
@@ -283,10 +302,9 @@ class ExperimentConfig:
                 f"spawn_epoch must be in [0, epochs) = [0, {epochs}), got {c.spawn_epoch}: the two "
                 f"children need at least one epoch of their own to differ."
             )
+        grid = c.alpha_grid()  # with the other checks: a bad grid fails before anything is trained or written
         if not isinstance(c.alphas, int):  # what is measured: sorted, without repeats, 0/.25/.5/.75/1 added
-            from llfc.interpolate import check_alphas
-
-            c.alphas = check_alphas(c.alphas, c.allow_extrapolation)
+            c.alphas = grid
         if c.measure.bn_mode not in ("interpolate", "reset"):
             raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
         return c

@@ -29,7 +29,7 @@ The cosine products are expanded so that f_int is never materialised:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, cast
+from typing import Any, Iterable, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -500,7 +500,7 @@ def measure_pair(
     progress: bool = False,
     desc: str = "measure",
     bn_mode: str = "interpolate",
-    bn_batches: Sequence[torch.Tensor] | None = None,
+    bn_batches: torch.Tensor | Iterable[Any] | None = None,
     sharded: bool = False,
     memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
 ) -> dict:
@@ -523,9 +523,13 @@ def measure_pair(
         progress: show a tqdm progress bar.
         bn_mode: BatchNorm running statistics along the path, as ``llfc run --bn-mode``:
             ``"interpolate"`` (the official LLFC code; warns once when the model has BatchNorm) or
-            ``"reset"`` (recomputed on ``bn_batches`` for every interior α; see
+            ``"reset"`` (recomputed on ``bn_batches`` for every interior α, REPAIR-style; the
+            endpoints α = 0, 1 are the trained networks and keep their trained statistics, so the
+            barriers compare reset interior networks against the trained endpoints; see
             :func:`llfc.interpolate.path_states`).
-        bn_batches: input tensors (N_i, ...) of training data, needed by ``bn_mode="reset"``.
+        bn_batches: training data for ``bn_mode="reset"``: one input tensor (N, ...), or a list or
+            DataLoader of input tensors (N_i, ...) or of (x, y) / (x,) tuples or lists (the x is
+            used; :func:`llfc.interpolate.bn_inputs`).
         sharded: ``batches`` is this rank's shard of the data (:func:`llfc.distributed.shard_dataset`);
             the sums of all ranks are combined once, after the pass (:meth:`PairMeter.all_reduce`),
             so every rank returns the result of the whole data set.
@@ -540,7 +544,8 @@ def measure_pair(
         IncompatibleModelsError: the state dicts differ in keys, shapes or dtypes.
         NonFiniteWeightsError: NaN/Inf in either state dict.
         ConfigError: an α outside [0, 1] without ``allow_extrapolation``; no batch in ``batches``;
-            an unknown ``bn_mode``, or ``"reset"`` without ``bn_batches``.
+            an unknown ``bn_mode``, or ``"reset"`` without ``bn_batches`` or with ``bn_batches`` in
+            none of the accepted forms.
     """
     from tqdm.auto import tqdm
 

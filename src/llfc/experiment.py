@@ -177,14 +177,18 @@ class Measurer:
         train_eval: the training set without augmentation: the train-set LMC curve is measured on
             ``measure.train_samples`` samples of it (a subset drawn with a seed derived from ``seed``;
             no curve when 0), and the BN ``reset`` mode draws its batches from it.
-        alphas: α grid (contains 0 and 1).
+        alphas: α grid (α weights A); validated by :func:`llfc.interpolate.check_alphas` (0, 0.25,
+            0.5, 0.75 and 1 added).
         measure: :class:`llfc.config.MeasureConfig`.
         device: where the forward passes run.
         progress: tqdm bars.
         seed: the master seed (train subset and BN-reset batches).
+        allow_extrapolation: accept α outside [0, 1] (``allow_extrapolation`` of the config,
+            ``--allow-extrapolation``).
 
     Raises:
-        ConfigError: the test data does not fit the model, unknown probes or stitch points.
+        ConfigError: an α outside [0, 1] without ``allow_extrapolation``, the test data does not fit
+            the model, unknown probes or stitch points.
     """
 
     def __init__(
@@ -197,9 +201,11 @@ class Measurer:
         device: torch.device,
         progress: bool = True,
         seed: int = 0,
+        allow_extrapolation: bool = False,
     ):
-        self.model, self.alphas, self.m, self.device, self.progress = model, list(alphas), measure, device, progress
-        self.seed = seed
+        self.alphas = check_alphas(alphas, allow_extrapolation)
+        self.model, self.m, self.device, self.progress = model, measure, device, progress
+        self.seed, self.allow_extrapolation = seed, allow_extrapolation
         check_input_shape(model, test_set, f"model {type(model).__name__}", "the test")
         FeatureExtractor(model, kinds=measure.kinds, names=measure.probes)  # unknown probes fail now
         if measure.stitching and measure.stitch_points not in STITCH_POINTS:
@@ -217,6 +223,28 @@ class Measurer:
             g = torch.Generator().manual_seed(derive_seed(seed, "bn-reset"))
             dl = DataLoader(train_eval, batch_size=measure.batch_size, shuffle=True, generator=g)
             self.bn_batches = [x for (x, _), _i in zip(dl, range(measure.bn_batches))]
+
+    @classmethod
+    def for_config(
+        cls, model: nn.Module, test_set, train_eval, cfg: ExperimentConfig, device: torch.device, progress: bool
+    ) -> Measurer:
+        """The measurer of an :class:`ExperimentConfig`: its α grid (:meth:`ExperimentConfig.alpha_grid`),
+        ``allow_extrapolation``, ``measure`` and master seed.
+
+        Raises:
+            as the constructor and :meth:`ExperimentConfig.alpha_grid`.
+        """
+        return cls(
+            model,
+            test_set,
+            train_eval,
+            cfg.alpha_grid(),
+            cfg.measure,
+            device,
+            progress=progress,
+            seed=cfg.seed,
+            allow_extrapolation=cfg.allow_extrapolation,
+        )
 
     def entry(
         self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None
@@ -247,6 +275,7 @@ class Measurer:
             self.test,
             self.alphas,
             states=states,
+            allow_extrapolation=self.allow_extrapolation,
             kinds=self.m.kinds,
             names=self.m.probes,
             conditions=self.m.conditions,
@@ -266,6 +295,7 @@ class Measurer:
                 self.train,
                 self.alphas,
                 states=states,
+                allow_extrapolation=self.allow_extrapolation,
                 llfc=False,
                 conditions=False,
                 device=self.device,
@@ -368,9 +398,6 @@ def run_experiment(
     """
     cfg = cfg.resolved()
     log, progress = _rank_output(log, progress)
-    alphas = check_alphas(
-        default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas, cfg.allow_extrapolation
-    )
     device = resolve_device(cfg.device)
     out = Path(out)
     if "finetune" in cfg.pairs:  # Cross-Task Linearity: parent + fine-tuned children (llfc.finetune)
@@ -404,16 +431,7 @@ def run_experiment(
         from llfc.permutation import derive_spec
 
         derive_spec(arch, torch.stack([train_eval[i][0] for i in range(min(2, len(train_eval)))]))
-    measurer = Measurer(
-        arch,
-        test_set,
-        train_eval,
-        alphas,
-        cfg.measure,
-        device,
-        progress=progress,
-        seed=cfg.seed,
-    )
+    measurer = Measurer.for_config(arch, test_set, train_eval, cfg, device, progress)
     main = distributed.is_main()  # rank 0 alone writes
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +448,7 @@ def run_experiment(
         atomic_write_json(out / "environment.json", env)
     log(
         f"llfc {__version__}: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model "
-        f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(alphas)} α values, "
+        f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(measurer.alphas)} α values, "
         f"device {device} → {out} ({mode})"
     )
     results = results_header(
@@ -802,6 +820,7 @@ def analyze_checkpoints(
         dev,
         progress=progress,
         seed=seed,
+        allow_extrapolation=allow_extrapolation,
     )
     _check_classes(_model_with(arch, sd_a), test_set, dataset)
     main = distributed.is_main()  # rank 0 alone writes

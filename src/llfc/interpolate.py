@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 from llfc.errors import ConfigError, IncompatibleModelsError
 
@@ -178,9 +179,53 @@ def warn_bn_interpolation(model: nn.Module, bn_mode: str) -> None:
         )
 
 
+BN_BATCHES_FORMS = (
+    "one input tensor (N, ...), or a list / DataLoader of input tensors (N_i, ...) or of (x, y) "
+    "tuples or lists (the x is used; an x-only (x,) works too)"
+)
+
+
+def bn_inputs(batches: torch.Tensor | Iterable[Any]) -> list[torch.Tensor]:
+    """The input tensors of ``bn_batches``, in the forms a user has at hand.
+
+    Args:
+        batches: one input tensor (N, ...) (a single batch); or an iterable, e.g. a list or a
+            ``DataLoader``, of input tensors (N_i, ...) or of tuples / lists whose first element is
+            the input tensor ((x, y) of a labelled dataset, (x,) of an x-only ``TensorDataset``).
+            An iterable is read once, into the list returned.
+
+    Returns:
+        the input tensors (N_i, ...), one per batch.
+
+    Raises:
+        ConfigError: a ``Dataset`` (single samples, not batches), or anything else, e.g. dict
+            batches; the message names ``bn_batches`` and the accepted forms.
+    """
+    if isinstance(batches, torch.Tensor):
+        return [batches]
+    if isinstance(batches, Dataset) or not isinstance(batches, Iterable):
+        hint = " A Dataset yields single samples: wrap it in DataLoader(dataset, batch_size=...)."
+        raise ConfigError(
+            f"bn_batches is a {type(batches).__name__}; pass {BN_BATCHES_FORMS}."
+            + (hint if isinstance(batches, Dataset) else "")
+        )
+    xs = []
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) and b else b
+        if not isinstance(x, torch.Tensor):
+            what = f"a {type(b).__name__}" + (f" holding a {type(x).__name__}" if x is not b else "")
+            hint = " For dict batches, pass [batch[KEY] for batch in loader] with your input's key."
+            raise ConfigError(
+                f"bn_batches yielded {what} as a batch; pass {BN_BATCHES_FORMS}."
+                + (hint if isinstance(b, dict) else "")
+            )
+        xs.append(x)
+    return xs
+
+
 @torch.no_grad()
 def reset_bn_stats(
-    model: nn.Module, state_dict: StateDict, batches: Sequence[torch.Tensor], device: str | torch.device = "cpu"
+    model: nn.Module, state_dict: StateDict, batches: torch.Tensor | Iterable[Any], device: str | torch.device = "cpu"
 ) -> StateDict:
     """Recompute BatchNorm running statistics of ``state_dict`` on ``batches`` of inputs.
 
@@ -190,11 +235,16 @@ def reset_bn_stats(
     Args:
         model: the architecture (not modified; a copy is used).
         state_dict: weights θ_α.
-        batches: input tensors (N_i, C, H, W), e.g. a few training batches without augmentation.
+        batches: input batches in any form of :func:`bn_inputs` (input tensors (N_i, C, H, W),
+            (x, y) batches, a DataLoader), e.g. a few training batches without augmentation.
 
     Returns:
         a new state dict with the recomputed running statistics.
+
+    Raises:
+        ConfigError: ``batches`` in none of the forms of :func:`bn_inputs`.
     """
+    inputs = bn_inputs(batches)
     m = copy.deepcopy(model).to(device)
     m.load_state_dict(state_dict)
     for mod in m.modules():
@@ -202,7 +252,7 @@ def reset_bn_stats(
             mod.reset_running_stats()
             mod.momentum = None
     m.train()
-    for x in batches:
+    for x in inputs:
         m(x.to(device))
     m.eval()
     return {k: v.detach() for k, v in m.state_dict().items()}
@@ -214,19 +264,36 @@ def path_states(
     sd_b: StateDict,
     alphas: Sequence[float],
     bn_mode: str = "interpolate",
-    bn_batches: Sequence[torch.Tensor] | None = None,
+    bn_batches: torch.Tensor | Iterable[Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[StateDict]:
     """The state dicts θ_α for every α of the grid (``sd_a`` / ``sd_b`` themselves at α = 1 / 0).
 
+    Args:
+        model: the architecture (its BatchNorm layers decide whether ``reset`` does anything).
+        sd_a, sd_b: endpoint state dicts (α = 1 is A, α = 0 is B).
+        alphas: the α grid.
+        bn_mode: ``"interpolate"`` (running statistics lerped like weights, the official LLFC code)
+            or ``"reset"`` (REPAIR, Jordan et al. 2023): the running statistics of every interior
+            θ_α (0 < α < 1) are recomputed on ``bn_batches``. The endpoints are the trained
+            networks and keep their trained statistics, so a barrier then compares reset interior
+            networks against the trained endpoints.
+        bn_batches: training inputs for ``reset``, in any form of :func:`bn_inputs`: one tensor
+            (N, ...), a list or DataLoader of input tensors or of (x, y) / (x,) tuples or lists.
+        device: where the BN statistics are recomputed.
+
     Raises:
-        ConfigError: unknown ``bn_mode``, or ``reset`` without ``bn_batches``; the interior
-            states would not fit in memory (:func:`check_path_memory`).
+        ConfigError: unknown ``bn_mode``, or ``reset`` without ``bn_batches`` or with
+            ``bn_batches`` in none of the accepted forms; the interior states would not fit in
+            memory (:func:`check_path_memory`).
     """
     if bn_mode not in BN_MODES:
         raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
     warn_bn_interpolation(model, bn_mode)
     check_path_memory(sd_a, sum(1 for a in alphas if a not in (0.0, 1.0)))
+    inputs: list[torch.Tensor] = []
+    if bn_mode == "reset" and has_batchnorm(model):  # read once: every α gets the same batches
+        inputs = bn_inputs(bn_batches) if bn_batches is not None else []
     states = []
     for a in alphas:
         if a == 1.0:
@@ -236,8 +303,8 @@ def path_states(
         else:
             s = lerp_state_dict(sd_a, sd_b, a)
             if bn_mode == "reset" and has_batchnorm(model):
-                if not bn_batches:
-                    raise ConfigError("bn_mode='reset' needs training batches (bn_batches)")
-                s = reset_bn_stats(model, s, bn_batches, device)
+                if not inputs:
+                    raise ConfigError(f"bn_mode='reset' needs training batches: pass bn_batches, {BN_BATCHES_FORMS}.")
+                s = reset_bn_stats(model, s, inputs, device)
             states.append(s)
     return states

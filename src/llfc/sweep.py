@@ -282,7 +282,6 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
         ConfigError / UnknownNameError / DataNotFoundError: a point whose experiment config is invalid
             or whose data is missing (``check_data``).
     """
-    from llfc.interpolate import check_alphas, default_alphas
     from llfc.train import TrainConfig, steps_per_epoch
 
     g = sc.grid
@@ -323,9 +322,6 @@ def expand(sc: SweepConfig, *, check_data: bool = True) -> list[SweepPoint]:
             probe = dataclasses.replace(probe, model_args=_with_width(probe.model, probe.model_args, width))
         kind = probe.pairs[0]
         tcfg = TrainConfig.from_dict(probe.train)
-        check_alphas(
-            default_alphas(probe.alphas) if isinstance(probe.alphas, int) else probe.alphas, probe.allow_extrapolation
-        )
         key = (probe.dataset, probe.data_root)
         if key not in sizes:
             sizes[key] = _dataset_sizes(probe) if check_data else _TRAIN_SIZES.get(probe.dataset, 50000)
@@ -561,7 +557,6 @@ def run_point(job: dict) -> dict:
         }
     from llfc.checkpoint import save_checkpoint
     from llfc.experiment import Measurer, align_state_dicts, results_header, write_outputs
-    from llfc.interpolate import check_alphas, default_alphas
     from llfc.seeding import environment, seed_everything
     from llfc.train import train
 
@@ -620,9 +615,6 @@ def run_point(job: dict) -> dict:
             sd_b,
             {"model": spec.to_meta(), "dataset": cfg.dataset, "aligned_to": "independent/a"},
         )
-    alphas = check_alphas(
-        default_alphas(cfg.alphas) if isinstance(cfg.alphas, int) else cfg.alphas, cfg.allow_extrapolation
-    )
     t1 = time.perf_counter()
     extra: dict[str, Any] = {}
     if kind == "spawn":
@@ -633,7 +625,7 @@ def run_point(job: dict) -> dict:
     if alignment is not None:
         extra["alignment"] = alignment
     extra["train_logs"] = logs
-    measurer = Measurer(arch, test_set, train_eval, alphas, cfg.measure, device, progress=False, seed=cfg.seed)
+    measurer = Measurer.for_config(arch, test_set, train_eval, cfg, device, progress=False)
     pr = measurer.entry(sd_a, sd_b, kind, extra)
     env = {**environment(device), "seeds": {"master": cfg.seed, **seeds}}
     results = results_header(

@@ -337,7 +337,8 @@ def ctl_context(run_dir: str | Path, results: dict) -> dict:
 def render_run_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` into a run folder (``llfc run`` / ``llfc analyze`` output); returns its path.
 
-    Figures missing from the folder are redrawn from results.json first (:func:`llfc.report.plot_all`).
+    Each figure missing from the folder that results.json supports is redrawn first
+    (:func:`llfc.report.plot_all` with ``missing_only``).
 
     Raises:
         ReportError: the folder has no results.json, or it is not valid JSON.
@@ -355,10 +356,10 @@ def render_run_report(run_dir: str | Path) -> Path:
     if results.get("kind") == "llfc.finetune":  # Cross-Task Linearity: its own schema and figures
         html = _env().get_template("ctl.html.j2").render(**ctl_context(run_dir, results))
         return atomic_write_text(run_dir / REPORT_NAME, html)
-    if results["pairs"] and not all((run_dir / f).is_file() for f in ("lmc.png",)):
+    if results["pairs"]:
         from llfc.report.plots import plot_all
 
-        plot_all(results["pairs"], run_dir)
+        plot_all(results["pairs"], run_dir, missing_only=True)
     html = _env().get_template("run.html.j2").render(**run_context(run_dir, results))
     return atomic_write_text(run_dir / REPORT_NAME, html)
 

@@ -27,6 +27,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _std(values) -> np.ndarray:
+    """Standard deviations over samples as a float array for ``yerr``: NaN where the std is undefined
+    (one sample: null in results.json, NaN in memory), which matplotlib draws without an error bar."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
 def _label(name: str, pair: dict) -> str:
     return pair.get("label", name)
 
@@ -40,6 +46,7 @@ def plot_lmc(pairs: dict, path: Path) -> Path:
     fig, axes = plt.subplots(n, 2, figsize=(9, 2.8 * n), squeeze=False, sharey="col")
     for row, (name, pr) in enumerate(pairs.items()):
         al = np.array(pr["alphas"])
+        ends = [_alpha_index(pr["alphas"], a) for a in (0.0, 1.0)]  # not the grid's ends under extrapolation
         for col, key in enumerate(("loss", "error")):
             ax = axes[row, col]
             for split, style, color in (("test", "-", _COLORS[0]), ("train", "--", _COLORS[1])):
@@ -48,7 +55,7 @@ def plot_lmc(pairs: dict, path: Path) -> Path:
                     continue
                 v = np.array(lmc[key]) * (100 if key == "error" else 1)
                 ax.plot(al, v, style, marker="o", ms=3, color=color, label=split)
-                ax.plot([0, 1], [v[0], v[-1]], ":", color=color, lw=1)
+                ax.plot([0, 1], v[ends], ":", color=color, lw=1)
             ax.set_xlabel("α  (θ_α = α·θ_A + (1−α)·θ_B)")
             ax.set_ylabel("error (%)" if key == "error" else "cross-entropy loss")
             b = pr["lmc"]["test"]["barriers"]
@@ -77,8 +84,9 @@ def _alpha_index(alphas, a):
 
 def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) -> Path:
     """Per layer, E[1 − cos(f(θ_α), α f_A + (1−α) f_B)] at α ∈ {0.25, 0.5, 0.75} next to the
-    baseline E[1 − cos(f_A, f_B)]; error bars: std over samples (LLFC paper Figs. 2–4). Deep
-    networks are wrapped onto several rows of at most ``per_row`` layers."""
+    baseline E[1 − cos(f_A, f_B)]; error bars: std over samples (LLFC paper Figs. 2–4), none where it
+    is undefined (one sample). Deep networks are wrapped onto several rows of at most ``per_row``
+    layers."""
     pairs = {k: v for k, v in pairs.items() if v.get("llfc")}
     panels = []  # (pair name, pair, slice of layers)
     for name, pr in pairs.items():
@@ -96,16 +104,16 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         w = 0.8 / (len(idx) + 1)
         for j, (a, i) in enumerate(idx):
             m = [ly["distance"]["mean"][i] for ly in layers]
-            s = [ly["distance"]["std"][i] for ly in layers]
+            s = _std(ly["distance"]["std"][i] for ly in layers)
             ax.bar(
                 x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % 3 + 2], label=f"α = {a:g}", error_kw={"lw": 0.6}
             )
         m = [ly["baseline"]["mean"] for ly in layers]
-        s = [ly["baseline"]["std"] for ly in layers]
+        s = _std(ly["baseline"]["std"] for ly in layers)
         ax.bar(
             x + len(idx) * w, m, w, yerr=s, capsize=1.5, color="0.6", label="A vs B (baseline)", error_kw={"lw": 0.6}
         )
-        top = max(max(mm + ss for mm, ss in zip(m, s)), 1e-12)
+        top = max(float(np.max(np.array(m) + np.nan_to_num(s))), 1e-12)  # no std: the mean alone
         for xi, ly in zip(x, layers):  # worst ratio over the plotted α, written above the layer
             base = ly["baseline"]["mean"]
             r = max((ly["distance"]["mean"][i] for _, i in idx), default=0.0) / base if base > 0 else 0.0
@@ -123,7 +131,8 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
     fig.text(
         0.99,
         0.0,
-        "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); bars: mean ± std over samples",
+        "×r: max over the plotted α of E[1−cos_α] / E[1−cos_AB] (exact: < 1e-8); bars: mean ± std over samples "
+        "(no error bar where the std is undefined: one sample)",
         ha="right",
         va="bottom",
         fontsize=6,
@@ -134,8 +143,9 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
 
 
 def plot_weak_additivity(pairs: dict, path: Path, alpha: float = 0.5) -> Path:
-    """Per ReLU layer and pair: weak-additivity violation 1 − cos at α (mean ± std over samples)
-    and the sign-agreement rate P[g_A·g_B ≥ 0] (LLFC paper Def. 3, Figs. 5–6)."""
+    """Per ReLU layer and pair: weak-additivity violation 1 − cos at α (mean ± std over samples; no
+    error bar where the std is undefined) and the sign-agreement rate P[g_A·g_B ≥ 0] (LLFC paper
+    Def. 3, Figs. 5–6)."""
     pairs = {k: v for k, v in pairs.items() if v.get("weak_additivity")}
     names = [ly["name"] for ly in next(iter(pairs.values()))["weak_additivity"]]
     x = np.arange(len(names))
@@ -144,7 +154,7 @@ def plot_weak_additivity(pairs: dict, path: Path, alpha: float = 0.5) -> Path:
     for j, (name, pr) in enumerate(pairs.items()):
         i = _alpha_index(pr["alphas"], alpha)
         m = [ly["distance"]["mean"][i] for ly in pr["weak_additivity"]]
-        s = [ly["distance"]["std"][i] for ly in pr["weak_additivity"]]
+        s = _std(ly["distance"]["std"][i] for ly in pr["weak_additivity"])
         axes[0].bar(
             x + j * w,
             m,
@@ -251,16 +261,27 @@ def plot_stitching(pairs: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_all(pairs: dict, out_dir: Path) -> list[Path]:
-    """Write every figure that the results support into ``out_dir``; returns the paths."""
+def plot_all(pairs: dict, out_dir: Path, *, missing_only: bool = False) -> list[Path]:
+    """Write every figure that the results support into ``out_dir``; returns the paths written.
+
+    Args:
+        pairs: the ``pairs`` mapping of results.json.
+        out_dir: the run folder.
+        missing_only: draw only the supported figures not in ``out_dir`` yet (``llfc report DIR``).
+    """
     out_dir = Path(out_dir)
-    paths = [plot_lmc(pairs, out_dir / "lmc.png")]
-    if any(p.get("llfc") for p in pairs.values()):
-        paths.append(plot_llfc(pairs, out_dir / "llfc.png"))
-    if any(p.get("weak_additivity") for p in pairs.values()):
-        paths.append(plot_weak_additivity(pairs, out_dir / "weak_additivity.png"))
-    if any(p.get("commutativity") for p in pairs.values()):
-        paths.append(plot_commutativity(pairs, out_dir / "commutativity.png"))
-    if any(p.get("stitching") for p in pairs.values()):
-        paths.append(plot_stitching(pairs, out_dir / "stitching.png"))
+    figures = (  # file, the pair key the figure needs (None: every pair has it), the function
+        ("lmc.png", None, plot_lmc),
+        ("llfc.png", "llfc", plot_llfc),
+        ("weak_additivity.png", "weak_additivity", plot_weak_additivity),
+        ("commutativity.png", "commutativity", plot_commutativity),
+        ("stitching.png", "stitching", plot_stitching),
+    )
+    paths = []
+    for name, key, plot in figures:
+        path = out_dir / name
+        if missing_only and path.is_file():
+            continue
+        if key is None or any(p.get(key) for p in pairs.values()):
+            paths.append(plot(pairs, path))
     return paths
