@@ -34,7 +34,8 @@ Layout of a sweep folder::
                                summary.txt, and results.json written atomically LAST (its presence
                                marks a finished point; a point without it is redone on resume)
     sweep.csv, sweep.json      one row per point (columns: :data:`ROW_COLUMNS`)
-    sweep_mean.csv, .md        mean ± std over seeds of every numeric column (.md: the main ones)
+    sweep_mean.csv, .md        mean ± std over seeds of every numeric column (.md: the main ones); the std
+                               is the sample std, ÷(N−1), empty (csv) / null (json) / "–" (md) for one seed
     cooccurrence.csv/.md       the four cells LMC yes/no × LLFC yes/no (thresholds: llfc.criteria)
     barrier_llfc_vs_k.png, llfc_heatmap.png, barrier_vs_llfc.png, summary.txt
 
@@ -1013,8 +1014,12 @@ def _numeric(rows: list[dict]) -> list[str]:
 
 
 def seed_means(rows: list[dict]) -> list[dict]:
-    """Mean and population std (ddof 0) over seeds of every numeric column, per group of the other axes
-    (dataset, model, model_args, width, pair, k); ``n`` seeds, and how many pairs satisfy each criterion."""
+    """Mean and sample std over seeds of every numeric column, per group of the other axes
+    (dataset, model, model_args, width, pair, k); ``n`` seeds, and how many pairs satisfy each criterion.
+
+    The std is √(Σ(x − mean)² / (N − 1)) (``statistics.stdev``, ÷(N−1) as everywhere in llfc,
+    docs/results.md); None for a group of one seed, where it is undefined.
+    """
     import statistics
 
     groups: dict = {}
@@ -1027,7 +1032,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
         for c in _numeric(rows):
             vals = [r[c] for r in rs if isinstance(r.get(c), (int, float)) and not isinstance(r[c], bool)]
             m[f"{c}_mean"] = statistics.fmean(vals) if vals else None
-            m[f"{c}_std"] = statistics.pstdev(vals) if vals else None
+            m[f"{c}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         m["lmc_holds_count"] = sum(bool(r["lmc_holds"]) for r in rs)
         m["llfc_holds_count"] = sum(bool(r["llfc_holds"]) for r in rs)
         out.append(m)
@@ -1064,11 +1069,14 @@ def cooccurrence_markdown(co: dict) -> str:
 
 
 def means_markdown(means: list[dict]) -> str:
-    """The per-(architecture, pair kind, k) means over seeds as a Markdown table (``sweep_mean.md``)."""
+    """The per-(architecture, pair kind, k) means ± sample std over seeds as a Markdown table
+    (``sweep_mean.md``; :func:`seed_means`); the std of one seed is undefined and shown as "–"."""
 
     def pm(m, c, scale=1.0, fmt=".2f"):
         mu, sd = m.get(f"{c}_mean"), m.get(f"{c}_std")
-        return "-" if mu is None else f"{scale * mu:{fmt}} ± {scale * sd:{fmt}}"
+        if mu is None:
+            return "-"
+        return f"{scale * mu:{fmt}} ± " + ("–" if sd is None else f"{scale * sd:{fmt}}")
 
     lines = [
         "| model | pair | k | seeds | err A (%) | error barrier (pp) | worst-layer LLFC distance | "
@@ -1083,6 +1091,7 @@ def means_markdown(means: list[dict]) -> str:
             f"{pm(m, 'llfc_worst_ratio', 1, '.3f')} | {m['lmc_holds_count']}/{m['n']} | "
             f"{m['llfc_holds_count']}/{m['n']} |"
         )
+    lines += ["", "± : sample std over seeds, ÷(N−1); – : undefined (one seed)."]
     return "\n".join(lines) + "\n"
 
 
