@@ -63,7 +63,8 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--alphas",
         type=str,
-        help="α grid: a count (default 11) or comma-separated values; "
+        help="α grid: a count n (default 11: 0,.1,.2,.25,.4,.5,.6,.75,.8,.9,1; n points of linspace(0,1,n) "
+        "with those nearest .25/.5/.75 moved onto them) or comma-separated values; "
         "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included; "
         "write --alphas=-0.2,0.5 for values starting with a minus sign",
     )
