@@ -229,17 +229,27 @@ def test_ctl_summary_legend_states_only_the_criteria_of_its_columns():
     assert f"≤ {criteria.LLFC_MAX_RATIO:g} × E[1−cos_AB]" in legend and f"≤ {criteria.LLFC_MAX_DISTANCE:g}" in legend
 
 
-@pytest.mark.parametrize("method", ["activation", "ste", "weight"])
-def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys, method):
+def _mlp_checkpoints(tmp_path, meta=None) -> list[str]:
+    """Two digits-sized MLP checkpoints (widths [8], seeds 0 and 1) with the architecture recorded."""
+    import torch
+
     from llfc.checkpoint import save_checkpoint
     from llfc.models import create_model
 
     kw = {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [8]}
     paths = []
     for seed in (0, 1):
+        torch.manual_seed(seed)
         path = tmp_path / f"m{seed}"
-        save_checkpoint(path, create_model("mlp", **kw).state_dict(), {"model": {"name": "mlp", "kwargs": kw}})
+        sd = create_model("mlp", **kw).state_dict()
+        save_checkpoint(path, sd, {"model": {"name": "mlp", "kwargs": kw}, **(meta or {})})
         paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("method", ["activation", "ste", "weight"])
+def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys, method):
+    paths = _mlp_checkpoints(tmp_path)
     out = tmp_path / "al"
     # an MNIST-sized dataset for a digits-sized model: refused before any data file is looked for
     argv = ["align", *paths, "--method", method, "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "none")]
@@ -247,3 +257,49 @@ def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err and "(1, 8, 8)" in err and "(1, 28, 28)" in err and "--dataset" in err
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("al*"))
+
+
+def test_align_out_is_required_in_help_and_behaviour(tmp_path, capsys):
+    """`llfc align --help` promised a default --out that did not exist; --out is required, and says so."""
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT required" in text and "default runs/" not in text
+    a, b = _mlp_checkpoints(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["align", a, b])
+    assert e.value.code == 2 and "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_align_ste_settings_from_the_cli(tmp_path, capsys, monkeypatch):
+    """--ste-epochs / --ste-lr reach the straight-through estimator; with another method, or out of range, they are
+    one clear error before anything is written."""
+    import importlib
+    import json
+    import math
+
+    from llfc.data import get_dataset
+
+    al = importlib.import_module("llfc.permutation.align")  # the module (llfc.permutation.align is the function)
+
+    a, b = _mlp_checkpoints(tmp_path, {"dataset": "digits"})
+    out = tmp_path / "al"
+    for bad, words in (([], "use them with --method ste"), (["--method", "ste", "--ste-epochs", "0"], "at least 1"),
+                       (["--method", "ste", "--ste-lr", "-1"], "positive number")):
+        assert main(["align", a, b, "--ste-epochs", "2", *bad, "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err and not list(tmp_path.glob("al*"))
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return ste_matching(*args, **kwargs)
+
+    ste_matching = al.ste_matching
+    monkeypatch.setattr(al, "ste_matching", spy)
+    assert main(["align", a, b, "--method", "ste", "--ste-epochs", "2", "--ste-lr", "0.05", "--out", str(out)]) == 0
+    assert seen["epochs"] == 2 and seen["lr"] == 0.05
+    report = json.loads((tmp_path / "al.report.json").read_text())
+    batches = math.ceil(min(10000, len(get_dataset("digits", "train"))) / 500)  # activation_samples, batch_size
+    assert report["method"] == "ste" and report["details"]["steps"] == 2 * batches
+    assert report["objective"] == report["details"]["best_loss"] == min(report["details"]["losses"])

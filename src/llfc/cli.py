@@ -224,10 +224,6 @@ def cmd_align(args) -> int:
     """`llfc align A B`: permute B onto A and write the aligned checkpoint."""
     from llfc.experiment import align_checkpoints
 
-    if not args.out:
-        raise ConfigError(
-            "llfc align needs --out C: the aligned B is written to C.safetensors (or, when C is a folder, inside it)."
-        )
     align_checkpoints(
         args.a,
         args.b,
@@ -239,6 +235,8 @@ def cmd_align(args) -> int:
         overwrite=args.overwrite,
         model=args.model,
         model_args=_model_args(args.model_args),
+        ste_epochs=args.ste_epochs,
+        ste_lr=args.ste_lr,
     )
     return 0
 
@@ -355,13 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"llfc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(q, data=True):
+    def common(q, data=True, out=True):
         if data:
             q.add_argument(
                 "--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)"
             )
             q.add_argument("--download", action="store_true", help="download missing data (needs internet)")
-        q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
+        if out:
+            q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         q.add_argument("--device", help="cpu, cuda or auto")
         q.add_argument(
@@ -415,13 +414,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["weight", "activation", "ste"],
         default="weight",
-        help="weight matching, activation matching, or the straight-through estimator",
+        help="weight matching, activation matching, or the straight-through estimator (ste: needs --dataset, "
+        "or one recorded in the checkpoints; --ste-epochs, --ste-lr; docs/permutation.md)",
     )
     al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
     al.add_argument("--seed", type=int, help="seed of weight matching's group order (default 0)")
     al.add_argument("--model", help="architecture of plain .safetensors / .pt files without JSON sidecars")
     al.add_argument("--model-args", help="its arguments as JSON, e.g. '{\"widths\": [64]}'")
-    common(al)
+    al.add_argument(
+        "--ste-epochs",
+        type=int,
+        help="--method ste: epochs over the alignment data (default 1; config key align.ste_epochs)",
+    )
+    al.add_argument("--ste-lr", type=float, help="--method ste: SGD learning rate (default 0.01; align.ste_lr)")
+    al.add_argument(
+        "--out",
+        required=True,
+        help="required: the aligned B is written to OUT.safetensors + OUT.json (+ OUT.report.json); "
+        "when OUT is an existing folder, inside it as <B's name>_aligned",
+    )
+    common(al, out=False)
     al.set_defaults(func=cmd_align)
 
     pr = sub.add_parser("probes", help="list the feature maps llfc measures for a model")
