@@ -303,3 +303,25 @@ def test_align_ste_settings_from_the_cli(tmp_path, capsys, monkeypatch):
     batches = math.ceil(min(10000, len(get_dataset("digits", "train"))) / 500)  # activation_samples, batch_size
     assert report["method"] == "ste" and report["details"]["steps"] == 2 * batches
     assert report["objective"] == report["details"]["best_loss"] == min(report["details"]["losses"])
+
+
+def test_gpt_context_is_settable_from_the_cli(tmp_path, capsys, monkeypatch):
+    """The GPT context error told the user to set a "dataset option" the CLI had no flag for: `llfc run
+    --dataset-args` sets it (merged over the config's dataset_args), and the error names that flag."""
+    import llfc.experiment
+
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    argv = ["run", "--dataset", "tinyshakespeare", "--model", "gpt", "--data-root", str(tmp_path)]
+    out = tmp_path / "run"
+    assert main([*argv, "--model-args", '{"block_size": 16}', "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset-args '{\"context\": 16}'" in err and "--model-args '{\"block_size\": 128}'" in err
+    assert not out.exists()
+    assert main([*argv, "--dataset-args", "{context: 16}", "--out", str(out)]) == 2
+    assert "--dataset-args must be JSON" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(llfc.experiment, "run_experiment", lambda cfg, out, **kw: seen.append(cfg))
+    small = ["--model-args", '{"block_size": 16}', "--dataset-args", '{"context": 16}']
+    assert main([*argv, *small, "--out", str(out)]) == 0
+    assert seen[0].dataset_args == {"context": 16} and seen[0].model_args["block_size"] == 16

@@ -33,18 +33,18 @@ def _floats(text: str) -> list[float]:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _model_args(text: str | None) -> dict | None:
-    """Parse --model-args JSON into a dict (None when not given)."""
+def _model_args(text: str | None, flag: str = "--model-args", example: str = '{"widths": [64]}') -> dict | None:
+    """Parse the JSON object of ``flag`` (--model-args, --dataset-args) into a dict (None when not given)."""
     if not text:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(
-            f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double quotes); got {text!r} ({e.msg})."
+            f"{flag} must be JSON, e.g. '{example}' (keys in double quotes); got {text!r} ({e.msg})."
         ) from None
     if not isinstance(value, dict):
-        raise ConfigError(f"--model-args must be a JSON object, got {text!r}.")
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}.")
     return value
 
 
@@ -156,6 +156,9 @@ def cmd_run(args) -> int:
         d["pairs"] = args.pairs.split(",")
     if args.model_args:
         d["model_args"] = {**(d.get("model_args") or {}), **(_model_args(args.model_args) or {})}
+    if args.dataset_args:
+        dargs = _model_args(args.dataset_args, "--dataset-args", '{"context": 64}')
+        d["dataset_args"] = {**(d.get("dataset_args") or {}), **(dargs or {})}
     if args.widths:
         try:
             widths = [int(w) for w in args.widths.split(",")]
@@ -288,8 +291,8 @@ def cmd_list(args) -> int:
         i = dataset_info(n)
         if i.modality == "text":
             print(
-                f"  {n:<15} text: windows of {i.input_shape[0]} characters (dataset_args: "
-                f"{{context: T}}), {i.num_classes}-character vocabulary"
+                f"  {n:<15} text: windows of {i.input_shape[0]} characters (llfc run --dataset-args "
+                f"'{{\"context\": T}}'), {i.num_classes}-character vocabulary"
             )
             continue
         print(
@@ -381,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-args",
         help='architecture arguments as JSON, e.g. \'{"width": 32, "depth": 2}\' for vit/gpt '
         "(merged over the config's; see docs/models.md)",
+    )
+    r.add_argument(
+        "--dataset-args",
+        help="dataset options as JSON, e.g. '{\"context\": 64}' for a text dataset (window length T, and "
+        "stride; merged over the config's dataset_args)",
     )
     r.add_argument(
         "--pairs",
