@@ -123,10 +123,10 @@ def test_run_records_the_alpha_grid_and_test_samples_it_used(tmp_path, capsys):
     argv = ["run", "--pairs", "independent", "--epochs", "1", "--widths", "8", "--alphas", "0.6,0.1,0.6,0.1"]
     argv += ["--test-samples", "100000", "--train-samples", "0", "--no-conditions", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
-    assert (
-        "llfc: warning: --test-samples 100000 (test_samples in Python) is more than digits's 450 test"
-        in capsys.readouterr().err
-    )
+    cap = capsys.readouterr()
+    assert "llfc: warning: --test-samples 100000 (test_samples in Python) is more than digits's 450 test" in cap.err
+    # --no-conditions and --train-samples 0: the log does not claim they are measured
+    assert "[independent] measuring LMC (test set), LLFC, stitching and principal angles\n" in cap.out
     res = json.loads((out / "results.json").read_text())
     grid = [0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 1.0]
     assert res["pairs"]["independent"]["alphas"] == grid and res["dataset"]["n_test"] == 450

@@ -218,6 +218,18 @@ class Measurer:
             dl = DataLoader(train_eval, batch_size=measure.batch_size, shuffle=True, generator=g)
             self.bn_batches = [x for (x, _), _i in zip(dl, range(measure.bn_batches))]
 
+    def describe(self) -> str:
+        """What each pair's measurement covers, in words (for the progress log): LMC on the test set (and the
+        train subset), LLFC, and, where enabled, the conditions, stitching and principal angles."""
+        parts = ["LMC (test set" + (" and train subset)" if self.train is not None else ")"), "LLFC"]
+        if self.m.conditions:
+            parts.append("its conditions (weak additivity, commutativity)")
+        if self.m.stitching:
+            parts.append("stitching")
+        if self.m.angles_k:
+            parts.append("principal angles")
+        return ", ".join(parts[:-1]) + " and " + parts[-1]
+
     def entry(
         self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None
     ) -> dict[str, Any]:
@@ -507,7 +519,7 @@ def run_experiment(
                 atomic_write_json(pairs_dir / kind / "alignment.json", report)
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
     for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
-        log(f"[{name}] measuring LMC, LLFC and the conditions")
+        log(f"[{name}] measuring {measurer.describe()}")
         extra: dict[str, Any] = {"spawn_epoch": cfg.spawn_epoch} if name == "spawn" else {}
         if "alignment" in logs.get(name, {}):
             extra["alignment"] = logs[name]["alignment"]
