@@ -42,7 +42,7 @@ REPORT_NAME = "report.html"
 RUN_FIGURES = {
     "lmc.png": "loss and test error along θ_α = α·θ_A + (1−α)·θ_B (test solid, train dashed)",
     "llfc.png": "LLFC distance E[1 − cos(f_α, α f_A + (1−α) f_B)] per layer, against the A-vs-B baseline",
-    "weak_additivity.png": "weak additivity of ReLU per layer (LLFC paper Def. 3)",
+    "weak_additivity.png": "weak additivity of {activation} per layer (LLFC paper Def. 3)",
     "commutativity.png": "commutativity per layer: Dist_com against Dist_W and Dist_H (LLFC paper Def. 4, Fig. 7)",
     "stitching.png": "identity stitching: B with layer ℓ's output taken from A",
 }
@@ -186,6 +186,21 @@ def _llfc_rows(pair: dict) -> tuple[list[float], list[dict]]:
     return shown, rows
 
 
+def activation_names(pairs: dict) -> str:
+    """The activations whose weak additivity the pairs measured, named as ``torch.nn`` classes, in order of
+    appearance (``"ReLU"``, ``"GELU"``, ``"ReLU and Tanh"``); ``"the activations"`` when none was measured."""
+    from llfc.probe import activation_name
+
+    names = list(
+        dict.fromkeys(
+            activation_name(ly["activation"]) for pr in pairs.values() for ly in pr.get("weak_additivity", [])
+        )
+    )
+    if not names:
+        return "the activations"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _weak_additivity_rows(pair: dict) -> list[dict]:
     i = _index(pair["alphas"], 0.5)
     return [
@@ -265,6 +280,7 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
     env = dict(env)
     seeds = env.pop("seeds", None)
     lmc_names, lmc_rows = _lmc_rows(pairs)
+    activation = activation_names(pairs)
     details = []
     for name, pr in pairs.items():
         shown, llfc = _llfc_rows(pr)
@@ -300,8 +316,11 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
         "lmc_rows": lmc_rows,
         "pairs": details,
         "figures": {
-            f: {"uri": _png_uri(run_dir / f), "caption": c} for f, c in RUN_FIGURES.items() if (run_dir / f).is_file()
+            f: {"uri": _png_uri(run_dir / f), "caption": c.format(activation=activation)}
+            for f, c in RUN_FIGURES.items()
+            if (run_dir / f).is_file()
         },
+        "activation": activation,
         "config_yaml": cfg_path.read_text(encoding="utf-8").strip()
         if cfg_path.is_file()
         else _yaml(results.get("config", {})),
