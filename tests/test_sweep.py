@@ -110,6 +110,24 @@ def test_shared_parents_and_outputs(done):
     assert per["lmc"]["test"]["error"][-1] == ind["lmc"]["test"]["error"][-1]  # α = 1: model A itself
 
 
+def test_sweep_writes_its_report(done):
+    """The sweep writes report.html as `llfc report` would: titled by the sweep's name (not its folder's), its
+    configuration, environment and seeds filled from sweep.yaml and the points' results.json."""
+    out, agg = done
+    assert agg["name"] == "t" and agg["config"] == yaml.safe_load((out / "sweep.yaml").read_text())
+    assert json.loads((out / "sweep.json").read_text())["environment"]["threads"] == 1
+    html = (out / "report.html").read_text()
+    assert "<title>llfc sweep: t</title>" in html and out.name == "s"
+    env = html[html.index('<section id="environment">'):]
+    assert "<h3>Configuration</h3>" in env and "spawn_iteration:" in env and "<h3>Environment</h3>" in env
+    assert "<th>threads</th><td>1</td>" in env and "<th>master 0</th>" in env and "<th>master 1</th>" in env
+    seeds = json.loads((out / "points" / "independent-seed1" / "results.json").read_text())["environment"]["seeds"]
+    assert f"spawn: {', '.join(map(str, seeds['spawn']))}; independent:" in env
+    # every point's page, without drawing the figures the sweep skipped (point_figures: false)
+    pages = list((out / "points").glob("*/report.html"))
+    assert len(pages) == 10 and not list((out / "points").glob("*/*.png"))
+
+
 def test_spawn_inside_epoch_matches_fork(done):
     """A child spawned at iteration 2 starts from exactly the parent's weights after 2 SGD steps."""
     out, _ = done

@@ -342,7 +342,7 @@ def cmd_sweep(args) -> int:
         sc.base = {**sc.base, **data_root, **({"device": args.device} if args.device else {})}
     sweep.check_backend(args.backend)
     sweep.run_sweep(sc, out, jobs=args.jobs, threads=args.threads, backend=args.backend, progress=not args.no_progress)
-    print(f"\nsweep tables and figures in {out}")
+    print(f"\nsweep tables, figures and report.html in {out}")
     return 0
 
 

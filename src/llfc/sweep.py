@@ -38,6 +38,7 @@ Layout of a sweep folder::
                                is the sample std, ÷(N−1), empty (csv) / null (json) / "–" (md) for one seed
     cooccurrence.csv/.md       the four cells LMC yes/no × LLFC yes/no (thresholds: llfc.criteria)
     barrier_llfc_vs_k.png, llfc_heatmap.png, barrier_vs_llfc.png, summary.txt
+    report.html                the sweep's page (as `llfc report`), and one in each point folder
 
 Seeds: a point with master seed s uses the seeds of ``llfc run --seed s`` (``derive_seed(s,
 "spawn", "init" | "data_parent" | "data_a" | "data_b")``), so a point spawned at k epochs equals the
@@ -1130,20 +1131,51 @@ def _heatmap_rows(out: Path, pts: list[dict]) -> list[dict]:
     return res
 
 
+def sweep_environment(envs: list[dict]) -> dict:
+    """The environment the points of a sweep recorded (each results.json's ``environment``), as one table:
+    a value every point shares as it is, a value that differs as ``"varies: a; b"``; ``"seeds"``: per
+    master seed of the grid, the derived seeds of its pairs (the same for every point of that seed)."""
+    keys = list(dict.fromkeys(k for e in envs for k in e if k != "seeds"))
+    table: dict[str, Any] = {}
+    for k in keys:
+        vals = list(dict.fromkeys(json.dumps(e.get(k)) for e in envs))
+        table[k] = envs[0].get(k) if len(vals) == 1 else "varies: " + "; ".join(vals)
+    seeds = {}
+    for e in envs:
+        sd = dict(e.get("seeds") or {})
+        if "master" in sd:
+            master = sd.pop("master")
+            seeds[f"master {master}"] = "; ".join(
+                f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sd.items()
+            )
+    table["seeds"] = dict(sorted(seeds.items()))
+    return table
+
+
 def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], None] = print) -> dict:
     """Collect every finished point of the sweep folder ``out`` into sweep.csv / sweep.json,
-    sweep_mean.csv, cooccurrence.csv / .md, the figures and summary.txt.
+    sweep_mean.csv, cooccurrence.csv / .md, the figures, summary.txt and report.html.
+
+    report.html is what ``llfc report out`` writes (:func:`llfc.report.html.render_sweep_report`): the sweep's
+    page and a page per point that has none; points run without their figures (``point_figures: false``) get a
+    page without figures (``llfc report out/points/ID`` draws them).
 
     Returns:
-        ``{"rows", "means", "cooccurrence", "spearman", "n_points", "n_finished"}``.
+        ``{"rows", "means", "cooccurrence", "spearman", "n_points", "n_finished", "thresholds", "name",
+        "config" (sweep.yaml), "created", "llfc_version", "environment" (:func:`sweep_environment`)}``.
 
     Raises:
         SweepError: ``out`` is not a sweep folder.
     """
+    import datetime as _dt
+
+    from llfc import __version__
+
     out = Path(out)
     if not (out / "sweep.yaml").is_file():
         raise SweepError(f"{out} is not a sweep folder (no sweep.yaml); run `llfc sweep CONFIG --out {out}`.")
-    pts, rows = [], []
+    config = yaml.safe_load((out / "sweep.yaml").read_text())
+    pts, rows, envs = [], [], []
     dirs = sorted((out / "points").iterdir()) if (out / "points").is_dir() else []
     for d in dirs:
         if not (d / "results.json").is_file():
@@ -1151,6 +1183,7 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
         res = json.loads((d / "results.json").read_text())
         pt = res["point"]
         pts.append(pt)
+        envs.append(res.get("environment") or {})
         rows.append(pair_row(pt, res["pairs"][pt["pair"]]))
     rows.sort(
         key=lambda r: (
@@ -1197,6 +1230,11 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
         "n_points": len(dirs),
         "n_finished": len(rows),
         "thresholds": criteria.describe(),
+        "name": config.get("name") or out.name,
+        "config": config,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "llfc_version": __version__,
+        "environment": sweep_environment(envs),
     }
     atomic_write_json(out / "sweep.json", agg)
     if figures and rows:
@@ -1208,6 +1246,10 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
     text = summary(rows, co, rho)
     atomic_write_text(out / "summary.txt", text + "\n")
     log(text)
+    if rows:
+        from llfc.report.html import render_sweep_report
+
+        log(f"report: {render_sweep_report(out, draw_figures=bool(config.get('point_figures', True)))}")
     return agg
 
 

@@ -16,8 +16,9 @@ row per (run folder, pair) found below the folder — so it does not depend on t
 format — with the barriers, the worst hidden layer and both verdicts, links each row to that run's
 ``report.html`` (written when missing), counts the co-occurrence table (LMC yes/no × LLFC yes/no) with
 :func:`llfc.criteria.lmc_holds` / :func:`llfc.criteria.llfc_holds`, and embeds every PNG at the top of
-the sweep folder (the aggregate figures). From ``sweep.json`` it reads only optional keys: ``config``
-(shown as YAML), ``environment`` (shown as a table), ``created`` and ``llfc_version``; each row's grid
+the sweep folder (the aggregate figures). From ``sweep.json`` it reads only optional keys: ``name`` (the
+page title; default the folder's name), ``config`` (shown as YAML), ``environment`` (shown as a table; its
+``seeds`` as a table of their own), ``created`` and ``llfc_version``; each row's grid
 coordinates are taken from the run's ``results.json`` ``"sweep"`` entry (a mapping such as
 ``{"k": 2, "seed": 1}``) when present (else the row shows its folder path only).
 """
@@ -353,10 +354,11 @@ def ctl_context(run_dir: str | Path, results: dict) -> dict:
     }
 
 
-def render_run_report(run_dir: str | Path) -> Path:
+def render_run_report(run_dir: str | Path, *, draw_figures: bool = True) -> Path:
     """Write ``report.html`` into a run folder (``llfc run`` / ``llfc analyze`` output); returns its path.
 
-    Figures missing from the folder are redrawn from results.json first (:func:`llfc.report.plot_all`).
+    Figures missing from the folder are redrawn from results.json first (:func:`llfc.report.plot_all`), unless
+    ``draw_figures`` is False (the page then shows the figures the folder has).
 
     Raises:
         ReportError: the folder has no results.json, or it is not valid JSON.
@@ -374,7 +376,7 @@ def render_run_report(run_dir: str | Path) -> Path:
     if results.get("kind") == "llfc.finetune":  # Cross-Task Linearity: its own schema and figures
         html = _env().get_template("ctl.html.j2").render(**ctl_context(run_dir, results))
         return atomic_write_text(run_dir / REPORT_NAME, html)
-    if results["pairs"] and not all((run_dir / f).is_file() for f in ("lmc.png",)):
+    if draw_figures and results["pairs"] and not all((run_dir / f).is_file() for f in ("lmc.png",)):
         from llfc.report.plots import plot_all
 
         plot_all(results["pairs"], run_dir)
@@ -421,7 +423,7 @@ def sweep_context(sweep_dir: str | Path, sweep: dict | None = None) -> dict:
         p.name: {"uri": _png_uri(p), "caption": p.stem.replace("_", " ")} for p in sorted(sweep_dir.glob("*.png"))
     }
     return {
-        "title": f"llfc sweep: {sweep_dir.name}",
+        "title": f"llfc sweep: {sweep.get('name') or sweep_dir.name}",
         "run_dir": sweep_dir.name,
         "sweep": sweep,
         "criteria": criteria.describe(),
@@ -438,8 +440,9 @@ def sweep_context(sweep_dir: str | Path, sweep: dict | None = None) -> dict:
     }
 
 
-def render_sweep_report(sweep_dir: str | Path) -> Path:
-    """Write ``report.html`` into a sweep folder, and into each run folder below it that lacks one.
+def render_sweep_report(sweep_dir: str | Path, *, draw_figures: bool = True) -> Path:
+    """Write ``report.html`` into a sweep folder, and into each run folder below it that lacks one (drawing
+    that folder's missing figures first unless ``draw_figures`` is False: :func:`render_run_report`).
 
     Raises:
         ReportError: no run folder (holding a results.json) below ``sweep_dir``.
@@ -453,7 +456,7 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
         )
     for run in runs:
         if not (run / REPORT_NAME).is_file():
-            render_run_report(run)
+            render_run_report(run, draw_figures=draw_figures)
     sweep = _read_json(sweep_dir / "sweep.json") if (sweep_dir / "sweep.json").is_file() else {}
     html = _env().get_template("sweep.html.j2").render(**sweep_context(sweep_dir, sweep))
     return atomic_write_text(sweep_dir / REPORT_NAME, html)
