@@ -79,6 +79,9 @@ def test_streaming_equals_all_in_memory():
         for k, a in enumerate(ALPHAS):
             d = weak_additivity_distance(ga, gb, a)
             assert wa["distance"]["mean"][k] == pytest.approx(d.mean().item(), abs=1e-10)
+    # the pre-activation is named as the probes are (module path), not by its fx node (layers_0)
+    assert [(wa["name"], wa["pre_activation"]) for wa in res["weak_additivity"]] == [
+        ("layers.1", "layers.0"), ("layers.3", "layers.2")]
     # commutativity with explicit matrices: layer l of the MLP is h @ W.T
     names = [c["name"] for c in res["commutativity"]]
     assert names == ["layers.2", "logits"]  # layer 1 sees the shared input: trivial, skipped

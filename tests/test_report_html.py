@@ -134,6 +134,24 @@ def test_analyze_report_links_the_checkpoints(run_dir, tmp_path):
     assert "Weak additivity was not measured" in html  # sections without data say so
 
 
+def test_weak_additivity_names_the_activation_and_the_module(run_dir, tmp_path):
+    """The section, its figure caption and the pre-activation column name what was measured: the activation
+    (GELU in a transformer, not always "ReLU") and the pre-activation's module path (layers.0, not layers_0)."""
+    html = (run_dir / REPORT_NAME).read_text(encoding="utf-8")
+    assert "<h2>Weak additivity of ReLU</h2>" in html and "weak additivity of ReLU per layer" in html
+    assert "<td><code>layers.1</code></td><td><code>layers.0</code></td>" in html and "layers_0" not in html
+    d = tmp_path / "gelu"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns(REPORT_NAME, "pairs"))
+    res = json.loads((d / "results.json").read_text())
+    for pr in res["pairs"].values():
+        for ly in pr["weak_additivity"]:
+            ly["activation"] = "GELU"
+    (d / "results.json").write_text(json.dumps(res))
+    html = write_html_report(d).read_text(encoding="utf-8")
+    assert "<h2>Weak additivity of GELU</h2>" in html and "weak additivity of GELU per layer" in html
+    assert "of ReLU" not in html
+
+
 def test_llfc_report_rebuilds_and_refuses_bad_folders(run_dir, tmp_path, capsys):
     d = tmp_path / "copy"
     shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("*.png", REPORT_NAME, "pairs"))

@@ -18,7 +18,7 @@ from llfc import criteria
 from llfc.checkpoint import checkpoint_exists, load_checkpoint
 from llfc.cli import main
 from llfc.errors import ConfigError, OutputExistsError
-from llfc.sweep import SweepConfig, SweepError, check_backend, expand, run_sweep
+from llfc.sweep import SweepConfig, SweepError, check_backend, expand, means_markdown, run_sweep, seed_means
 
 SPE = 3  # steps per epoch of BASE (max_batches_per_epoch)
 BASE = {"name": "t", "dataset": "digits", "model": "mlp", "model_args": {"widths": [8, 8]},
@@ -110,6 +110,24 @@ def test_shared_parents_and_outputs(done):
     assert per["lmc"]["test"]["error"][-1] == ind["lmc"]["test"]["error"][-1]  # α = 1: model A itself
 
 
+def test_sweep_writes_its_report(done):
+    """The sweep writes report.html as `llfc report` would: titled by the sweep's name (not its folder's), its
+    configuration, environment and seeds filled from sweep.yaml and the points' results.json."""
+    out, agg = done
+    assert agg["name"] == "t" and agg["config"] == yaml.safe_load((out / "sweep.yaml").read_text())
+    assert json.loads((out / "sweep.json").read_text())["environment"]["threads"] == 1
+    html = (out / "report.html").read_text()
+    assert "<title>llfc sweep: t</title>" in html and out.name == "s"
+    env = html[html.index('<section id="environment">'):]
+    assert "<h3>Configuration</h3>" in env and "spawn_iteration:" in env and "<h3>Environment</h3>" in env
+    assert "<th>threads</th><td>1</td>" in env and "<th>master 0</th>" in env and "<th>master 1</th>" in env
+    seeds = json.loads((out / "points" / "independent-seed1" / "results.json").read_text())["environment"]["seeds"]
+    assert f"spawn: {', '.join(map(str, seeds['spawn']))}; independent:" in env
+    # every point's page, without drawing the figures the sweep skipped (point_figures: false)
+    pages = list((out / "points").glob("*/report.html"))
+    assert len(pages) == 10 and not list((out / "points").glob("*/*.png"))
+
+
 def test_spawn_inside_epoch_matches_fork(done):
     """A child spawned at iteration 2 starts from exactly the parent's weights after 2 SGD steps."""
     out, _ = done
@@ -143,7 +161,7 @@ def test_aggregate_matches_pair_results(done):
         assert m["n"] == 2 == len(rs)
         v = [r["error_barrier_frankle"] for r in rs]
         assert m["error_barrier_frankle_mean"] == pytest.approx(sum(v) / 2)
-        assert m["error_barrier_frankle_std"] == pytest.approx(abs(v[0] - v[1]) / 2)
+        assert m["error_barrier_frankle_std"] == pytest.approx(abs(v[0] - v[1]) / 2**0.5)  # ÷(N−1)
     co = agg["cooccurrence"]["counts"]
     assert sum(co.values()) == 10
     assert co["lmc_and_llfc"] == sum(r["lmc_holds"] == "True" and r["llfc_holds"] == "True" for r in rows)
@@ -151,6 +169,29 @@ def test_aggregate_matches_pair_results(done):
     rho = spearmanr([float(r["error_barrier_frankle"]) for r in rows], [float(r["llfc_worst_distance"]) for r in rows])
     assert agg["spearman"]["rho"] == pytest.approx(rho.statistic)
     assert criteria.describe() in (out / "cooccurrence.md").read_text()
+
+
+def _row(pair, k, seed, barrier):
+    return {"id": f"{pair}-{k}-{seed}", "dataset": "digits", "model": "mlp", "model_args": "{}", "width": None,
+            "pair": pair, "seed": seed, "k_iteration": k, "k_epoch": None if k is None else k / 22,
+            "k_label": None if k is None else f"{k} it", "error_barrier_frankle": barrier,
+            "lmc_holds": barrier < 0.02, "llfc_holds": True}
+
+
+def test_seed_means_sample_std():
+    """The std over seeds is the sample std ÷(N−1), as docs/results.md defines it; undefined for one seed."""
+    rows = [_row("spawn", 0, 0, 0.0233), _row("spawn", 0, 1, 0.0122),  # the trial's barriers 2.33, 1.22 pp
+            _row("spawn", 22, 0, 0.01), _row("spawn", 22, 1, 0.02), _row("spawn", 22, 2, 0.04),
+            _row("independent", None, 0, 0.25)]
+    m = {(r["pair"], r["k_iteration"]): r for r in seed_means(rows)}
+    # (2.33, 1.22): mean 1.775, std |2.33 − 1.22| / √2 = 0.78489 (the population std would be 0.555)
+    assert m["spawn", 0]["error_barrier_frankle_mean"] == pytest.approx(0.01775)
+    assert m["spawn", 0]["error_barrier_frankle_std"] == pytest.approx(0.0078489, abs=1e-7)
+    # (1, 2, 4): mean 7/3, Σ(x − mean)² = 42/9, ÷ 2 → variance 7/3, std 1.52753
+    assert m["spawn", 22]["error_barrier_frankle_std"] == pytest.approx(0.0152753, abs=1e-7)
+    assert m["independent", None]["n"] == 1 and m["independent", None]["error_barrier_frankle_std"] is None
+    md = means_markdown([m["spawn", 0], m["independent", None]])
+    assert "| 1.78 ± 0.78 |" in md and "| 25.00 ± – |" in md and "÷(N−1)" in md
 
 
 def test_resume_after_kill_identical(done, tmp_path):

@@ -123,10 +123,10 @@ def test_run_records_the_alpha_grid_and_test_samples_it_used(tmp_path, capsys):
     argv = ["run", "--pairs", "independent", "--epochs", "1", "--widths", "8", "--alphas", "0.6,0.1,0.6,0.1"]
     argv += ["--test-samples", "100000", "--train-samples", "0", "--no-conditions", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
-    assert (
-        "llfc: warning: --test-samples 100000 (test_samples in Python) is more than digits's 450 test"
-        in capsys.readouterr().err
-    )
+    cap = capsys.readouterr()
+    assert "llfc: warning: --test-samples 100000 (test_samples in Python) is more than digits's 450 test" in cap.err
+    # --no-conditions and --train-samples 0: the log does not claim they are measured
+    assert "[independent] measuring LMC (test set), LLFC, stitching and principal angles\n" in cap.out
     res = json.loads((out / "results.json").read_text())
     grid = [0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 1.0]
     assert res["pairs"]["independent"]["alphas"] == grid and res["dataset"]["n_test"] == 450
@@ -229,17 +229,27 @@ def test_ctl_summary_legend_states_only_the_criteria_of_its_columns():
     assert f"≤ {criteria.LLFC_MAX_RATIO:g} × E[1−cos_AB]" in legend and f"≤ {criteria.LLFC_MAX_DISTANCE:g}" in legend
 
 
-@pytest.mark.parametrize("method", ["activation", "ste", "weight"])
-def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys, method):
+def _mlp_checkpoints(tmp_path, meta=None) -> list[str]:
+    """Two digits-sized MLP checkpoints (widths [8], seeds 0 and 1) with the architecture recorded."""
+    import torch
+
     from llfc.checkpoint import save_checkpoint
     from llfc.models import create_model
 
     kw = {"input_shape": [1, 8, 8], "num_classes": 10, "widths": [8]}
     paths = []
     for seed in (0, 1):
+        torch.manual_seed(seed)
         path = tmp_path / f"m{seed}"
-        save_checkpoint(path, create_model("mlp", **kw).state_dict(), {"model": {"name": "mlp", "kwargs": kw}})
+        sd = create_model("mlp", **kw).state_dict()
+        save_checkpoint(path, sd, {"model": {"name": "mlp", "kwargs": kw}, **(meta or {})})
         paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("method", ["activation", "ste", "weight"])
+def test_align_on_data_the_model_cannot_take_is_one_clear_error(tmp_path, capsys, method):
+    paths = _mlp_checkpoints(tmp_path)
     out = tmp_path / "al"
     # an MNIST-sized dataset for a digits-sized model: refused before any data file is looked for
     argv = ["align", *paths, "--method", method, "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "none")]
@@ -462,3 +472,74 @@ def test_bn_batches_in_another_form_is_one_clear_error(form):
     batches = {"dict batches": [{"x": x}], "dataset": TensorDataset(x), "number": 20}[form]
     with pytest.raises(ConfigError, match=r"bn_batches .*\(x, y\) tuples"):
         path_states(model, sd_a, sd_b, [0.0, 0.5, 1.0], "reset", batches)
+
+
+def test_align_out_is_required_in_help_and_behaviour(tmp_path, capsys):
+    """`llfc align --help` promised a default --out that did not exist; --out is required, and says so."""
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT required" in text and "default runs/" not in text
+    a, b = _mlp_checkpoints(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["align", a, b])
+    assert e.value.code == 2 and "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_align_ste_settings_from_the_cli(tmp_path, capsys, monkeypatch):
+    """--ste-epochs / --ste-lr reach the straight-through estimator; with another method, or out of range, they are
+    one clear error before anything is written."""
+    import importlib
+    import json
+    import math
+
+    from llfc.data import get_dataset
+
+    al = importlib.import_module("llfc.permutation.align")  # the module (llfc.permutation.align is the function)
+
+    a, b = _mlp_checkpoints(tmp_path, {"dataset": "digits"})
+    out = tmp_path / "al"
+    for bad, words in (
+        ([], "use them with --method ste"),
+        (["--method", "ste", "--ste-epochs", "0"], "at least 1"),
+        (["--method", "ste", "--ste-lr", "-1"], "positive number"),
+    ):
+        assert main(["align", a, b, "--ste-epochs", "2", *bad, "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err and not list(tmp_path.glob("al*"))
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return ste_matching(*args, **kwargs)
+
+    ste_matching = al.ste_matching
+    monkeypatch.setattr(al, "ste_matching", spy)
+    assert main(["align", a, b, "--method", "ste", "--ste-epochs", "2", "--ste-lr", "0.05", "--out", str(out)]) == 0
+    assert seen["epochs"] == 2 and seen["lr"] == 0.05
+    report = json.loads((tmp_path / "al.report.json").read_text())
+    batches = math.ceil(min(10000, len(get_dataset("digits", "train"))) / 500)  # activation_samples, batch_size
+    assert report["method"] == "ste" and report["details"]["steps"] == 2 * batches
+    assert report["objective"] == report["details"]["best_loss"] == min(report["details"]["losses"])
+
+
+def test_gpt_context_is_settable_from_the_cli(tmp_path, capsys, monkeypatch):
+    """The GPT context error told the user to set a "dataset option" the CLI had no flag for: `llfc run
+    --dataset-args` sets it (merged over the config's dataset_args), and the error names that flag."""
+    import llfc.experiment
+
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    argv = ["run", "--dataset", "tinyshakespeare", "--model", "gpt", "--data-root", str(tmp_path)]
+    out = tmp_path / "run"
+    assert main([*argv, "--model-args", '{"block_size": 16}', "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset-args '{\"context\": 16}'" in err and "--model-args '{\"block_size\": 128}'" in err
+    assert not out.exists()
+    assert main([*argv, "--dataset-args", "{context: 16}", "--out", str(out)]) == 2
+    assert "--dataset-args must be JSON" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(llfc.experiment, "run_experiment", lambda cfg, out, **kw: seen.append(cfg))
+    small = ["--model-args", '{"block_size": 16}', "--dataset-args", '{"context": 16}']
+    assert main([*argv, *small, "--out", str(out)]) == 0
+    assert seen[0].dataset_args == {"context": 16} and seen[0].model_args["block_size"] == 16

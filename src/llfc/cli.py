@@ -33,18 +33,18 @@ def _floats(text: str) -> list[float]:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _model_args(text: str | None) -> dict | None:
-    """Parse --model-args JSON into a dict (None when not given)."""
+def _model_args(text: str | None, flag: str = "--model-args", example: str = '{"widths": [64]}') -> dict | None:
+    """Parse the JSON object of ``flag`` (--model-args, --dataset-args) into a dict (None when not given)."""
     if not text:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(
-            f"--model-args must be JSON, e.g. '{{\"widths\": [64]}}' (keys in double quotes); got {text!r} ({e.msg})."
+            f"{flag} must be JSON, e.g. '{example}' (keys in double quotes); got {text!r} ({e.msg})."
         ) from None
     if not isinstance(value, dict):
-        raise ConfigError(f"--model-args must be a JSON object, got {text!r}.")
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}.")
     return value
 
 
@@ -63,7 +63,8 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--alphas",
         type=str,
-        help="α grid: a count (default 11) or comma-separated values; "
+        help="α grid: a count n (default 11: 0,.1,.2,.25,.4,.5,.6,.75,.8,.9,1; n points of linspace(0,1,n) "
+        "with those nearest .25/.5/.75 moved onto them) or comma-separated values; "
         "α weights model A (θ_α = α·θ_A + (1−α)·θ_B); 0, .25, .5, .75, 1 are always included; "
         "write --alphas=-0.2,0.5 for values starting with a minus sign",
     )
@@ -160,6 +161,9 @@ def cmd_run(args) -> int:
         d["pairs"] = args.pairs.split(",")
     if args.model_args:
         d["model_args"] = {**(d.get("model_args") or {}), **(_model_args(args.model_args) or {})}
+    if args.dataset_args:
+        dargs = _model_args(args.dataset_args, "--dataset-args", '{"context": 64}')
+        d["dataset_args"] = {**(d.get("dataset_args") or {}), **(dargs or {})}
     if args.widths:
         try:
             widths = [int(w) for w in args.widths.split(",")]
@@ -228,10 +232,6 @@ def cmd_align(args) -> int:
     """`llfc align A B`: permute B onto A and write the aligned checkpoint."""
     from llfc.experiment import align_checkpoints
 
-    if not args.out:
-        raise ConfigError(
-            "llfc align needs --out C: the aligned B is written to C.safetensors (or, when C is a folder, inside it)."
-        )
     align_checkpoints(
         args.a,
         args.b,
@@ -243,6 +243,8 @@ def cmd_align(args) -> int:
         overwrite=args.overwrite,
         model=args.model,
         model_args=_model_args(args.model_args),
+        ste_epochs=args.ste_epochs,
+        ste_lr=args.ste_lr,
     )
     return 0
 
@@ -294,8 +296,8 @@ def cmd_list(args) -> int:
         i = dataset_info(n)
         if i.modality == "text":
             print(
-                f"  {n:<15} text: windows of {i.input_shape[0]} characters (dataset_args: "
-                f"{{context: T}}), {i.num_classes}-character vocabulary"
+                f"  {n:<15} text: windows of {i.input_shape[0]} characters (llfc run --dataset-args "
+                f"'{{\"context\": T}}'), {i.num_classes}-character vocabulary"
             )
             continue
         print(
@@ -345,7 +347,7 @@ def cmd_sweep(args) -> int:
         sc.base = {**sc.base, **data_root, **({"device": args.device} if args.device else {})}
     sweep.check_backend(args.backend)
     sweep.run_sweep(sc, out, jobs=args.jobs, threads=args.threads, backend=args.backend, progress=not args.no_progress)
-    print(f"\nsweep tables and figures in {out}")
+    print(f"\nsweep tables, figures and report.html in {out}")
     return 0
 
 
@@ -359,13 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"llfc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(q, data=True):
+    def common(q, data=True, out=True):
         if data:
             q.add_argument(
                 "--data-root", help="data folder in torchvision's layout (default $LLFC_DATA_ROOT or ./data)"
             )
             q.add_argument("--download", action="store_true", help="download missing data (needs internet)")
-        q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
+        if out:
+            q.add_argument("--out", help="output folder (default runs/<name>-<time>)")
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         q.add_argument("--device", help="cpu, cuda or auto")
         q.add_argument(
@@ -386,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-args",
         help='architecture arguments as JSON, e.g. \'{"width": 32, "depth": 2}\' for vit/gpt '
         "(merged over the config's; see docs/models.md)",
+    )
+    r.add_argument(
+        "--dataset-args",
+        help="dataset options as JSON, e.g. '{\"context\": 64}' for a text dataset (window length T, and "
+        "stride; merged over the config's dataset_args)",
     )
     r.add_argument(
         "--pairs",
@@ -419,13 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["weight", "activation", "ste"],
         default="weight",
-        help="weight matching, activation matching, or the straight-through estimator",
+        help="weight matching, activation matching, or the straight-through estimator (ste: needs --dataset, "
+        "or one recorded in the checkpoints; --ste-epochs, --ste-lr; docs/permutation.md)",
     )
     al.add_argument("--dataset", help="dataset for activation matching (default: recorded in the checkpoint)")
     al.add_argument("--seed", type=int, help="seed of weight matching's group order (default 0)")
     al.add_argument("--model", help="architecture of plain .safetensors / .pt files without JSON sidecars")
     al.add_argument("--model-args", help="its arguments as JSON, e.g. '{\"widths\": [64]}'")
-    common(al)
+    al.add_argument(
+        "--ste-epochs",
+        type=int,
+        help="--method ste: epochs over the alignment data (default 1; config key align.ste_epochs)",
+    )
+    al.add_argument("--ste-lr", type=float, help="--method ste: SGD learning rate (default 0.01; align.ste_lr)")
+    al.add_argument(
+        "--out",
+        required=True,
+        help="required: the aligned B is written to OUT.safetensors + OUT.json (+ OUT.report.json); "
+        "when OUT is an existing folder, inside it as <B's name>_aligned",
+    )
+    common(al, out=False)
     al.set_defaults(func=cmd_align)
 
     pr = sub.add_parser("probes", help="list the feature maps llfc measures for a model")

@@ -172,8 +172,10 @@ class ExperimentConfig:
             permutation-activation, permutation-ste.
         spawn_epoch: k, the epoch at which the spawned pair forks (0 allowed).
         seed: master seed; every other seed is derived from it and recorded.
-        alphas: the α grid: an int n (n evenly spaced points plus 0.25/0.5/0.75) or a list (made the
-            grid measured by :meth:`resolved`: sorted, without repeats, 0, .25, .5, .75 and 1 added).
+        alphas: the α grid: an int n (:func:`llfc.interpolate.default_alphas`: exactly n points, linspace(0, 1,
+            n) with the points nearest 0.25/0.5/0.75 moved onto them; 11 → 0, .1, .2, .25, .4, .5, .6, .75,
+            .8, .9, 1) or a list (made the grid measured by :meth:`resolved`: sorted, without repeats, 0, .25,
+            .5, .75 and 1 added).
         allow_extrapolation: accept α outside [0, 1].
         train: training recipe (llfc.train.TrainConfig fields) overriding the dataset default.
         measure, align: see :class:`MeasureConfig`, :class:`AlignConfig`.

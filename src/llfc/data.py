@@ -205,7 +205,7 @@ def get_dataset(
     if options:
         raise ConfigError(
             f"dataset {name!r} takes no options, got {sorted(options)}; remove "
-            f"dataset_args (only text datasets take context/stride)."
+            f"dataset_args (--dataset-args; only text datasets take context/stride)."
         )
     images, labels = _LOADERS[name](split, rootp, download)
     if augment is None:
@@ -636,7 +636,8 @@ class TextDataset(Dataset):
             raise ConfigError(
                 f"{name} {split}: the text has {len(ids)} characters, shorter than one window of "
                 f"context={context} plus its next character; use a shorter context "
-                f"(dataset_args: {{context: N}} with N < {len(ids)}) or a longer text."
+                f"(llfc run --dataset-args '{{\"context\": N}}', dataset_args: {{context: N}} in a config, "
+                f"with N < {len(ids)}) or a longer text."
             )
         self.ids, self.context, self.stride, self.vocab = ids, context, stride, vocab
         self.augment = False  # text has no augmentation

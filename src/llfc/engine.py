@@ -415,7 +415,9 @@ class PairMeter:
             out["llfc"] = layers
         if self.conditions:
             wa = []
+            probe_name = {q.node: q.name for q in self.fx.all_probes}  # fx node → name (layers_0 → layers.0)
             for p in self.wa_probes:
+                assert p.input_node is not None  # wa probes have an input node
                 acc = self.wa[p.name]
                 dm, ds = acc.dist.compute()
                 S = acc.sums.compute()
@@ -423,7 +425,7 @@ class PairMeter:
                 wa.append(
                     {
                         "name": p.name,
-                        "pre_activation": p.input_node,
+                        "pre_activation": probe_name.get(p.input_node, p.input_node),
                         "activation": p.op,
                         "sign_agreement": {"mean": float(sm), "std": float(ss)},
                         "distance": {

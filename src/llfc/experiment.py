@@ -37,7 +37,7 @@ from llfc.checkpoint import (
     save_checkpoint,
     strip_prefix,
 )
-from llfc.config import ExperimentConfig
+from llfc.config import AlignConfig, ExperimentConfig
 from llfc.data import dataset_info, default_data_root, get_dataset
 from llfc.engine import measure_pair
 from llfc.errors import CheckpointError, ConfigError, IncompatibleModelsError, OutputExistsError
@@ -245,6 +245,18 @@ class Measurer:
             seed=cfg.seed,
             allow_extrapolation=cfg.allow_extrapolation,
         )
+
+    def describe(self) -> str:
+        """What each pair's measurement covers, in words (for the progress log): LMC on the test set (and the
+        train subset), LLFC, and, where enabled, the conditions, stitching and principal angles."""
+        parts = ["LMC (test set" + (" and train subset)" if self.train is not None else ")"), "LLFC"]
+        if self.m.conditions:
+            parts.append("its conditions (weak additivity, commutativity)")
+        if self.m.stitching:
+            parts.append("stitching")
+        if self.m.angles_k:
+            parts.append("principal angles")
+        return ", ".join(parts[:-1]) + " and " + parts[-1]
 
     def entry(
         self, sd_a: dict, sd_b: dict, name: str, extra: dict, kind: str | None = None, label: str | None = None
@@ -525,7 +537,7 @@ def run_experiment(
                 atomic_write_json(pairs_dir / kind / "alignment.json", report)
             states[kind], logs[kind] = (sd_a, aligned), {"alignment": report}
     for name in [p for p in ("spawn", "independent", *PERMUTATION_KINDS) if p in cfg.pairs]:
-        log(f"[{name}] measuring LMC, LLFC and the conditions")
+        log(f"[{name}] measuring {measurer.describe()}")
         extra: dict[str, Any] = {"spawn_epoch": cfg.spawn_epoch} if name == "spawn" else {}
         if "alignment" in logs.get(name, {}):
             extra["alignment"] = logs[name]["alignment"]
@@ -905,9 +917,11 @@ def align_checkpoints(
     batch_size: int = 500,
     model: str | None = None,
     model_args: dict | None = None,
+    ste_epochs: int | None = None,
+    ste_lr: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """``llfc align A B --method weight|activation --out C``: permute B's hidden units onto A's
+    """``llfc align A B --method weight|activation|ste --out C``: permute B's hidden units onto A's
     (Git Re-Basin; LLFC paper §5.2) and write ``C.safetensors`` + ``C.json`` (the aligned B, same
     architecture metadata as B) and ``C.report.json`` (objective, per-group movement, per-layer
     Eq. 9 factors before / after). When C is an existing folder, the files are written inside it,
@@ -917,7 +931,12 @@ def align_checkpoints(
     dicts; plain files need ``model`` (and ``model_args``, ``dataset``) as for
     :func:`analyze_checkpoints`.
 
+    ``ste_epochs`` / ``ste_lr`` (``--ste-epochs`` / ``--ste-lr``; only with ``method="ste"``): epochs over the
+    first ``activation_samples`` training samples and SGD learning rate of the straight-through estimator
+    (:func:`llfc.permutation.ste_matching`); default those of :class:`llfc.config.AlignConfig` (1, 0.01).
+
     Raises:
+        ConfigError: STE settings with another method, ste_epochs < 1, ste_lr not > 0.
         OutputExistsError: C exists and not ``overwrite``; CheckpointError,
         IncompatibleModelsError, NonFiniteWeightsError, UnsupportedOperationError as for
         :func:`llfc.permutation.align`.
@@ -926,6 +945,15 @@ def align_checkpoints(
     from llfc.permutation import align
     from llfc.permutation.align import example_input_for
 
+    if method != "ste" and (ste_epochs is not None or ste_lr is not None):
+        raise ConfigError(
+            "--ste-epochs / --ste-lr (ste_epochs=, ste_lr=) are settings of the straight-through estimator: "
+            "use them with --method ste (method='ste'), or drop them."
+        )
+    if ste_epochs is not None and ste_epochs < 1:
+        raise ConfigError(f"--ste-epochs (ste_epochs=) must be at least 1, got {ste_epochs}.")
+    if ste_lr is not None and not 0 < ste_lr < float("inf"):
+        raise ConfigError(f"--ste-lr (ste_lr=) must be a positive number, got {ste_lr}.")
     out = Path(out)
     if out.is_dir():
         stem = Path(path_b).name
@@ -938,7 +966,7 @@ def align_checkpoints(
         raise OutputExistsError(f"{out}.safetensors already exists; choose another --out or pass --overwrite.")
     log, _ = _rank_output(log, False)
     distributed.check_same(
-        (method, dataset, seed, activation_samples, batch_size),
+        (method, dataset, seed, activation_samples, batch_size, ste_epochs, ste_lr),
         "the align options",
         "Launch every rank with the same command.",
     )
@@ -989,6 +1017,9 @@ def align_checkpoints(
             subset, kwargs = distributed.shard_dataset(subset, batch_size), {"sharded": True}
         loader = _loader(subset, batch_size)
         example = torch.stack([train_eval[i][0] for i in range(4)])
+        if method == "ste":
+            d = AlignConfig()
+            kwargs = {"epochs": ste_epochs or d.ste_epochs, "lr": ste_lr or d.ste_lr}
     else:
         if shape is None:
             shape = list(dataset_info(dataset).input_shape) if dataset else None

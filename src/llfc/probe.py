@@ -82,6 +82,16 @@ _ACT_FUNCS = {
     torch.nn.functional.relu_,
 }
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_ACT_DISPLAY = {c.__name__.lower(): c.__name__ for c in _ACT_MODULES}
+
+
+def activation_name(op: str) -> str:
+    """The display name of an activation probe's ``op`` (:attr:`Probe.op`): the ``torch.nn`` class name
+    for a module, a function or a Tensor method alike (``relu``, ``relu_``, ``ReLU`` → ``ReLU``;
+    ``leaky_relu`` → ``LeakyReLU``; ``gelu`` → ``GELU``); other names unchanged."""
+    return _ACT_DISPLAY.get(op.lower().rstrip("_").replace("_", ""), op)
+
+
 _ADD = {operator.add, operator.iadd, torch.add}
 _RELU_LIKE_MODULES = (nn.ReLU,)
 _RELU_FUNCS = {F.relu, torch.relu, torch.nn.functional.relu_}

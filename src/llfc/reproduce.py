@@ -205,7 +205,7 @@ def dry_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
     Training: at most 2 epochs of 2 batches each (``TrainConfig.max_batches_per_epoch``), spawn
     epoch at most 1, warmup shorter than the run, milestones kept (they may then lie beyond the
     end), data loading in the main process. Measurement: the first 64 test samples, a 64-sample
-    train subset, 2 batches for a BatchNorm reset, α grid 3 (0, 0.25, 0.5, 0.75, 1). Alignment:
+    train subset, 2 batches for a BatchNorm reset, the 5-point α grid (0, 0.25, 0.5, 0.75, 1). Alignment:
     128 samples for activation matching, one weight-matching restart of at most 5 iterations.
     Model, dataset and pair kinds are unchanged.
     """

@@ -34,9 +34,11 @@ Layout of a sweep folder::
                                summary.txt, and results.json written atomically LAST (its presence
                                marks a finished point; a point without it is redone on resume)
     sweep.csv, sweep.json      one row per point (columns: :data:`ROW_COLUMNS`)
-    sweep_mean.csv, .md        mean ± std over seeds of every numeric column (.md: the main ones)
+    sweep_mean.csv, .md        mean ± std over seeds of every numeric column (.md: the main ones); the std
+                               is the sample std, ÷(N−1), empty (csv) / null (json) / "–" (md) for one seed
     cooccurrence.csv/.md       the four cells LMC yes/no × LLFC yes/no (thresholds: llfc.criteria)
     barrier_llfc_vs_k.png, llfc_heatmap.png, barrier_vs_llfc.png, summary.txt
+    report.html                the sweep's page (as `llfc report`), and one in each point folder
 
 Seeds: a point with master seed s uses the seeds of ``llfc run --seed s`` (``derive_seed(s,
 "spawn", "init" | "data_parent" | "data_a" | "data_b")``), so a point spawned at k epochs equals the
@@ -1005,8 +1007,12 @@ def _numeric(rows: list[dict]) -> list[str]:
 
 
 def seed_means(rows: list[dict]) -> list[dict]:
-    """Mean and population std (ddof 0) over seeds of every numeric column, per group of the other axes
-    (dataset, model, model_args, width, pair, k); ``n`` seeds, and how many pairs satisfy each criterion."""
+    """Mean and sample std over seeds of every numeric column, per group of the other axes
+    (dataset, model, model_args, width, pair, k); ``n`` seeds, and how many pairs satisfy each criterion.
+
+    The std is √(Σ(x − mean)² / (N − 1)) (``statistics.stdev``, ÷(N−1) as everywhere in llfc,
+    docs/results.md); None for a group of one seed, where it is undefined.
+    """
     import statistics
 
     groups: dict = {}
@@ -1019,7 +1025,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
         for c in _numeric(rows):
             vals = [r[c] for r in rs if isinstance(r.get(c), (int, float)) and not isinstance(r[c], bool)]
             m[f"{c}_mean"] = statistics.fmean(vals) if vals else None
-            m[f"{c}_std"] = statistics.pstdev(vals) if vals else None
+            m[f"{c}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         m["lmc_holds_count"] = sum(bool(r["lmc_holds"]) for r in rs)
         m["llfc_holds_count"] = sum(bool(r["llfc_holds"]) for r in rs)
         out.append(m)
@@ -1056,11 +1062,14 @@ def cooccurrence_markdown(co: dict) -> str:
 
 
 def means_markdown(means: list[dict]) -> str:
-    """The per-(architecture, pair kind, k) means over seeds as a Markdown table (``sweep_mean.md``)."""
+    """The per-(architecture, pair kind, k) means ± sample std over seeds as a Markdown table
+    (``sweep_mean.md``; :func:`seed_means`); the std of one seed is undefined and shown as "–"."""
 
     def pm(m, c, scale=1.0, fmt=".2f"):
         mu, sd = m.get(f"{c}_mean"), m.get(f"{c}_std")
-        return "-" if mu is None else f"{scale * mu:{fmt}} ± {scale * sd:{fmt}}"
+        if mu is None:
+            return "-"
+        return f"{scale * mu:{fmt}} ± " + ("–" if sd is None else f"{scale * sd:{fmt}}")
 
     lines = [
         "| model | pair | k | seeds | err A (%) | error barrier (pp) | worst-layer LLFC distance | "
@@ -1075,6 +1084,7 @@ def means_markdown(means: list[dict]) -> str:
             f"{pm(m, 'llfc_worst_ratio', 1, '.3f')} | {m['lmc_holds_count']}/{m['n']} | "
             f"{m['llfc_holds_count']}/{m['n']} |"
         )
+    lines += ["", "± : sample std over seeds, ÷(N−1); – : undefined (one seed)."]
     return "\n".join(lines) + "\n"
 
 
@@ -1113,20 +1123,51 @@ def _heatmap_rows(out: Path, pts: list[dict]) -> list[dict]:
     return res
 
 
+def sweep_environment(envs: list[dict]) -> dict:
+    """The environment the points of a sweep recorded (each results.json's ``environment``), as one table:
+    a value every point shares as it is, a value that differs as ``"varies: a; b"``; ``"seeds"``: per
+    master seed of the grid, the derived seeds of its pairs (the same for every point of that seed)."""
+    keys = list(dict.fromkeys(k for e in envs for k in e if k != "seeds"))
+    table: dict[str, Any] = {}
+    for k in keys:
+        vals = list(dict.fromkeys(json.dumps(e.get(k)) for e in envs))
+        table[k] = envs[0].get(k) if len(vals) == 1 else "varies: " + "; ".join(vals)
+    seeds = {}
+    for e in envs:
+        sd = dict(e.get("seeds") or {})
+        if "master" in sd:
+            master = sd.pop("master")
+            seeds[f"master {master}"] = "; ".join(
+                f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sd.items()
+            )
+    table["seeds"] = dict(sorted(seeds.items()))
+    return table
+
+
 def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], None] = print) -> dict:
     """Collect every finished point of the sweep folder ``out`` into sweep.csv / sweep.json,
-    sweep_mean.csv, cooccurrence.csv / .md, the figures and summary.txt.
+    sweep_mean.csv, cooccurrence.csv / .md, the figures, summary.txt and report.html.
+
+    report.html is what ``llfc report out`` writes (:func:`llfc.report.html.render_sweep_report`): the sweep's
+    page and a page per point that has none; points run without their figures (``point_figures: false``) get a
+    page without figures (``llfc report out/points/ID`` draws them).
 
     Returns:
-        ``{"rows", "means", "cooccurrence", "spearman", "n_points", "n_finished"}``.
+        ``{"rows", "means", "cooccurrence", "spearman", "n_points", "n_finished", "thresholds", "name",
+        "config" (sweep.yaml), "created", "llfc_version", "environment" (:func:`sweep_environment`)}``.
 
     Raises:
         SweepError: ``out`` is not a sweep folder.
     """
+    import datetime as _dt
+
+    from llfc import __version__
+
     out = Path(out)
     if not (out / "sweep.yaml").is_file():
         raise SweepError(f"{out} is not a sweep folder (no sweep.yaml); run `llfc sweep CONFIG --out {out}`.")
-    pts, rows = [], []
+    config = yaml.safe_load((out / "sweep.yaml").read_text())
+    pts, rows, envs = [], [], []
     dirs = sorted((out / "points").iterdir()) if (out / "points").is_dir() else []
     for d in dirs:
         if not (d / "results.json").is_file():
@@ -1134,6 +1175,7 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
         res = json.loads((d / "results.json").read_text())
         pt = res["point"]
         pts.append(pt)
+        envs.append(res.get("environment") or {})
         rows.append(pair_row(pt, res["pairs"][pt["pair"]]))
     rows.sort(
         key=lambda r: (
@@ -1180,6 +1222,11 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
         "n_points": len(dirs),
         "n_finished": len(rows),
         "thresholds": criteria.describe(),
+        "name": config.get("name") or out.name,
+        "config": config,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "llfc_version": __version__,
+        "environment": sweep_environment(envs),
     }
     atomic_write_json(out / "sweep.json", agg)
     if figures and rows:
@@ -1191,6 +1238,10 @@ def aggregate(out: str | Path, *, figures: bool = True, log: Callable[[str], Non
     text = summary(rows, co, rho)
     atomic_write_text(out / "summary.txt", text + "\n")
     log(text)
+    if rows:
+        from llfc.report.html import render_sweep_report
+
+        log(f"report: {render_sweep_report(out, draw_figures=bool(config.get('point_figures', True)))}")
     return agg
 
 

@@ -292,8 +292,9 @@ def gpt(
     if t > block_size:
         raise ConfigError(
             f"gpt: the context length {t} is longer than the model's position table "
-            f"(block_size={block_size}); use a shorter context (dataset option context) or a "
-            f"larger block_size (model option)."
+            f"(block_size={block_size}); use a shorter context (llfc run --dataset-args "
+            f"'{{\"context\": {block_size}}}', or dataset_args: {{context: {block_size}}} in a config) or a larger "
+            f"block_size (--model-args '{{\"block_size\": {t}}}'; model_args in a config or create_model)."
         )
     return GPT(
         int(num_classes), block_size, int(width), int(depth), int(heads), int(mlp_ratio), bool(bias), bool(tie_weights)

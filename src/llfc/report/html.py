@@ -16,8 +16,9 @@ row per (run folder, pair) found below the folder — so it does not depend on t
 format — with the barriers, the worst hidden layer and both verdicts, links each row to that run's
 ``report.html`` (written when missing), counts the co-occurrence table (LMC yes/no × LLFC yes/no) with
 :func:`llfc.criteria.lmc_holds` / :func:`llfc.criteria.llfc_holds`, and embeds every PNG at the top of
-the sweep folder (the aggregate figures). From ``sweep.json`` it reads only optional keys: ``config``
-(shown as YAML), ``environment`` (shown as a table), ``created`` and ``llfc_version``; each row's grid
+the sweep folder (the aggregate figures). From ``sweep.json`` it reads only optional keys: ``name`` (the
+page title; default the folder's name), ``config`` (shown as YAML), ``environment`` (shown as a table; its
+``seeds`` as a table of their own), ``created`` and ``llfc_version``; each row's grid
 coordinates are taken from the run's ``results.json`` ``"sweep"`` entry (a mapping such as
 ``{"k": 2, "seed": 1}``) when present (else the row shows its folder path only).
 """
@@ -42,7 +43,7 @@ REPORT_NAME = "report.html"
 RUN_FIGURES = {
     "lmc.png": "loss and test error along θ_α = α·θ_A + (1−α)·θ_B (test solid, train dashed)",
     "llfc.png": "LLFC distance E[1 − cos(f_α, α f_A + (1−α) f_B)] per layer, against the A-vs-B baseline",
-    "weak_additivity.png": "weak additivity of ReLU per layer (LLFC paper Def. 3)",
+    "weak_additivity.png": "weak additivity of {activation} per layer (LLFC paper Def. 3)",
     "commutativity.png": "commutativity per layer: Dist_com against Dist_W and Dist_H (LLFC paper Def. 4, Fig. 7)",
     "stitching.png": "identity stitching: B with layer ℓ's output taken from A",
 }
@@ -186,6 +187,21 @@ def _llfc_rows(pair: dict) -> tuple[list[float], list[dict]]:
     return shown, rows
 
 
+def activation_names(pairs: dict) -> str:
+    """The activations whose weak additivity the pairs measured, named as ``torch.nn`` classes, in order of
+    appearance (``"ReLU"``, ``"GELU"``, ``"ReLU and Tanh"``); ``"the activations"`` when none was measured."""
+    from llfc.probe import activation_name
+
+    names = list(
+        dict.fromkeys(
+            activation_name(ly["activation"]) for pr in pairs.values() for ly in pr.get("weak_additivity", [])
+        )
+    )
+    if not names:
+        return "the activations"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _weak_additivity_rows(pair: dict) -> list[dict]:
     i = _index(pair["alphas"], 0.5)
     return [
@@ -265,6 +281,7 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
     env = dict(env)
     seeds = env.pop("seeds", None)
     lmc_names, lmc_rows = _lmc_rows(pairs)
+    activation = activation_names(pairs)
     details = []
     for name, pr in pairs.items():
         shown, llfc = _llfc_rows(pr)
@@ -300,8 +317,11 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
         "lmc_rows": lmc_rows,
         "pairs": details,
         "figures": {
-            f: {"uri": _png_uri(run_dir / f), "caption": c} for f, c in RUN_FIGURES.items() if (run_dir / f).is_file()
+            f: {"uri": _png_uri(run_dir / f), "caption": c.format(activation=activation)}
+            for f, c in RUN_FIGURES.items()
+            if (run_dir / f).is_file()
         },
+        "activation": activation,
         "config_yaml": cfg_path.read_text(encoding="utf-8").strip()
         if cfg_path.is_file()
         else _yaml(results.get("config", {})),
@@ -334,11 +354,12 @@ def ctl_context(run_dir: str | Path, results: dict) -> dict:
     }
 
 
-def render_run_report(run_dir: str | Path) -> Path:
+def render_run_report(run_dir: str | Path, *, draw_figures: bool = True) -> Path:
     """Write ``report.html`` into a run folder (``llfc run`` / ``llfc analyze`` output); returns its path.
 
     Each figure missing from the folder that results.json supports is redrawn first
-    (:func:`llfc.report.plot_all` with ``missing_only``).
+    (:func:`llfc.report.plot_all` with ``missing_only``), unless ``draw_figures`` is False (the page
+    then shows the figures the folder has).
 
     Raises:
         ReportError: the folder has no results.json, or it is not valid JSON.
@@ -356,7 +377,7 @@ def render_run_report(run_dir: str | Path) -> Path:
     if results.get("kind") == "llfc.finetune":  # Cross-Task Linearity: its own schema and figures
         html = _env().get_template("ctl.html.j2").render(**ctl_context(run_dir, results))
         return atomic_write_text(run_dir / REPORT_NAME, html)
-    if results["pairs"]:
+    if draw_figures and results["pairs"]:
         from llfc.report.plots import plot_all
 
         plot_all(results["pairs"], run_dir, missing_only=True)
@@ -403,7 +424,7 @@ def sweep_context(sweep_dir: str | Path, sweep: dict | None = None) -> dict:
         p.name: {"uri": _png_uri(p), "caption": p.stem.replace("_", " ")} for p in sorted(sweep_dir.glob("*.png"))
     }
     return {
-        "title": f"llfc sweep: {sweep_dir.name}",
+        "title": f"llfc sweep: {sweep.get('name') or sweep_dir.name}",
         "run_dir": sweep_dir.name,
         "sweep": sweep,
         "criteria": criteria.describe(),
@@ -420,8 +441,9 @@ def sweep_context(sweep_dir: str | Path, sweep: dict | None = None) -> dict:
     }
 
 
-def render_sweep_report(sweep_dir: str | Path) -> Path:
-    """Write ``report.html`` into a sweep folder, and into each run folder below it that lacks one.
+def render_sweep_report(sweep_dir: str | Path, *, draw_figures: bool = True) -> Path:
+    """Write ``report.html`` into a sweep folder, and into each run folder below it that lacks one (drawing
+    that folder's missing figures first unless ``draw_figures`` is False: :func:`render_run_report`).
 
     Raises:
         ReportError: no run folder (holding a results.json) below ``sweep_dir``.
@@ -435,7 +457,7 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
         )
     for run in runs:
         if not (run / REPORT_NAME).is_file():
-            render_run_report(run)
+            render_run_report(run, draw_figures=draw_figures)
     sweep = _read_json(sweep_dir / "sweep.json") if (sweep_dir / "sweep.json").is_file() else {}
     html = _env().get_template("sweep.html.j2").render(**sweep_context(sweep_dir, sweep))
     return atomic_write_text(sweep_dir / REPORT_NAME, html)

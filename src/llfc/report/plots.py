@@ -143,9 +143,9 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
 
 
 def plot_weak_additivity(pairs: dict, path: Path, alpha: float = 0.5) -> Path:
-    """Per ReLU layer and pair: weak-additivity violation 1 − cos at α (mean ± std over samples; no
-    error bar where the std is undefined) and the sign-agreement rate P[g_A·g_B ≥ 0] (LLFC paper
-    Def. 3, Figs. 5–6)."""
+    """Per activation layer (ReLU; GELU in transformers) and pair: weak-additivity violation 1 − cos at α
+    (mean ± std over samples; no error bar where the std is undefined) and the sign-agreement rate
+    P[g_A·g_B ≥ 0] (LLFC paper Def. 3, Figs. 5–6)."""
     pairs = {k: v for k, v in pairs.items() if v.get("weak_additivity")}
     names = [ly["name"] for ly in next(iter(pairs.values()))["weak_additivity"]]
     x = np.arange(len(names))

@@ -15,10 +15,16 @@ def _group_name(r: dict) -> str:
     return f"{r['dataset']} {r['model']} {r['model_args']}"
 
 
+def _sample_std(vals: list[float]) -> float:
+    """The sample std ÷(N−1) of ``vals`` (as :func:`llfc.sweep.seed_means`); 0 (no band) for one value."""
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
 def plot_vs_k(rows: list[dict], path: Path) -> Path:
     """Two panels on a shared k axis (iterations, symlog): the test error barrier (Frankle et al. 2020)
     and the worst hidden-layer LLFC distance E[1 − cos_α] (LLFC paper Def. 2), per architecture: each
-    seed as a faint dot, the mean over seeds as a line with a ±1 std band. Dashed: the thresholds of
+    seed as a faint dot, the mean over seeds as a line with a ±1 sample std band (÷(N−1); none where a k has
+    one seed). Dashed: the thresholds of
     :mod:`llfc.criteria`. Non-spawn pairs (independent, permuted) are drawn at the right edge."""
     spawn = [r for r in rows if r["pair"] == "spawn"]
     other = [r for r in rows if r["pair"] != "spawn"]
@@ -35,7 +41,7 @@ def plot_vs_k(rows: list[dict], path: Path) -> Path:
             rs = [r for r in spawn if _group_name(r) == g and r.get(col) is not None]
             ks = sorted({r["k_iteration"] for r in rs})
             m = np.array([np.mean([scale * r[col] for r in rs if r["k_iteration"] == k]) for k in ks])
-            s = np.array([np.std([scale * r[col] for r in rs if r["k_iteration"] == k]) for k in ks])
+            s = np.array([_sample_std([scale * r[col] for r in rs if r["k_iteration"] == k]) for k in ks])
             ax.scatter([r["k_iteration"] for r in rs], [scale * r[col] for r in rs], s=12, color=c, alpha=0.45)
             ax.plot(
                 ks,
