@@ -123,6 +123,12 @@ def test_sweep_writes_its_report(done):
     assert "<th>threads</th><td>1</td>" in env and "<th>master 0</th>" in env and "<th>master 1</th>" in env
     seeds = json.loads((out / "points" / "independent-seed1" / "results.json").read_text())["environment"]["seeds"]
     assert f"spawn: {', '.join(map(str, seeds['spawn']))}; independent:" in env
+    # the table's grid columns come from each point's results.json "point" entry: k and seed
+    head = html[html.index("<th>run</th>") :].split("</thead>")[0]
+    assert '<th class="n">k</th>' in head and '<th class="n">seed</th>' in head
+    k2 = json.loads((out / "points" / "spawn-k000002it-seed0" / "results.json").read_text())["point"]["k_label"]
+    row = html[html.index('data-pair="points/spawn-k000002it-seed0/spawn"') :].split("</tr>")[0]
+    assert f'<td class="n">{k2}</td><td class="n">0</td>' in row
     # every point's page, without drawing the figures the sweep skipped (point_figures: false)
     pages = list((out / "points").glob("*/report.html"))
     assert len(pages) == 10 and not list((out / "points").glob("*/*.png"))

@@ -20,7 +20,8 @@ the sweep folder (the aggregate figures). From ``sweep.json`` it reads only opti
 page title; default the folder's name), ``config`` (shown as YAML), ``environment`` (shown as a table; its
 ``seeds`` as a table of their own), ``created`` and ``llfc_version``; each row's grid
 coordinates are taken from the run's ``results.json`` ``"sweep"`` entry (a mapping such as
-``{"k": 2, "seed": 1}``) when present (else the row shows its folder path only).
+``{"k": 2, "seed": 1}``), else from the ``"point"`` entry that ``llfc sweep`` writes (spawn point k,
+seed, width), else the row shows its folder path only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,22 @@ RUN_FIGURES = {
 # ---------------------------------------------------------------------------------------------- formatting
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _point_grid(point: Any) -> dict[str, Any]:
+    """The grid coordinates of an ``llfc sweep`` point (its results.json ``"point"`` entry): the spawn
+    point ``k`` (its label, e.g. ``2 ep``), the ``seed`` and, where the sweep varies it, the ``width``."""
+    if not isinstance(point, dict):
+        return {}
+    grid: dict[str, Any] = {}
+    if point.get("k_label") is not None:
+        grid["k"] = point["k_label"]
+    if point.get("seed") is not None:
+        grid["seed"] = point["seed"]
+    width = (point.get("axes") or {}).get("width")
+    if width is not None:
+        grid["width"] = width
+    return grid
 
 
 def fmt_num(x: Any, digits: int = 3) -> Markup | str:
@@ -412,13 +429,14 @@ def sweep_context(sweep_dir: str | Path, sweep: dict | None = None) -> dict:
         for name, pr in res.get("pairs", {}).items():
             h = pair_headline(name, pr)
             h["folder"], h["href"] = rel, f"{rel}/{REPORT_NAME}"
-            h["grid"] = res.get("sweep") or pr.get("sweep") or {}
+            h["grid"] = res.get("sweep") or pr.get("sweep") or _point_grid(res.get("point")) or {}
             rows.append(h)
             if h["llfc"] is None:
                 unmeasured += 1
             else:
                 cells[(h["lmc"], h["llfc"])] += 1
-    grid_keys = list(dict.fromkeys(k for r in rows for k in r["grid"]))
+    seen = list(dict.fromkeys(k for r in rows for k in r["grid"]))
+    grid_keys = [k for k in ("k", "seed", "width") if k in seen] + [k for k in seen if k not in ("k", "seed", "width")]
     env = dict(sweep.get("environment") or {})
     figures = {
         p.name: {"uri": _png_uri(p), "caption": p.stem.replace("_", " ")} for p in sorted(sweep_dir.glob("*.png"))
