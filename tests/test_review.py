@@ -268,6 +268,12 @@ def test_summary_uses_the_one_criterion():
     at_end["lmc"]["test"]["barriers"]["error_barrier_interior"] = 0.0
     text = summary_table({"e": at_end})
     assert "1.00* pp" in text and "*: the maximum is at an endpoint" in text
+    # the verdict says how many hidden layers it covers (one hand-picked layer says little)
+    assert text.splitlines()[-1] == "LLFC is judged over the 1 hidden layer(s) measured."
+    two = _pair(0.001, 0.001, 0.5)
+    two["llfc"] = two["llfc"] * 2 + [{**two["llfc"][0], "name": "out", "kind": "logits"}]
+    text = summary_table({"e": at_end, "two": two})
+    assert text.splitlines()[-1] == "LLFC is judged over the hidden layers measured: e 1, two 2."
 
 
 # ---------------------------------------------------------------- 13. the README's Python API runs as written

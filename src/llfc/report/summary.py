@@ -15,7 +15,8 @@ def _verdict(value: bool | None) -> str:
 def summary_table(pairs: dict, note: str | None = None) -> str:
     """A fixed-width table: one line per pair with endpoint errors, barriers, worst-layer LLFC
     and whether LMC and LLFC hold by the criteria of :mod:`llfc.criteria` (stated below the
-    table). ``note`` (e.g. "dry run: ...") is printed above the table."""
+    table, with the number of hidden layers the LLFC verdict covers). ``note`` (e.g. "dry run: ...")
+    is printed above the table."""
     head = (
         f"{'pair':<22} {'err A':>7} {'err B':>7} {'err barrier':>12} {'loss barrier':>13} "
         f"{'LMC':>4} {'LLFC':>5}  {'worst hidden layer LLFC (α∈.25/.5/.75)':<40}"
@@ -60,4 +61,15 @@ def summary_table(pairs: dict, note: str | None = None) -> str:
             "error_barrier_interior in results.json excludes the endpoints."
         )
     lines.append(criteria.describe())
+    counts = {name: sum(ly["kind"] in criteria.HIDDEN_KINDS for ly in pr.get("llfc", [])) for name, pr in pairs.items()}
+    counts = {name: n for name, n in counts.items() if pairs[name].get("llfc")}
+    if counts:  # a verdict over one hand-picked layer (--probes) says less than one over all of them
+        ns = set(counts.values())
+        lines.append(
+            f"LLFC is judged over the {ns.pop()} hidden layer(s) measured."
+            if len(ns) == 1
+            else "LLFC is judged over the hidden layers measured: "
+            + ", ".join(f"{name} {n}" for name, n in counts.items())
+            + "."
+        )
     return "\n".join(lines)
