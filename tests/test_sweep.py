@@ -277,3 +277,23 @@ def test_state_at_epoch_boundary_is_the_epoch_state(tmp_path):
     r = train(spec(), tr, None, cfg, data_seed=1, start_state=tmp_path / "p" / "iter-2", stop_epoch=1,
               progress=False)
     assert all(torch.equal(r.model.state_dict()[k], b[k]) for k in b)
+
+
+def test_ctrl_c_stops_local_workers(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: a worker interrupted while holding the
+    task queue's lock left `llfc sweep --jobs 2` waiting forever. Workers ignore SIGINT; the main
+    process stops them (running jobs terminated, pending ones cancelled)."""
+    import signal
+    import time
+
+    from llfc.sweep import _executor, _stop_workers
+
+    ex = _executor("local", 2, (1, "test"), tmp_path, None)
+    assert ex.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    running = [ex.submit(time.sleep, 600) for _ in range(2)]
+    pending = ex.submit(time.sleep, 600)
+    procs = list(ex._processes.values())
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    _stop_workers(ex)
+    assert not any(p.is_alive() for p in procs)
+    assert pending.cancelled() and not any(f.done() and not f.cancelled() and f.exception() is None for f in running)

@@ -424,6 +424,29 @@ def _set_threads(threads: int, source: str) -> None:
     set_threads(threads, source)
 
 
+def _init_worker(threads: int, source: str) -> None:
+    """Initialiser of a local worker process: its threads, and Ctrl-C ignored. The terminal sends
+    SIGINT to every process of the group; a worker interrupted while it held the task queue's lock
+    left the others (and the executor's shutdown) waiting forever. The main process alone handles
+    Ctrl-C and stops the workers (:func:`_stop_workers`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_threads(threads, source)
+
+
+def _stop_workers(ex: ProcessPoolExecutor) -> None:
+    """Stop a local executor's workers now (after Ctrl-C): pending jobs are cancelled and running
+    ones terminated. What they finished is on disk (checkpoints and results are written
+    atomically); running the same command again resumes from there."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # no public handle before Python 3.14
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(10)
+
+
 def _data(cfg: ExperimentConfig):
     """``(cfg, train_set, train_eval, test_set, spec, tcfg)`` of a job; ``cfg`` records the number of
     test samples measured (:func:`llfc.experiment.first_test_samples`)."""
@@ -667,7 +690,7 @@ def _executor(backend: str, jobs: int, threads: tuple[int, str], out: Path, clus
         import multiprocessing as mp
 
         return ProcessPoolExecutor(
-            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_set_threads, initargs=threads
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=threads
         )
     check_backend(backend)
     import submitit
@@ -845,9 +868,13 @@ def run_sweep(
         pres = _wait([submit(train_parent, j) for j in todo_parents], "parents", progress, log)
         t1 = time.perf_counter()
         rres = _wait([submit(run_point, j) for j in todo_points], "pairs", progress, log)
+    except KeyboardInterrupt:
+        if isinstance(ex, ProcessPoolExecutor):
+            _stop_workers(ex)
+        raise
     finally:
         if isinstance(ex, ProcessPoolExecutor):
-            ex.shutdown(cancel_futures=True)
+            ex.shutdown(cancel_futures=True)  # after a failed job: the running ones finish and are kept
     t2 = time.perf_counter()
     agg = aggregate(out, log=log)
     t3 = time.perf_counter()
