@@ -85,15 +85,16 @@ def _alpha_index(alphas, a):
 def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) -> Path:
     """Per layer, E[1 − cos(f(θ_α), α f_A + (1−α) f_B)] at α ∈ {0.25, 0.5, 0.75} next to the
     baseline E[1 − cos(f_A, f_B)]; error bars: std over samples (LLFC paper Figs. 2–4), none where it
-    is undefined (one sample). Deep networks are wrapped onto several rows of at most ``per_row``
-    layers."""
+    is undefined (one sample). Deep networks are wrapped onto as few rows as hold at most
+    ``per_row`` layers each, of equal length (26 layers: two rows of 13, not 24 and 2)."""
     pairs = {k: v for k, v in pairs.items() if v.get("llfc")}
     panels = []  # (pair name, pair, slice of layers)
     for name, pr in pairs.items():
         nl = len(pr["llfc"])
-        for start in range(0, nl, per_row):
-            panels.append((name, pr, slice(start, min(start + per_row, nl))))
-    width = max(7, 0.55 * min(per_row, max(len(p["llfc"]) for p in pairs.values())) + 3)
+        size = -(-nl // -(-nl // per_row))  # ceil(nl / number of rows)
+        for start in range(0, nl, size):
+            panels.append((name, pr, slice(start, min(start + size, nl))))
+    width = max(7, 0.55 * max(sl.stop - sl.start for _, _, sl in panels) + 3)
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.0 * len(panels)), squeeze=False)
     for row, (name, pr, sl) in enumerate(panels):
         ax = axes[row, 0]
