@@ -85,6 +85,11 @@ def test_barriers_hand_values():
     assert barriers(alphas, [1.0, 1.0, 1.0], e2)["error_barrier_interior"] == pytest.approx(-0.03)
     with pytest.raises(ValueError):
         frankle_error_barrier([0.0, 0.5], [0.1, 0.2])
+    # an extrapolated grid: the points beyond the two models are on the curve, not in the barriers
+    ext_a, ext_e = [-0.2, 0.0, 0.25, 1.0, 1.2], [0.9, 0.1, 0.3, 0.2, 0.8]
+    b = barriers(ext_a, [5.0, 1.0, 0.5, 1.0, 5.0], ext_e)
+    assert b["error_barrier_frankle"] == pytest.approx(0.15) and b["error_barrier_entezari"] == pytest.approx(0.175)
+    assert b["loss_barrier_entezari"] == pytest.approx(0.0) and b["error_barrier_interior"] == pytest.approx(0.15)
 
 
 def test_weak_additivity_hand_value():

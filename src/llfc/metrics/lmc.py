@@ -1,7 +1,9 @@
 """Linear mode connectivity barriers (definitions and sources: docs/results.md).
 
 The curve is given on an α grid with α weighting model A (θ_α = α·θ_A + (1−α)·θ_B): the value
-at α = 1 is model A's, at α = 0 model B's; both endpoints must be on the grid.
+at α = 1 is model A's, at α = 0 model B's; both endpoints must be on the grid. A barrier is a
+property of the path between the two models: points of an extrapolated grid (α < 0 or α > 1,
+``allow_extrapolation``) are part of the reported curve but not of any barrier.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ def _endpoints(alphas: Sequence[float], values: Sequence[float]) -> tuple[float,
 
 
 def frankle_error_barrier(alphas: Sequence[float], errors: Sequence[float]) -> float:
-    """Frankle et al. (2020) instability: max_α Err(θ_α) − ½(Err(θ_A) + Err(θ_B)).
+    """Frankle et al. (2020) instability: max_{0≤α≤1} Err(θ_α) − ½(Err(θ_A) + Err(θ_B)).
 
     Units follow ``errors`` (fractions in [0, 1] in llfc's results). Frankle et al. call a pair
     linearly connected when this is ≲ 2 percentage points.
     """
     e_a, e_b = _endpoints(alphas, errors)
-    return max(float(e) for e in errors) - 0.5 * (e_a + e_b)
+    return max(float(e) for a, e in zip(alphas, errors) if 0.0 <= a <= 1.0) - 0.5 * (e_a + e_b)
 
 
 def interior_error_barrier(alphas: Sequence[float], errors: Sequence[float]) -> float:
@@ -43,13 +45,13 @@ def interior_error_barrier(alphas: Sequence[float], errors: Sequence[float]) -> 
 
 
 def entezari_barrier(alphas: Sequence[float], values: Sequence[float]) -> float:
-    """Entezari et al. (2022) barrier: max_α [v(θ_α) − (α·v(θ_A) + (1−α)·v(θ_B))].
+    """Entezari et al. (2022) barrier: max_{0≤α≤1} [v(θ_α) − (α·v(θ_A) + (1−α)·v(θ_B))].
 
     Used for both loss (the "loss barrier") and error. Non-negative on any grid that contains the
     endpoints (the term is 0 there).
     """
     v_a, v_b = _endpoints(alphas, values)
-    return max(float(v) - (a * v_a + (1 - a) * v_b) for a, v in zip(alphas, values))
+    return max(float(v) - (a * v_a + (1 - a) * v_b) for a, v in zip(alphas, values) if 0.0 <= a <= 1.0)
 
 
 def barriers(alphas: Sequence[float], losses: Sequence[float], errors: Sequence[float]) -> dict:
