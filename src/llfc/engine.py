@@ -40,7 +40,7 @@ from llfc._malloc import malloc_tuning_available, retain_freed_memory
 from llfc.metrics.cosine import coef_from_sq, cosine_distance_from_sq, dist_from_sums
 from llfc.metrics.lmc import as_classification, barriers
 from llfc.metrics.streaming import RunningMoments, RunningSum
-from llfc.probe import FeatureExtractor, Probe
+from llfc.probe import FeatureExtractor, Probe, warn_if_no_hidden_evidence
 
 StateDict = dict[str, torch.Tensor]
 
@@ -542,6 +542,10 @@ def measure_pair(
         the dict of :meth:`PairMeter.compute`: ``alphas``, ``n_samples``, ``lmc`` (loss, error,
         barriers), ``llfc`` (per probe), ``weak_additivity`` and ``commutativity`` (docs/results.md).
 
+    Warns:
+        UserWarning: with ``llfc``, when no measured hidden probe can show whether LLFC holds (none, or only
+            layers applied to the model input; :func:`llfc.probe.warn_if_no_hidden_evidence`).
+
     Raises:
         IncompatibleModelsError: the state dicts differ in keys, shapes or dtypes.
         NonFiniteWeightsError: NaN/Inf in either state dict.
@@ -568,6 +572,8 @@ def measure_pair(
     if not llfc and not conditions:  # LMC only: evaluate the logits and nothing else
         kinds, names = ["logits"], None
     extractor = FeatureExtractor(model, kinds=kinds, names=names)
+    if llfc:
+        warn_if_no_hidden_evidence(extractor.probes)
     if per_token:
         extractor = cast(FeatureExtractor, TokenRows(extractor))  # duck-typed via __getattr__
     dev = torch.device(device)

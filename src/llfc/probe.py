@@ -18,6 +18,14 @@ well as modules, and in-place operations (``nn.ReLU(inplace=True)``, ``F.relu(x,
 ``x.relu_()``) are rewritten out-of-place in the traced copy, so a captured pre-activation is never
 overwritten by the in-place ReLU that follows it. The user's model is not modified.
 
+torch.fx keeps torch's own modules as leaves (one node, internals hidden). ``nn.TransformerEncoder`` and
+``nn.TransformerEncoderLayer`` are traced through instead (in the traced copy, with torch's own slow-path
+computation), so each encoder layer's linear, norm, activation and residual-addition nodes are probes; the
+residual addition that ends a pre-LN layer (``norm_first=True``) is the residual stream after that block
+(post-LN: ``norm2``). Built-in modules that stay leaves are probed at their output: ``nn.MultiheadAttention``
+(its attention output, ``pre``: the output of its ``out_proj``), ``nn.TransformerDecoderLayer``,
+``nn.TransformerDecoder`` and ``nn.Transformer`` (``residual``, or ``norm`` when their output is normalised).
+
 :class:`FeatureExtractor` evaluates the traced graph with any state dict
 (``torch.func.functional_call``), so one traced graph serves θ_A, θ_B and every θ_α.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -127,11 +136,55 @@ class Probe:
     from_input: bool = False
 
 
+class _TracedEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` computing torch's slow path (its ``_sa_block`` and ``_ff_block``)
+    without the fast-path checks that torch.fx cannot trace; same submodules and state-dict keys.
+    Masks are passed to ``self_attn`` as given (it canonicalises them itself)."""
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+
+class _TracedEncoder(nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` unrolled over its layers (torch's slow path), so that fx traces each layer."""
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> torch.Tensor:
+        out = src
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+        return self.norm(out) if self.norm is not None else out
+
+
+_TRACED_CLASSES: dict[type, type] = {
+    nn.TransformerEncoderLayer: _TracedEncoderLayer,
+    nn.TransformerEncoder: _TracedEncoder,
+}
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     m = copy.deepcopy(model).eval()
-    for sub in m.modules():  # in-place ops would overwrite captured features
-        if hasattr(sub, "inplace") and isinstance(sub.inplace, bool):
+    for sub in m.modules():
+        if hasattr(sub, "inplace") and isinstance(sub.inplace, bool):  # would overwrite captured features
             sub.inplace = False
+        if type(sub) in _TRACED_CLASSES:  # the copy's torch leaf modules, traced through
+            sub.__class__ = _TRACED_CLASSES[type(sub)]
     try:
         gm = fx.symbolic_trace(m)
     except Exception as e:  # noqa: BLE001 - re-raised with advice
@@ -166,6 +219,20 @@ def _fname(target) -> str:
     return getattr(target, "__name__", str(target)).lstrip("_")
 
 
+def _block_kind(mod: nn.Module) -> str | None:
+    """Kind of the output of a torch transformer module kept as an fx leaf: ``norm`` when it ends with a
+    LayerNorm (post-LN layers, stacks with a final norm, ``nn.Transformer``), else ``residual``; None for
+    other modules."""
+    if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return "residual" if mod.norm_first else "norm"
+    if isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        last = mod.layers[-1]
+        return "norm" if mod.norm is not None else "residual" if last.norm_first else "norm"
+    if isinstance(mod, nn.Transformer):
+        return "norm"
+    return None
+
+
 def _classify(gm: fx.GraphModule, n: fx.Node) -> tuple[str, str, bool] | None:
     """(kind, op, is_relu) for probe-able nodes, else None."""
     if n.op == "call_module":
@@ -176,6 +243,13 @@ def _classify(gm: fx.GraphModule, n: fx.Node) -> tuple[str, str, bool] | None:
             return "norm", type(mod).__name__, False
         if isinstance(mod, _ACT_MODULES):
             return "post", type(mod).__name__, isinstance(mod, _RELU_LIKE_MODULES)
+        kind = _block_kind(mod)
+        return (kind, type(mod).__name__, False) if kind else None
+    if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0:
+        src = n.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_module":
+            if isinstance(gm.get_submodule(str(src.target)), nn.MultiheadAttention):
+                return "pre", "MultiheadAttention", False  # its attention output (out_proj's output)
         return None
     if n.op == "call_function":
         if n.target in _LAYER_FUNCS:
@@ -220,15 +294,18 @@ def _reaches_input(n: fx.Node) -> bool:
 
 
 def _probe_name(n: fx.Node, used: set[str]) -> str:
-    """Module calls are named by their module path (unique, reserved in ``used`` beforehand);
-    functions by the enclosing module's path and the function, suffixed _1, _2... on a clash."""
+    """Module calls (and the attention output of an ``nn.MultiheadAttention``) are named by their module
+    path (unique, reserved in ``used`` beforehand); functions by the enclosing module's path and the
+    function, suffixed _1, _2... on a clash."""
     if n.op == "call_module":
         return str(n.target)
-    else:
-        stack = n.meta.get("nn_module_stack") or {}
-        path = list(stack.keys())[-1] if stack else ""
-        base = _fname(n.target).rstrip("_")
-        name = f"{path}.{base}" if path else base
+    src = n.args[0] if n.target is operator.getitem else None
+    if isinstance(src, fx.Node) and src.op == "call_module":  # a leaf module's output (attention)
+        return str(src.target)
+    stack = n.meta.get("nn_module_stack") or {}
+    path = list(stack.keys())[-1] if stack else ""
+    base = _fname(n.target).rstrip("_")
+    name = f"{path}.{base}" if path else base
     if name in used:
         k = 1
         while f"{name}_{k}" in used:
@@ -307,7 +384,9 @@ class FeatureExtractor:
             if c is None:
                 continue
             kind, op, is_relu = c
-            inp = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            # a leaf module's output taken from its tuple (attention) has no layer input of its own
+            leaf_output = n.target is operator.getitem
+            inp = n.args[0] if n.args and isinstance(n.args[0], fx.Node) and not leaf_output else None
             name = _probe_name(n, used)
             probes.append(
                 Probe(
@@ -364,6 +443,35 @@ def select_probes(
     if bad:
         raise ConfigError(f"unknown probe kind(s) {bad}; valid kinds: {', '.join(KINDS)}.")
     return [p for p in probes if p.kind in kinds or p.kind == "logits"]
+
+
+def warn_if_no_hidden_evidence(probes: Sequence[Probe]) -> None:
+    """Warn (``UserWarning``) when the hidden probes cannot show whether LLFC holds: there are none, or
+    every one is a layer applied to the model input itself (:attr:`Probe.from_input`). Such a feature
+    W·x is linear in the weights, so LLFC holds there exactly for any pair (f_α = α f_A + (1−α) f_B) and
+    a verdict over those layers says nothing about the network.
+
+    Args:
+        probes: the measured probes (e.g. :attr:`FeatureExtractor.probes`).
+    """
+    hidden = [p for p in probes if p.kind != "logits"]
+    if any(not p.from_input for p in hidden):
+        return
+    what = (
+        f"its only hidden probes ({', '.join(p.name for p in hidden)}) take the model input directly, so their "
+        "features are linear in the weights and LLFC holds there for any pair"
+        if hidden
+        else "no hidden layer is probed"
+    )
+    warnings.warn(
+        f"LLFC is measured at {', '.join(p.name for p in probes)} only: {what}; the LLFC verdict carries no "
+        "evidence about the network's hidden layers. Measure more layers: kinds=/names= (measure_pair, "
+        "FeatureExtractor) or --kinds/--probes (llfc run); `llfc probes` lists the probes this model has. A "
+        "layer fx keeps as a leaf module (one node) is probed only at its output; write its computation in a "
+        "traceable forward to probe inside it.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def list_probes(model: nn.Module) -> list[Probe]:
