@@ -65,8 +65,26 @@ def test_weight_matching_recovers_planted_vgg16_bn():
     perms, rep = weight_matching(spec, a.state_dict(), sd_b)
     rec = apply_permutation(spec, perms, sd_b)
     assert all(torch.equal(rec[k], v) for k, v in a.state_dict().items())
+    # J is over the weights: the running statistics are permuted (recovered above) but not matched
+    assert spec.buffers == {k for k in spec.keys() if k.endswith(("running_mean", "running_var"))} != set()
     assert rep.objective == pytest.approx(sum(float((v.double() ** 2).sum()) for k, v in a.state_dict().items()
-                                              if k in spec.keys()), rel=1e-12)
+                                              if k in spec.keys() and k not in spec.buffers), rel=1e-12)
+
+
+def test_running_statistics_do_not_steer_weight_matching():
+    """Large BatchNorm running statistics that disagree between A and B: the weights alone hold the
+    planted permutation. With the statistics in J (before) the matching followed them and missed it."""
+    torch.manual_seed(0)
+    a = randomize_norm_stats(make("vgg16_bn", width=0.125), 0, (3, 32, 32))
+    spec = derive_spec(a, torch.randn(2, 3, 32, 32))
+    _, sd_b = planted(a, spec)
+    g = torch.Generator().manual_seed(1)
+    stats = [k for k in spec.keys() if k.endswith(("running_mean", "running_var"))]
+    for k in stats:  # B's statistics: large and unrelated to A's
+        sd_b[k] = 100 * torch.rand(sd_b[k].shape, generator=g)
+    perms, _ = weight_matching(spec, a.state_dict(), sd_b)
+    rec = apply_permutation(spec, perms, sd_b)
+    assert all(torch.equal(rec[k], v) for k, v in a.state_dict().items() if k not in stats)
 
 
 def test_weight_matching_objective_identities_on_independent_models():

@@ -298,6 +298,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
+def _buffer_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of ``model``'s buffers (a ``module.`` wrapper prefix removed)."""
+    return {k[len("module.") :] if k.startswith("module.") else k for k, _ in model.named_buffers()}
+
+
 def derive_spec(
     model: nn.Module,
     example_input: torch.Tensor | Sequence[torch.Tensor],
@@ -384,6 +389,7 @@ def derive_spec(
             order.append((node, kind))
 
     spec = _build_spec(ctx, order)
+    spec.buffers = frozenset(k for k in spec.keys() if k in _buffer_keys(model))
     if check:
         check_spec(model, spec, example_input, rtol=rtol, seed=seed)
     return spec

@@ -135,6 +135,11 @@ class PermutationSpec:
             output projection's columns). A heads group moves blocks of d_h positions; the groups
             of head i act at offset i·d_h, *after* the heads (position (i, a) of the permuted tensor
             takes position (perm_heads[i], perm_within_i[a]) of the input).
+        buffers: state-dict keys of buffers (BatchNorm's ``running_mean`` / ``running_var``): they are
+            permuted with their group, but weight matching leaves them out of its objective, which
+            is over weights (Ainsworth et al. 2023, §3.2: J = Σ_ℓ ⟨W_ℓ^A, P_ℓ W_ℓ^B P_{ℓ−1}^T⟩;
+            running statistics are no weights, and their magnitude can dominate the sum).
+            :func:`derive_spec` fills it from the model's buffers; by hand: ``from_groups(buffers=...)``.
 
     Build one with :func:`derive_spec` or by hand with :meth:`from_groups`. ``str(spec)`` prints a
     table. Convention for permutations (``perms[g]``, LongTensor of length ``sizes[g]``):
@@ -146,6 +151,7 @@ class PermutationSpec:
     sizes: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, list[NodeRef]] = field(default_factory=dict)
     heads: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    buffers: frozenset[str] = frozenset()
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -156,6 +162,7 @@ class PermutationSpec:
         sizes: Mapping[str, int] | None = None,
         nodes: Mapping[str, Iterable[Sequence[Any]]] | None = None,
         heads: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+        buffers: Iterable[str] = (),
     ) -> PermutationSpec:
         """A hand-written spec.
 
@@ -169,6 +176,8 @@ class PermutationSpec:
                 activation matching.
             heads: optional heads-group name -> ``{"qk": [group per head], "ov": [...]}`` (see the
                 class docstring).
+            buffers: keys that are buffers, not weights (e.g. ``"bn1.running_mean"``): permuted,
+                but left out of weight matching's objective (class docstring).
 
         Sizes that are neither given nor inferable are inferred later from the state dict passed
         to :func:`~llfc.permutation.apply_permutation` or the matching functions.
@@ -178,6 +187,7 @@ class PermutationSpec:
             groups=g2,
             sizes=dict(sizes or {}),
             heads={g: {k: list(v) for k, v in h.items()} for g, h in (heads or {}).items()},
+            buffers=frozenset(buffers),
         )
         if nodes:
             for g, refs in nodes.items():

@@ -57,7 +57,8 @@ class WeightMatchingReport:
     """Diagnostics of :func:`weight_matching`.
 
     Attributes:
-        objective: best J(π) = Σ ⟨θ_A, π(θ_B)⟩ over the spec's entries (float64).
+        objective: best J(π) = Σ ⟨θ_A, π(θ_B)⟩ over the spec's weights (float64; its buffers, e.g.
+            BatchNorm running statistics, are permuted but not part of J).
         objective_identity: J at the identity (no alignment).
         objective_per_sweep: J after each sweep of the best restart.
         restart_objectives: final J of each restart (restart 0 starts from ``init``).
@@ -124,7 +125,8 @@ def weight_matching(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, torch.Tensor], WeightMatchingReport]:
-    """Git Re-Basin weight matching: permutations of B that maximise Σ ⟨θ_A, π(θ_B)⟩.
+    """Git Re-Basin weight matching: permutations of B that maximise Σ ⟨θ_A, π(θ_B)⟩ over the weights
+    (Ainsworth et al. 2023, §3.2; the spec's ``buffers`` are permuted but not matched).
 
     Args:
         spec: the permutation spec (e.g. from :func:`~llfc.permutation.derive_spec`).
@@ -169,8 +171,9 @@ def weight_matching(
                     "finite weights (check the checkpoint / training run)."
                 )
 
-    A = {k: sd_a[k].detach().to(device=device, dtype=dtype) for k in keys}
-    B = {k: sd_b[k].detach().to(device=device, dtype=dtype) for k in keys}
+    weights = [k for k in keys if k not in spec.buffers]  # J is over weights (spec.buffers: permuted only)
+    A = {k: sd_a[k].detach().to(device=device, dtype=dtype) for k in weights}
+    B = {k: sd_b[k].detach().to(device=device, dtype=dtype) for k in weights}
     axes_of_key: dict[str, set[int]] = {}
     for refs in spec.groups.values():
         for r in refs:
@@ -190,6 +193,8 @@ def weight_matching(
         S0 = torch.zeros(n, n, dtype=dtype, device=device)
         dyn = []
         for r in refs:
+            if r.key in spec.buffers:
+                continue
             a_mat = _segment(A[r.key], r, n)
             if axes_of_key[r.key] == {r.axis}:
                 S0 += a_mat @ _segment(B[r.key], r, n).T
@@ -256,6 +261,8 @@ def weight_matching(
             dh = spec.sizes[kids[0]]
             S = torch.zeros(n_heads, n_heads, dh, dh, dtype=dtype, device=device)
             for r in spec.groups[kids[0]]:  # head i's segment starts i·d_h·block after head 0's
+                if r.key in spec.buffers:
+                    continue
                 a_seg = A[r.key].narrow(r.axis, r.offset, n_heads * dh * r.block).movedim(r.axis, 0)
                 b_seg = (
                     other_axes_permuted(r.key, r.axis, perms)
@@ -327,7 +334,7 @@ def weight_matching(
                     version[g] += 1
                     progress = True
             if progress or not history:
-                history.append(_objective(A64, apply_permutation(spec, perms, B64), keys))
+                history.append(_objective(A64, apply_permutation(spec, perms, B64), weights))
             else:
                 history.append(history[-1])
             if not progress:
@@ -351,7 +358,7 @@ def weight_matching(
     aligned = apply_permutation(spec, perms, B64)  # float64 copies: no second conversion below
     report = WeightMatchingReport(
         objective=history[-1],
-        objective_identity=_objective(A64, B64, keys),
+        objective_identity=_objective(A64, B64, weights),
         objective_per_sweep=history,
         restart_objectives=restart_objs,
         best_restart=best_rs,
