@@ -92,3 +92,31 @@ def test_endpoints_of_different_dtypes_are_incompatible():
     x, y = _data()
     with pytest.raises(IncompatibleModelsError, match="differ in dtype.*Convert both to one dtype"):
         measure_pair(_mlp(), sd_a, _cast(sd_b, torch.float64), [(x, y)], [0, 1])
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda x, y: {"x": x, "y": y}, r"a dict with keys \['x', 'y'\].*\(b\[\"x\"\], b\[\"y\"\]\) for b in loader"),
+        (lambda x, y: (x,), r"a tuple of 1 \(Tensor\).*need labels.*TensorDataset\(x, y\)"),
+        (lambda x, y: x, r"a bare tensor of shape \(12, 4\).*need labels"),
+        (lambda x, y: (x, y, y), r"a tuple of 3 .*\(b\[0\], b\[1\]\) for b in loader"),
+    ],
+    ids=["dict", "x-only", "bare-tensor", "extra-item"],
+)
+def test_batches_that_are_not_x_y_pairs_are_one_clear_error(make, words):
+    sd_a, sd_b = _pair()
+    x, y = _data()
+    with pytest.raises(ConfigError, match=r"batches must yield \(inputs, labels\) pairs.*" + words):
+        measure_pair(_mlp(), sd_a, sd_b, [make(x, y)], [0, 1])
+
+
+def test_pair_meter_update_takes_two_tensors():
+    from llfc.engine import PairMeter
+    from llfc.probe import FeatureExtractor
+
+    sd_a, sd_b = _pair()
+    x, y = _data()
+    meter = PairMeter(FeatureExtractor(_mlp()), sd_a, sd_b, [0, 1])
+    with pytest.raises(ConfigError, match=r"update\(x, y\) takes two tensors.*got dict and Tensor"):
+        meter.update({"x": x}, y)

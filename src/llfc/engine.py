@@ -508,6 +508,34 @@ class TokenRows:
         return {k: v.reshape(-1, v.shape[-1]) if v.ndim == 3 else v for k, v in out.items()}
 
 
+def _labelled(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x, y) of one batch of :func:`measure_pair`'s ``batches``.
+
+    Raises:
+        ConfigError: the batch is not a pair of tensors (a dict, a bare tensor, (x,), (x, y, extra));
+            the message names what it is and how to adapt the loader.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], batch[1]
+    from llfc.errors import ConfigError
+
+    no_labels = "the loss and error need labels: give the loader a dataset of (x, y), e.g. TensorDataset(x, y)"
+    if isinstance(batch, dict):
+        what = f"a dict with keys {sorted(map(str, batch))}"
+        fix = 'for dict batches, batches=((b["x"], b["y"]) for b in loader) with your keys'
+    elif isinstance(batch, (tuple, list)):
+        what = f"a {type(batch).__name__} of {len(batch)} ({', '.join(type(t).__name__ for t in batch)})"
+        fix = "for extra items, batches=((b[0], b[1]) for b in loader)" if len(batch) > 2 else no_labels
+    elif isinstance(batch, torch.Tensor):
+        what, fix = f"a bare tensor of shape {tuple(batch.shape)}", no_labels
+    else:
+        what, fix = f"a {type(batch).__name__}", no_labels
+    raise ConfigError(
+        f"measure_pair: batches must yield (inputs, labels) pairs of tensors, x (B, ...) and y (B,) "
+        f"integer labels, but it yielded {what}. Adapt the loader: {fix}."
+    )
+
+
 def measure_pair(
     model: nn.Module,
     sd_a: StateDict,
@@ -581,7 +609,8 @@ def measure_pair(
         NonFiniteWeightsError: NaN/Inf in either state dict.
         ConfigError: an α outside [0, 1] without ``allow_extrapolation``; no batch in ``batches``;
             an unknown ``bn_mode``, or ``"reset"`` without ``bn_batches`` or with ``bn_batches`` in
-            none of the accepted forms; floating labels y (checked before they are measured).
+            none of the accepted forms; a batch of ``batches`` that is not an (x, y) pair of tensors,
+            or floating labels y (checked before it is measured).
     """
     from tqdm.auto import tqdm
 
@@ -623,7 +652,8 @@ def measure_pair(
         memory_budget=memory_budget,
     )
     with retain_freed_memory():  # no fresh kernel pages per batch (llfc._malloc)
-        for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
+            x, y = _labelled(batch)
             meter.update(x.to(dev), y.to(dev))
     if sharded:
         meter.all_reduce()
