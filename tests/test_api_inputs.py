@@ -5,6 +5,7 @@ Each failed with a raw torch error before its fix."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -120,3 +121,26 @@ def test_pair_meter_update_takes_two_tensors():
     meter = PairMeter(FeatureExtractor(_mlp()), sd_a, sd_b, [0, 1])
     with pytest.raises(ConfigError, match=r"update\(x, y\) takes two tensors.*got dict and Tensor"):
         meter.update({"x": x}, y)
+
+
+@pytest.mark.parametrize("call", ["derive_spec", "align"])
+def test_a_wrong_dtype_example_input_is_one_clear_error_without_a_printed_traceback(call, capfd):
+    from llfc.permutation import align, derive_spec
+
+    x = torch.zeros(2, 4, dtype=torch.float64)  # the model is float32
+    with pytest.raises(ConfigError, match=r"cannot run on the example input.*got Double and Float"):
+        derive_spec(_mlp(), x) if call == "derive_spec" else align(_mlp(), _pair()[1], x)
+    assert capfd.readouterr().err == ""  # torch.fx's ShapeProp printed ~20 lines here
+
+
+def test_derive_spec_passes_on_what_a_successful_pass_prints(monkeypatch, capfd):
+    import llfc.permutation.graph as graph
+
+    class Loud(graph.ShapeProp):  # e.g. a warning of a torch op during the forward pass
+        def propagate(self, *args):
+            print("a warning", file=sys.stderr)
+            return super().propagate(*args)
+
+    monkeypatch.setattr(graph, "ShapeProp", Loud)
+    graph.derive_spec(_mlp(), torch.zeros(2, 4))
+    assert capfd.readouterr().err == "a warning\n"
