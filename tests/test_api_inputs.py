@@ -142,5 +142,5 @@ def test_derive_spec_passes_on_what_a_successful_pass_prints(monkeypatch, capfd)
             return super().propagate(*args)
 
     monkeypatch.setattr(graph, "ShapeProp", Loud)
-    graph.derive_spec(_mlp(), torch.zeros(2, 4))
+    graph.derive_spec(_mlp(), _data()[0])
     assert capfd.readouterr().err == "a warning\n"
