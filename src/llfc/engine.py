@@ -124,8 +124,11 @@ class PairMeter:
             float64 sum over samples). ``None``: never split. Raises ConfigError (a ValueError)
             when not positive.
 
-    ``update(x, y)`` takes a batch (x: (B, ...) inputs, y: (B,) int64 labels, or (B, T) next-token
-    targets of a language model whose logits are (B, T, V): loss and error are then per token);
+    ``update(x, y)`` takes a batch (x: (B, ...) inputs, y: (B,) integer labels, or (B, T) next-token
+    targets of a language model whose logits are (B, T, V): loss and error are then per token).
+    The networks run in the dtype of the state dicts' floating tensors (a float64 pair is measured
+    in float64): floating inputs of another dtype are cast to it, and integer labels of another
+    integer dtype (int32, uint8) to int64 (:meth:`update`);
     ``compute()`` returns the results dict documented in docs/results.md (the ``measure`` part).
     ``all_reduce()`` combines the sums of every rank of a torch.distributed group
     (:mod:`llfc.distributed`); every accumulator has a ``merge`` method, the plain sums are named
@@ -148,13 +151,14 @@ class PairMeter:
         absolute: bool = False,
         memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
     ):
-        from llfc.interpolate import path_states
+        from llfc.interpolate import floating_dtype, path_states
 
         self.fx = extractor
         self.alphas = [float(a) for a in alphas]
         if 0.0 not in self.alphas or 1.0 not in self.alphas:
             raise ValueError("the α grid must contain 0 and 1")
         self.sd_a, self.sd_b = sd_a, sd_b
+        self.dtype = floating_dtype(sd_a)  # the networks' dtype, that of the floating inputs
         self.states = (
             list(states) if states is not None else path_states(extractor.gm, sd_a, sd_b, self.alphas)
         )  # the real model: its BatchNorm is seen
@@ -223,7 +227,13 @@ class PairMeter:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Fold in one batch: x (B, ...) inputs, y (B,) integer labels.
+        """Fold in one batch: x (B, ...) inputs, y (B,) integer labels (or (B, T) token targets).
+
+        Floating ``x`` is cast to the state dicts' floating dtype (:attr:`dtype`; e.g. float64
+        images for a float32 pair), integer ``y`` to int64.
+
+        Raises:
+            ConfigError: ``x`` or ``y`` is not a tensor, or ``y`` is not integer (class indices).
 
         Memory: the feature maps of θ_A, θ_B and *one* θ_α at a time, plus one work buffer per
         feature-map shape; the per-α results are (B,)-vectors. Small per-batch sums (loss, errors,
@@ -231,6 +241,21 @@ class PairMeter:
         whose working set exceeds ``memory_budget`` is folded in micro-batches
         (:meth:`micro_batch`).
         """
+        from llfc.errors import ConfigError
+        from llfc.interpolate import as_input
+
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise ConfigError(
+                f"update(x, y) takes two tensors, inputs x (B, ...) and labels y (B,); got "
+                f"{type(x).__name__} and {type(y).__name__}."
+            )
+        if y.is_floating_point() or y.is_complex():
+            raise ConfigError(
+                f"the labels y are {y.dtype}; llfc measures the cross-entropy and error against "
+                "integer class indices (B,) (or token ids (B, T)): pass y.long() if they are whole "
+                "numbers, or the class indices (y.argmax(1)) if they are one-hot / probabilities."
+            )
+        x, y = as_input(x, self.dtype), y.long()
         m = self.micro_batch(x)
         if m >= x.shape[0]:
             self._update(x, y)
@@ -349,7 +374,7 @@ class PairMeter:
         def apply(w, h):  # the layer with weight w and no bias, on input h
             params = {"weight": w}
             if getattr(mod, "bias", None) is not None:
-                params["bias"] = torch.zeros_like(mod.bias)
+                params["bias"] = w.new_zeros(w.shape[0])  # the state dict's dtype and device
             return functional_call(mod, params, (h,))
 
         left = _flat(no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b))  # new tensor
@@ -483,6 +508,34 @@ class TokenRows:
         return {k: v.reshape(-1, v.shape[-1]) if v.ndim == 3 else v for k, v in out.items()}
 
 
+def _labelled(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x, y) of one batch of :func:`measure_pair`'s ``batches``.
+
+    Raises:
+        ConfigError: the batch is not a pair of tensors (a dict, a bare tensor, (x,), (x, y, extra));
+            the message names what it is and how to adapt the loader.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], batch[1]
+    from llfc.errors import ConfigError
+
+    no_labels = "the loss and error need labels: give the loader a dataset of (x, y), e.g. TensorDataset(x, y)"
+    if isinstance(batch, dict):
+        what = f"a dict with keys {sorted(map(str, batch))}"
+        fix = 'for dict batches, batches=((b["x"], b["y"]) for b in loader) with your keys'
+    elif isinstance(batch, (tuple, list)):
+        what = f"a {type(batch).__name__} of {len(batch)} ({', '.join(type(t).__name__ for t in batch)})"
+        fix = "for extra items, batches=((b[0], b[1]) for b in loader)" if len(batch) > 2 else no_labels
+    elif isinstance(batch, torch.Tensor):
+        what, fix = f"a bare tensor of shape {tuple(batch.shape)}", no_labels
+    else:
+        what, fix = f"a {type(batch).__name__}", no_labels
+    raise ConfigError(
+        f"measure_pair: batches must yield (inputs, labels) pairs of tensors, x (B, ...) and y (B,) "
+        f"integer labels, but it yielded {what}. Adapt the loader: {fix}."
+    )
+
+
 def measure_pair(
     model: nn.Module,
     sd_a: StateDict,
@@ -509,9 +562,14 @@ def measure_pair(
     """Measure LMC, LLFC and the LLFC conditions of (θ_A, θ_B) in one streaming pass.
 
     Args:
-        model: the architecture (any fx-traceable module; weights are taken from the state dicts).
+        model: the architecture (any fx-traceable module; weights, and so the dtype, are taken
+            from the state dicts).
         sd_a, sd_b: endpoint state dicts (α = 1 is A, α = 0 is B).
-        batches: iterable of (x, y) batches, e.g. a DataLoader over the test set.
+        batches: iterable of (x, y) batches (tuples or lists of two tensors: x (B, ...) inputs,
+            y (B,) integer labels or (B, T) token targets), e.g. a DataLoader over the test set.
+            The pair runs in the dtype of the state dicts (a float64 pair is measured in float64),
+            whatever ``model``'s own dtype: floating x of another dtype is cast to it, integer y to
+            int64 (:class:`PairMeter`).
         alphas: α grid (α weights A); 0, 0.25, 0.5, 0.75 and 1 are added when missing; values
             outside [0, 1] need ``allow_extrapolation=True``.
         states: optional θ_α state dicts (e.g. after a BatchNorm reset), one per α; when given,
@@ -551,7 +609,8 @@ def measure_pair(
         NonFiniteWeightsError: NaN/Inf in either state dict.
         ConfigError: an α outside [0, 1] without ``allow_extrapolation``; no batch in ``batches``;
             an unknown ``bn_mode``, or ``"reset"`` without ``bn_batches`` or with ``bn_batches`` in
-            none of the accepted forms.
+            none of the accepted forms; a batch of ``batches`` that is not an (x, y) pair of tensors,
+            or floating labels y (checked before it is measured).
     """
     from tqdm.auto import tqdm
 
@@ -593,7 +652,8 @@ def measure_pair(
         memory_budget=memory_budget,
     )
     with retain_freed_memory():  # no fresh kernel pages per batch (llfc._malloc)
-        for x, y in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
+            x, y = _labelled(batch)
             meter.update(x.to(dev), y.to(dev))
     if sharded:
         meter.all_reduce()

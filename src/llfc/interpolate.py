@@ -57,6 +57,20 @@ def check_compatible(sd_a: StateDict, sd_b: StateDict, names: tuple[str, str] = 
             )
 
 
+def floating_dtype(sd: StateDict) -> torch.dtype | None:
+    """The dtype the networks of ``sd`` run in: the one dtype of its floating tensors (float32,
+    float64, bfloat16, ...), or None when it has none or several (mixed precision)."""
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def as_input(x: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device | None = None) -> torch.Tensor:
+    """``x`` on ``device``; floating ``x`` cast to ``dtype`` (a state dict's :func:`floating_dtype`)
+    when that is given, so that float64 images fed to a float32 pair (or float32 images to a
+    float64 pair) run in the pair's dtype. Integer inputs (token ids) keep their dtype."""
+    return x.to(device, dtype if dtype is not None and x.is_floating_point() else None)
+
+
 def lerp_state_dict(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict:
     """θ_α = α·θ_A + (1−α)·θ_B for every floating tensor (α weights A). Integer tensors take A's
     value. ``alpha`` = 1 returns A's tensors and 0 returns B's (exactly, not recomputed)."""
@@ -233,7 +247,8 @@ def reset_bn_stats(
     statistics (momentum = None, cumulative average), as REPAIR's ``reset_bn_stats`` does.
 
     Args:
-        model: the architecture (not modified; a copy is used).
+        model: the architecture (not modified; a copy is used, in the dtype of ``state_dict``'s
+            floating tensors, as are floating inputs: :func:`floating_dtype`).
         state_dict: weights θ_α.
         batches: input batches in any form of :func:`bn_inputs` (input tensors (N_i, C, H, W),
             (x, y) batches, a DataLoader), e.g. a few training batches without augmentation.
@@ -245,7 +260,8 @@ def reset_bn_stats(
         ConfigError: ``batches`` in none of the forms of :func:`bn_inputs`.
     """
     inputs = bn_inputs(batches)
-    m = copy.deepcopy(model).to(device)
+    dtype = floating_dtype(state_dict)
+    m = copy.deepcopy(model).to(device=device, dtype=dtype)
     m.load_state_dict(state_dict)
     for mod in m.modules():
         if isinstance(mod, _BN_TYPES):
@@ -253,7 +269,7 @@ def reset_bn_stats(
             mod.momentum = None
     m.train()
     for x in inputs:
-        m(x.to(device))
+        m(as_input(x, dtype, device))
     m.eval()
     return {k: v.detach() for k, v in m.state_dict().items()}
 

@@ -10,6 +10,9 @@ Groups that reach the model's input or output are not permuted. The result is ch
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from typing import Any, NoReturn, Sequence, cast
 
 import torch
@@ -335,8 +338,9 @@ def derive_spec(
     inputs = _as_tuple(example_input)
     was_training = model.training
     model.eval()
+    printed = io.StringIO()  # ShapeProp prints the traceback of a failing node before re-raising
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             ShapeProp(gm).propagate(*_clone_inputs(inputs))
     except Exception as exc:  # the model's own error (shape mismatch, a torch._assert, ...)
         cause = exc.__cause__ or exc
@@ -348,6 +352,7 @@ def derive_spec(
         ) from exc
     finally:
         model.train(was_training)
+    sys.stderr.write(printed.getvalue())  # what the model printed (warnings) on a successful pass
 
     ctx = TraceContext(model, gm)
     order: list[tuple[fx.Node, str]] = []
