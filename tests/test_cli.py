@@ -238,3 +238,33 @@ def test_analyze_plain_safetensors_with_model_flag(tmp_path, capsys):
                          "--dataset", "digits", "--out", str(tmp_path / "o2"), "--no-progress"], capsys)
     assert code == 0, err
     assert (tmp_path / "o2" / "config.yaml").exists() and (tmp_path / "o2" / "environment.json").exists()
+
+
+def test_own_architecture_registered_then_cli_main(tmp_path, monkeypatch, capsys):
+    """docs/models.md, "Your own architecture": a factory registered with register_model (here in this
+    process, as `import mymodels` does) is usable by `llfc align` / `llfc analyze --model` through
+    llfc.cli.main; unregistered, --model names it as unknown."""
+    import torch.nn as nn
+    from safetensors.torch import save_file
+
+    from llfc.models import registry
+
+    def my_mlp(input_shape=(1, 8, 8), num_classes=10, hidden=16):
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, path in ((0, a), (1, b)):
+        torch.manual_seed(seed)
+        save_file(my_mlp().state_dict(), str(path))
+    argv = ["analyze", str(a), str(b), "--model", "my_mlp", "--dataset", "digits", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "unknown")]) == 2
+    assert "unknown model 'my_mlp'" in capsys.readouterr().err
+    monkeypatch.setitem(registry._REGISTRY, "my_mlp", my_mlp)  # what @register_model("my_mlp") does
+    out = tmp_path / "b_aligned"
+    assert main(["align", str(a), str(b), "--model", "my_mlp", "--dataset", "digits", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["model"]["name"] == "my_mlp"
+    assert main([*argv, "--alphas", "5", "--out", str(tmp_path / "run")]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["model"]["name"] == "my_mlp" and len(res["pairs"]["A vs B"]["alphas"]) == 5

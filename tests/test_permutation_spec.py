@@ -137,6 +137,49 @@ def test_residual_stream_is_one_group():
     assert len(spec.feature_nodes("conv1", "all_activations")) == 4  # stem ReLU + 3 block outputs
 
 
+class TiedMLP(nn.Module):
+    """x → fc0 → fc1 → fc2 → fc3 with ReLUs and ``fc2.weight = fc1.weight`` (square, tied)."""
+
+    def __init__(self, d_in: int):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2, self.fc3 = nn.Linear(d_in, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(F.relu(self.fc0(x)))))))
+
+
+def test_tied_weights_share_one_permutation():
+    """fc1.weight (rows h1, columns h0) is fc2.weight (rows h2, columns h1): derive_spec joins h0, h1 and h2
+    into one group, and a random permutation of it keeps the tied keys equal and the function unchanged."""
+    torch.manual_seed(0)
+    model, x = TiedMLP(5), torch.randn(6, 5)
+    spec = derive_spec(model, x)
+    assert list(spec.groups) == ["fc0"]
+    keys = {(r.key, r.axis) for r in spec.groups["fc0"]}
+    assert {("fc1.weight", 0), ("fc1.weight", 1), ("fc2.weight", 0), ("fc2.weight", 1), ("fc3.weight", 1)} <= keys
+    sd = model.state_dict()
+    perms = random_permutation(spec, torch.Generator().manual_seed(1), derange=True)
+    out = apply_permutation(spec, perms, sd)
+    assert torch.equal(out["fc1.weight"], out["fc2.weight"])
+    assert not torch.equal(out["fc1.weight"], sd["fc1.weight"])
+    moved = TiedMLP(5)
+    moved.load_state_dict(out)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_touching_the_input_are_not_permuted():
+    """With the input (8 features) in fc1.weight's columns, the tie fixes h1 and h2 too: nothing moves."""
+    class InputTied(TiedMLP):
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    model = InputTied(5)
+    spec = derive_spec(model, torch.randn(4, 8))
+    assert spec.groups == {}
+
+
 class DenseCat(nn.Module):
     def __init__(self):
         super().__init__()

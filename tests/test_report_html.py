@@ -115,6 +115,22 @@ def test_run_writes_self_contained_report(run_dir):
     assert criteria.describe() in html  # the thresholds, stated by llfc.criteria
 
 
+def test_dry_run_report_opens_with_a_banner(run_dir, tmp_path):
+    """A dry run's report.html (results.json "dry_run": true) opens with a DRY RUN banner above the verdicts;
+    a real run's has none."""
+    html = (run_dir / REPORT_NAME).read_text(encoding="utf-8")
+    assert json.loads((run_dir / "results.json").read_text())["dry_run"] is False
+    assert 'class="dry-run"' not in html and "DRY RUN" not in html
+    d = tmp_path / "dry"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns(REPORT_NAME, "pairs"))
+    res = json.loads((d / "results.json").read_text())
+    res["dry_run"] = True
+    (d / "results.json").write_text(json.dumps(res))
+    html = write_html_report(d).read_text(encoding="utf-8")
+    banner = html.index('<div class="dry-run" role="alert">DRY RUN: every stage ran for a few batches only')
+    assert banner < html.index('<section id="summary">') < html.index('class="verdict')
+
+
 def test_analyze_report_links_the_checkpoints(run_dir, tmp_path):
     a, b = run_dir / "pairs" / "independent" / "a" / "final", run_dir / "pairs" / "independent" / "b" / "final"
     out = tmp_path / "analysis"

@@ -4,6 +4,7 @@ runs its first iterations end to end (dry run) on tiny synthetic data of the rig
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -158,12 +159,20 @@ def test_dry_run_end_to_end(scale, name, fake_data, tmp_path):
                         progress=False, overrides=over, log=logs.append)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["train"]["max_batches_per_epoch"] == 2
+    # every dry run says so: results.json, summary.txt, the printed summary and the top of report.html
+    assert saved["dry_run"] is True
+    assert (tmp_path / "run" / "summary.txt").read_text().startswith("DRY RUN")
+    assert any(line.lstrip().startswith("DRY RUN") for line in logs)
+    html = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert html.index('class="dry-run"') < html.index('<section id="summary">')
     if pairs == ["finetune"]:  # Cross-Task Linearity (llfc.finetune): its own results schema
         assert {"finetune-k1", "control"} <= set(res["pairs"])
         for pr in saved["pairs"].values():
             assert pr["ctl"] and all(0.0 <= e <= 1.0 for e in pr["errors"]["A"].values())
-        assert (tmp_path / "run" / "summary.txt").exists()
         return
+    # the header names the training data actually used, not just the dataset's size
+    batch = saved["config"]["train"]["batch_size"]
+    assert any(re.search(rf"\(2 batches of {batch} per epoch from \d+ train / ", line) for line in logs), logs
     assert set(res["pairs"]) == set(pairs)
     n_test = N_TEST
     if dataset_info(cfg.dataset).modality == "text":  # test windows of the fake text, at most 64
@@ -176,7 +185,6 @@ def test_dry_run_end_to_end(scale, name, fake_data, tmp_path):
         assert pr["llfc"], kind
     if "spawn" in pairs:
         assert saved["pairs"]["spawn"]["spawn_epoch"] == 1
-    assert (tmp_path / "run" / "summary.txt").read_text().startswith("DRY RUN")  # says so
 
 
 # ------------------------------------------------------------------------------------------

@@ -49,12 +49,24 @@ def _model_args(text: str | None, flag: str = "--model-args", example: str = '{"
 
 
 def _alphas(text: str):
-    """``11`` (grid size) or ``0,0.25,0.5,0.75,1`` (explicit values)."""
+    """``11`` (grid size, at least 5) or ``0,0.25,0.5,0.75,1`` (explicit values).
+
+    Raises:
+        ConfigError: a count below 5 (the message suggests the list form).
+    """
     if "," not in text and "." not in text:
         try:
-            return int(text)
+            n = int(text)
         except ValueError:
             pass
+        else:
+            if n < 5:
+                raise ConfigError(
+                    f"--alphas {text}: a count needs at least 5 points (0, .25, .5, .75, 1). To choose the α "
+                    "values yourself, list them, e.g. --alphas 0,0.5,1 (0.25 and 0.75 are then added: the LLFC "
+                    "criterion is judged at them)."
+                )
+            return n
     return _floats(text)
 
 

@@ -46,6 +46,8 @@ from llfc.metrics.angles import principal_angles_per_layer
 from llfc.probe import FeatureExtractor
 from llfc.report import plot_all, summary_table, write_tables
 from llfc.report.html import render_run_report
+from llfc.report.summary import dry_run_note
+from llfc.reproduce import is_dry_run
 from llfc.seeding import derive_seed, environment, seed_everything
 from llfc.stitching import STITCH_POINTS, stitching_errors
 from llfc.train import ModelSpec, TrainConfig, independent_pair, spawn_pair
@@ -358,13 +360,7 @@ def write_outputs(pairs: dict, out: Path, *, figures: bool = True, note: str | N
 def write_report(results: dict, out: Path, log: Callable[[str], None] = print) -> str:
     """results.json, CSV tables, figures, summary.txt and report.html into ``out``; returns the summary."""
     atomic_write_json(out / "results.json", results)
-    note = None
-    if str((results.get("config") or {}).get("name") or "").endswith("(dry run)"):
-        note = (
-            "DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
-            "numbers check that the pipeline works and are not results."
-        )
-    text = write_outputs(results["pairs"], out, note=note)
+    text = write_outputs(results["pairs"], out, note=dry_run_note(results))
     render_run_report(out)
     return text
 
@@ -379,14 +375,15 @@ def results_header(kind: str, cfg_dict: dict, env: dict, extra: dict) -> dict:
         extra: further top-level keys (dataset, model, ...), placed after ``config``.
 
     Returns:
-        ``{"schema_version", "kind", "created" (UTC, ISO 8601), "llfc_version", "environment", "config",
-        **extra, "pairs": {}}``.
+        ``{"schema_version", "kind", "created" (UTC, ISO 8601), "llfc_version", "dry_run" (the config is
+        :func:`llfc.reproduce.dry_run_config`'s), "environment", "config", **extra, "pairs": {}}``.
     """
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "llfc_version": __version__,
+        "dry_run": is_dry_run(cfg_dict),
         "environment": env,
         "config": cfg_dict,
         **extra,
@@ -458,8 +455,13 @@ def run_experiment(
     env = {**environment(device), "seeds": seeds, "world_size": distributed.world_size()}
     if main:
         atomic_write_json(out / "environment.json", env)
+    used = (
+        f"{tcfg.max_batches_per_epoch} batches of {tcfg.batch_size} per epoch from {len(train_set)} train"
+        if tcfg.max_batches_per_epoch
+        else f"{len(train_set)} train"
+    )
     log(
-        f"llfc {__version__}: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model "
+        f"llfc {__version__}: {cfg.dataset} ({used} / {len(test_set)} test), model "
         f"{cfg.model} {cfg.model_args}, pairs {', '.join(cfg.pairs)}, {len(measurer.alphas)} α values, "
         f"device {device} → {out} ({mode})"
     )

@@ -62,6 +62,7 @@ from llfc.data import ArrayDataset, dataset_info, get_dataset
 from llfc.errors import ConfigError
 from llfc.metrics.ctl import CTLMeter, check_coefficients, check_points
 from llfc.probe import FeatureExtractor
+from llfc.reproduce import is_dry_run
 from llfc.seeding import derive_seed, environment, seed_everything
 from llfc.stitching import stitched_module
 from llfc.task_vectors import apply_task_vectors, check_ancestry, combine, fingerprint, split_head, task_vector
@@ -738,6 +739,7 @@ def run_finetune(
         "schema_version": 1,
         "kind": "llfc.finetune",
         "llfc_version": __version__,
+        "dry_run": is_dry_run(cfg.to_dict()),
         "environment": env,
         "config": cfg.to_dict(),
         "heads": "shared" if head is None else "own",

@@ -117,7 +117,10 @@ def default_alphas(n: int = 11) -> list[float]:
         ConfigError: n < 5 or n > ``MAX_ALPHAS``.
     """
     if n < 5:
-        raise ConfigError(f"the α grid needs at least 5 points (0, .25, .5, .75, 1), got {n}")
+        raise ConfigError(
+            f"the α grid needs at least 5 points (0, .25, .5, .75, 1), got {n}. To choose the α values yourself, "
+            "pass a list, e.g. alphas=[0, 0.5, 1] (0.25 and 0.75 are then added: the LLFC criterion is judged at them)."
+        )
     _check_grid_size(n)
     grid = [i / (n - 1) for i in range(n)]
     for q in (0.25, 0.5, 0.75):

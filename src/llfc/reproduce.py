@@ -29,11 +29,23 @@ from typing import Any, Callable, Mapping
 from llfc.config import ExperimentConfig
 from llfc.errors import ConfigError, UnknownNameError
 
-__all__ = ["SCALES", "Experiment", "list_experiments", "format_list", "load", "dry_run_config", "run"]
+__all__ = [
+    "SCALES",
+    "DRY_RUN_SUFFIX",
+    "Experiment",
+    "list_experiments",
+    "format_list",
+    "load",
+    "dry_run_config",
+    "is_dry_run",
+    "run",
+]
 
 SCALES = ("paper", "cpu")
 _META_KEYS = ("description", "reference", "cost-cpu", "cost-gpu")
 
+#: appended to the config's ``name`` by :func:`dry_run_config`; results.json records it as ``"dry_run": true``
+DRY_RUN_SUFFIX = " (dry run)"
 #: dry-run limits (see :func:`dry_run_config`)
 DRY_RUN = {
     "epochs": 2,
@@ -207,7 +219,7 @@ def dry_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
     end), data loading in the main process. Measurement: the first 64 test samples, a 64-sample
     train subset, 2 batches for a BatchNorm reset, the 5-point α grid (0, 0.25, 0.5, 0.75, 1). Alignment:
     128 samples for activation matching, one weight-matching restart of at most 5 iterations.
-    Model, dataset and pair kinds are unchanged.
+    Model, dataset and pair kinds are unchanged; the name gets :data:`DRY_RUN_SUFFIX` (see :func:`is_dry_run`).
     """
     d = DRY_RUN
     c = cfg.resolved()
@@ -238,13 +250,19 @@ def dry_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
         c = dataclasses.replace(c, finetune=dry_run(c.finetune, d["test_samples"]))
     return dataclasses.replace(
         c,
-        name=c.name + " (dry run)",
+        name=c.name + DRY_RUN_SUFFIX,
         train=t,
         measure=measure,
         align=align,
         spawn_epoch=min(int(c.spawn_epoch or 0), d["spawn_epoch"], t["epochs"]),
         alphas=d["alphas"],
     )
+
+
+def is_dry_run(cfg_dict: Mapping[str, Any]) -> bool:
+    """Whether a configuration (an :class:`ExperimentConfig` as a plain dict, results.json's ``config``)
+    is a dry run, i.e. came from :func:`dry_run_config` (its ``name`` ends in :data:`DRY_RUN_SUFFIX`)."""
+    return str(cfg_dict.get("name") or "").endswith(DRY_RUN_SUFFIX)
 
 
 def run(

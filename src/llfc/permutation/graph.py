@@ -393,11 +393,46 @@ def derive_spec(
         if ax is not None:
             order.append((node, kind))
 
+    _join_tied(ctx)
     spec = _build_spec(ctx, order)
     spec.buffers = frozenset(k for k in spec.keys() if k in _buffer_keys(model))
     if check:
         check_spec(model, spec, example_input, rtol=rtol, seed=seed)
     return spec
+
+
+_TIED_FIX = "Untie them, or write the spec by hand with PermutationSpec.from_groups({...}) and pass spec=."
+
+
+def _join_tied(ctx: TraceContext) -> None:
+    """Make tied parameters (one ``nn.Parameter`` under several names, e.g. ``fc2.weight = fc1.weight``)
+    move alike: on every axis, the groups bound to the names are joined, and an axis bound under one
+    name only is fixed (the other name does not move along it).
+
+    Raises:
+        UnsupportedOperationError: an axis is bound under the names at different offsets, or to feature
+            axes of different structure, sizes or head splits, which one permutation cannot serve.
+    """
+    first: dict[int, str] = {}
+    for name, p in ctx.model.named_parameters(remove_duplicate=False):
+        keep = first.setdefault(id(p), name)
+        if keep == name:
+            continue
+        for axis in range(p.dim()):
+            a, b = ctx.params.get((keep, axis)), ctx.params.get((name, axis))
+            if a is None or b is None:  # moved under one name only: it must not move at all
+                ctx.fix(a[0] if a is not None else b[0] if b is not None else None)
+                continue
+            why = f"{name!r} and {keep!r} are one tied parameter, its axis {axis} used differently under each name"
+            if a[1] != b[1] or [s for _, s in a[0].parts] != [s for _, s in b[0].parts]:
+                raise UnsupportedOperationError(f"cannot derive a permutation spec: {why}. {_TIED_FIX}")
+            for (ea, _), (eb, _) in zip(a[0].parts, b[0].parts):
+                try:
+                    ctx.join_elements(ea, eb)
+                except UnsupportedOperationError as exc:  # sizes or head splits differ
+                    raise UnsupportedOperationError(
+                        f"cannot derive a permutation spec: {why} ({exc}). {_TIED_FIX}"
+                    ) from exc
 
 
 def _get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Any:

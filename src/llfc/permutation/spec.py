@@ -361,7 +361,7 @@ def untie_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str
             if not torch.equal(out[keep], out[name]):
                 raise SpecCheckError(
                     f"{name!r} and {keep!r} are one tied parameter but hold different values "
-                    "(the permutation spec moves them differently)."
+                    "(the permutation spec moves them differently; give both names' axes the same groups)."
                 )
             del out[name]
         else:

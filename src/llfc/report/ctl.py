@@ -16,6 +16,7 @@ import numpy as np
 from llfc import criteria
 from llfc.checkpoint import atomic_write_text
 from llfc.report.plots import _COLORS, _save, plt
+from llfc.report.summary import dry_run_note
 
 FLOOR = 1e-4  # log-scale figures draw smaller distances (e.g. an exact 0) at this value
 CTL_COLUMNS = (
@@ -78,9 +79,11 @@ def _pct(v: float) -> str:
 
 
 def summary_ctl(results: dict) -> str:
-    """A plain-text table: per pair the endpoint and merged (α = β = ½) task errors and the CTL verdict."""
+    """A plain-text table: per pair the endpoint and merged (α = β = ½) task errors and the CTL verdict,
+    below the DRY RUN warning of a dry run (:func:`llfc.report.summary.dry_run_note`)."""
     t1, t2 = results["tasks"][1]["name"], results["tasks"][2]["name"]
-    lines = [
+    note = dry_run_note(results)
+    lines = ([note] if note else []) + [
         f"{'pair':<16} {'k':>3} {'A on ' + t1:>12} {'B on ' + t2:>12} {'½A+½B on ' + t1:>16} "
         f"{'½A+½B on ' + t2:>16} {'worst layer':>14} {'E[1-cos]':>9} {'baseline':>9} {'CTL holds':>9}"
     ]

@@ -5,7 +5,7 @@ hand-built HTML strings). Everything it shows comes from the folder's ``results.
 docs/results.md), ``config.yaml`` / ``environment.json`` and its PNG figures, which are embedded as base64
 ``data:`` URIs, so the file can be mailed, archived or opened from a read-only share: no network, no server,
 no script. Verdicts ("LMC holds", "LLFC holds") come from :mod:`llfc.criteria`, the one place where the
-thresholds are defined.
+thresholds are defined. A dry run's page (``"dry_run": true``) opens with a DRY RUN banner.
 
 Run folder → :func:`render_run_report`; sweep folder → :func:`render_sweep_report`; either →
 :func:`write_html_report` (what ``llfc report DIR`` calls).
@@ -38,6 +38,7 @@ from markupsafe import Markup
 from llfc import __version__, criteria
 from llfc.checkpoint import atomic_write_text, checkpoint_paths
 from llfc.errors import ReportError
+from llfc.report.summary import dry_run_note
 
 REPORT_NAME = "report.html"
 # figures of a run folder (written by llfc.report.plots), in page order: file name → caption
@@ -328,6 +329,7 @@ def run_context(run_dir: str | Path, results: dict) -> dict:
         "title": f"llfc {results.get('kind', 'run').removeprefix('llfc.')}: {run_dir.name}",
         "run_dir": run_dir.name,
         "results": results,
+        "dry_run_note": dry_run_note(results),
         "criteria": criteria.describe(),
         "headline": [pair_headline(n, p) for n, p in pairs.items()],
         "lmc_names": [pairs[n].get("label", n) for n in lmc_names],
@@ -359,6 +361,7 @@ def ctl_context(run_dir: str | Path, results: dict) -> dict:
     return {
         "title": f"llfc finetune: {run_dir.name}",
         "results": results,
+        "dry_run_note": dry_run_note(results),
         "summary": summary.read_text(encoding="utf-8").rstrip() if summary.is_file() else "",
         "figures": {p.name: {"uri": _png_uri(p)} for p in sorted(run_dir.glob("*.png"))},
         "config_yaml": cfg_path.read_text(encoding="utf-8").strip()

@@ -5,7 +5,18 @@ from __future__ import annotations
 from llfc import criteria
 from llfc.criteria import worst_layer  # re-exported: llfc.report.worst_layer
 
-__all__ = ["summary_table", "worst_layer"]
+__all__ = ["dry_run_note", "summary_table", "worst_layer"]
+
+
+def dry_run_note(results: dict) -> str | None:
+    """The DRY RUN warning shown above the summary table and at the top of report.html when results.json
+    says ``"dry_run": true`` (``llfc reproduce --dry-run``, docs/results.md), else None."""
+    if not results.get("dry_run"):
+        return None
+    return (
+        "DRY RUN: every stage ran for a few batches only (llfc reproduce --dry-run); these "
+        "numbers check that the pipeline works and are not results."
+    )
 
 
 def _verdict(value: bool | None) -> str:
