@@ -544,3 +544,19 @@ def test_gpt_context_is_settable_from_the_cli(tmp_path, capsys, monkeypatch):
     small = ["--model-args", '{"block_size": 16}', "--dataset-args", '{"context": 16}']
     assert main([*argv, *small, "--out", str(out)]) == 0
     assert seen[0].dataset_args == {"context": 16} and seen[0].model_args["block_size"] == 16
+
+
+@pytest.mark.parametrize("bad", ["ste_lr: 0", "ste_epochs: 0", "restarts: 0", "activation_samples: -5"])
+def test_bad_align_settings_are_refused_before_training(tmp_path, capsys, monkeypatch, bad):
+    """align.* from a YAML config were only checked when the permutation pair was aligned, after training."""
+    import llfc.experiment
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the align settings were checked")
+
+    monkeypatch.setattr(llfc.experiment, "independent_pair", no_training)
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(f"pairs: [permutation-ste]\nalign:\n  {bad}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    assert f"align.{bad.split(':')[0]}" in capsys.readouterr().err and not out.exists()

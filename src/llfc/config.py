@@ -309,7 +309,29 @@ class ExperimentConfig:
             c.alphas = grid
         if c.measure.bn_mode not in ("interpolate", "reset"):
             raise ConfigError(f"bn_mode must be 'interpolate' or 'reset', got {c.measure.bn_mode!r}.")
+        if any(k.startswith("permutation") for k in c.pairs):
+            _check_align(c.align)
         return c
+
+
+def _check_align(a: AlignConfig) -> None:
+    """The alignment settings a ``permutation-*`` pair will use, checked before anything is trained.
+
+    Raises:
+        ConfigError: naming the ``align.*`` key and what it must be.
+    """
+    whole = {
+        "restarts": a.restarts,
+        "max_iter": a.max_iter,
+        "activation_samples": a.activation_samples,
+        "batch_size": a.batch_size,
+        "ste_epochs": a.ste_epochs,
+    }
+    for key, v in whole.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"align.{key} must be a whole number ≥ 1, got {v!r}.")
+    if isinstance(a.ste_lr, bool) or not isinstance(a.ste_lr, (int, float)) or not a.ste_lr > 0:
+        raise ConfigError(f"align.ste_lr must be a positive number, got {a.ste_lr!r}.")
 
 
 def _check_keys(cls, d: dict, where: str) -> None:

@@ -328,8 +328,9 @@ class FeatureExtractor:
         all_probes: every probe-able node.
 
     Calling ``extractor(state_dict, x)`` returns ``{node_name: tensor}`` holding the output of
-    every selected probe and the inputs they need (``Probe.input_node``); shapes (N, ...), the
-    dtype of the model. ``state_dict`` maps the model's own state-dict keys to tensors.
+    every selected probe and the inputs they need (``Probe.input_node``); shapes (N, ...), in the
+    dtype the state dict and ``x`` compute in (the graph runs with ``state_dict``'s tensors, not the
+    model's own). ``state_dict`` maps the model's own state-dict keys to tensors.
 
     Raises:
         UnsupportedOperationError: the model cannot be traced (says why and what to do).
