@@ -94,7 +94,8 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         size = -(-nl // -(-nl // per_row))  # ceil(nl / number of rows)
         for start in range(0, nl, size):
             panels.append((name, pr, slice(start, min(start + size, nl))))
-    width = max(7, 0.55 * max(sl.stop - sl.start for _, _, sl in panels) + 3)
+    longest = max(sl.stop - sl.start for _, _, sl in panels)
+    width = max(7, 0.55 * longest + 3)
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.0 * len(panels)), squeeze=False)
     for row, (name, pr, sl) in enumerate(panels):
         ax = axes[row, 0]
@@ -103,9 +104,11 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         idx = [(a, _alpha_index(pr["alphas"], a)) for a in alphas]
         idx = [(a, i) for a, i in idx if i is not None]
         w = 0.8 / (len(idx) + 1)
+        top = 1e-12  # the highest bar (mean + std; no std: the mean alone), distances and baselines alike
         for j, (a, i) in enumerate(idx):
             m = [ly["distance"]["mean"][i] for ly in layers]
             s = _std(ly["distance"]["std"][i] for ly in layers)
+            top = max(top, float(np.max(np.array(m) + np.nan_to_num(s))))
             ax.bar(
                 x + j * w, m, w, yerr=s, capsize=1.5, color=_COLORS[j % 3 + 2], label=f"α = {a:g}", error_kw={"lw": 0.6}
             )
@@ -114,14 +117,14 @@ def plot_llfc(pairs: dict, path: Path, alphas=LLFC_ALPHAS, per_row: int = 24) ->
         ax.bar(
             x + len(idx) * w, m, w, yerr=s, capsize=1.5, color="0.6", label="A vs B (baseline)", error_kw={"lw": 0.6}
         )
-        top = max(float(np.max(np.array(m) + np.nan_to_num(s))), 1e-12)  # no std: the mean alone
+        top = max(top, float(np.max(np.array(m) + np.nan_to_num(s))))
         for xi, ly in zip(x, layers):  # worst ratio over the plotted α, written above the layer
             base = ly["baseline"]["mean"]
             r = max((ly["distance"]["mean"][i] for _, i in idx), default=0.0) / base if base > 0 else 0.0
             label = "exact" if r < 1e-8 else f"×{r:.2g}"  # e.g. the first layer: linear in θ
             ax.text(xi + w * len(idx) / 2, top * 1.04, label, ha="center", va="bottom", fontsize=6)
         ax.set_ylim(0, top * 1.35)
-        ax.set_xlim(-0.5, max(len(layers), per_row if len(pr["llfc"]) > per_row else 0) - 0.2)
+        ax.set_xlim(-0.5, longest - 0.2)  # one scale for every row
         ax.set_xticks(x + w * len(idx) / 2)
         ax.set_xticklabels([f"{ly['name']}\n({ly['kind']})" for ly in layers], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("E[1 − cos]")
