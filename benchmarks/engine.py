@@ -2,10 +2,13 @@
 
 For K α values and N samples it measures
   * the engine against the compute floor, the (K + 2) plain forward passes (θ_A, θ_B and every
-    θ_α) over the same batches without any metric. The two are run alternately in one process
-    (floor, engine, floor, engine, ...: ``--reps`` times), each timed by CPU time
-    (``time.process_time``, the number to compare on a shared machine), wall time and minor page
-    faults (``resource.getrusage``); the ratio is min(engine CPU) / min(floor CPU);
+    θ_α) over the same batches without any metric. They are run alternately in one process
+    (floor, floor under the engine's malloc settings, engine, ...: ``--reps`` times), each timed
+    by CPU time (``time.process_time``, the number to compare on a shared machine), wall time and
+    minor page faults (``resource.getrusage``); the ratio is min(engine CPU) / min(floor CPU), the
+    floor's minimum taken over both variants (plain forward passes fault on fresh pages as the
+    allocator hands memory back; under llfc's malloc settings, :mod:`llfc._malloc`, they do not,
+    and are faster: the stricter floor);
   * the engine's memory: the largest resident set size sampled after every batch of the pass,
     minus the size before the pass (a fresh child process per configuration).
 
@@ -73,8 +76,10 @@ def _timed(fn) -> dict:
 
 def child(model_key: str, n: int, k: int, batch: int, conditions: bool, reps: int,
           kinds: list[str] | None, budget: float | None) -> dict:
+    from llfc._malloc import retain_freed_memory
     from llfc.engine import measure_pair
     from llfc.interpolate import default_alphas, lerp_state_dict
+    from llfc.metrics import fused
     from llfc.models import create_model
 
     load0 = os.getloadavg()[0]
@@ -101,6 +106,10 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool, reps: in
                 for s in states:
                     torch.func.functional_call(m, s, (x,))
 
+    def floor_tuned():  # the same, under the malloc settings the engine runs with
+        with retain_freed_memory():
+            floor()
+
     # warm-up (allocator, fx tracing) on one batch
     measure_pair(m, sd_a, sd_b, _batches(shape, batch, batch), alphas, conditions=conditions,
                  kinds=kinds, memory_budget=budget)
@@ -108,7 +117,8 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool, reps: in
     samples: list[float] = []
     runs_e, runs_f = [], []
     for r in range(reps):
-        runs_f.append(_timed(floor))
+        runs_f.append(dict(_timed(floor), malloc_tuned=False))
+        runs_f.append(dict(_timed(floor_tuned), malloc_tuned=True))
         runs_e.append(_timed(lambda first=(r == 0): engine(samples if first else None)))
     e = min(x["cpu_s"] for x in runs_e)
     f = min(x["cpu_s"] for x in runs_f)
@@ -119,7 +129,7 @@ def child(model_key: str, n: int, k: int, batch: int, conditions: bool, reps: in
     return {"model": model_key, "model_args": kwargs, "N": n, "K": len(alphas),
             "forward_passes_per_batch": len(states), "batch": batch, "conditions": conditions,
             "kinds": kinds or "all", "probes": len(fx.probes), "memory_budget": budget,
-            "malloc_tuning": malloc_tuning_available(),
+            "malloc_tuning": malloc_tuning_available(), "fused_kernels": fused.available(),
             "engine": runs_e, "floor": runs_f, "ratio_cpu": e / f,
             "ratio_wall": min(x["wall_s"] for x in runs_e) / min(x["wall_s"] for x in runs_f),
             "rss_before_mb": rss0, "peak_rss_during_mb": max(samples),

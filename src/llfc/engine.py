@@ -38,6 +38,7 @@ from torch.func import functional_call
 
 from llfc._malloc import malloc_tuning_available, retain_freed_memory
 from llfc.metrics.cosine import coef_from_sq, cosine_distance_from_sq, dist_from_sums
+from llfc.metrics.fused import interp_sq, pair_sq, relu_interp_sq, sign_agreement_rows
 from llfc.metrics.lmc import as_classification, barriers
 from llfc.metrics.streaming import RunningMoments, RunningSum
 from llfc.probe import FeatureExtractor, Probe, warn_if_no_hidden_evidence
@@ -51,12 +52,6 @@ _MMAP_LIMIT = 32 * 2**20  # llfc._malloc's mmap threshold
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
-
-
-def _sq(t: torch.Tensor) -> torch.Tensor:
-    """Per-row squared norms of a (B, D) tensor: the norm in the tensor's dtype, squared in
-    float64, shape (B,)."""
-    return torch.linalg.vector_norm(t, dim=1).to(torch.float64) ** 2
 
 
 class _Scratch:
@@ -293,7 +288,7 @@ class PairMeter:
         """(‖f_A‖², ‖f_B‖², ‖f_A − f_B‖²) per sample at ``node``, float64 (B,) each."""
         assert self._fa is not None and self._fb is not None  # inside _update()
         A, Bm = _flat(self._fa[node]), _flat(self._fb[node])
-        return _sq(A), _sq(Bm), _sq(torch.sub(A, Bm, out=self._scratch(A)))
+        return pair_sq(A, Bm, work=self._scratch(A)).unbind(1)
 
     def _llfc_row(self, p: Probe, f, stats, a: float) -> torch.Tensor:
         """(B, 2): ‖f_α‖², ‖f_α − f_int‖² for one α (f_int = α f_A + (1−α) f_B)."""
@@ -304,8 +299,7 @@ class PairMeter:
             return torch.stack([sqb, torch.zeros_like(sqb)], 1)
         assert self._fa is not None and self._fb is not None  # inside _update()
         X = _flat(f[p.node])
-        d = torch.lerp(_flat(self._fb[p.node]), _flat(self._fa[p.node]), a, out=self._scratch(X))
-        return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
+        return interp_sq(X, _flat(self._fa[p.node]), _flat(self._fb[p.node]), a, work=self._scratch(X))
 
     def _fold_llfc(self, p: Probe, R: torch.Tensor, stats) -> None:
         """Fold the (B, K, 2) rows of one probe into its accumulators."""
@@ -335,16 +329,14 @@ class PairMeter:
             elif a == 0.0:
                 rows.append(torch.stack([sqb, torch.zeros_like(sqb)], 1))
             else:
-                u = torch.lerp(gB, gA, a, out=self._scratch(gA, 0))
-                u = u.relu_() if p.is_relu else self._activation(p)(u)
-                v = torch.lerp(rB, rA, a, out=self._scratch(rA, 1))
-                rows.append(torch.stack([_sq(u), _sq(v.sub_(u))], 1))
+                act = None if p.is_relu else self._activation(p)
+                work = (self._scratch(gA, 0), self._scratch(rA, 1))
+                rows.append(relu_interp_sq(gA, gB, rA, rB, a, activation=act, work=work))
         R = torch.stack(rows, 1)  # (B, K, 2): ‖u‖², ‖u − v‖²
         sq_v = _sq_int(self._alpha_t.to(R.device), sqa, sqb, dab)
         acc.dist.update(cosine_distance_from_sq(R[..., 0], sq_v, R[..., 1], absolute=self.absolute))
         acc.sums.update(torch.stack([R[..., 0], sq_v, R[..., 1]], 2))
-        agree = torch.mul(gA, gB, out=self._scratch(gA, 0)).ge_(0)  # 1.0 where g_A·g_B ≥ 0
-        acc.sign.update(agree.mean(1, dtype=torch.float64))
+        acc.sign.update(sign_agreement_rows(gA, gB, work=self._scratch(gA, 0)))  # P[g_A·g_B ≥ 0]
 
     def _activation(self, p: Probe):
         """σ of a non-ReLU ``post`` probe as a function (the traced module, or the traced call with
@@ -379,11 +371,10 @@ class PairMeter:
 
         left = _flat(no_bias(fa[p.node], self.sd_a) + no_bias(fb[p.node], self.sd_b))  # new tensor
         right = _flat(apply(wa, HB) + apply(wb, HA))
+        sq_left, sq_right, sq_com = pair_sq(left, right).sum(0)
         ha, hb = _flat(HA), _flat(HB)
-        sq_left, sq_right = _sq(left).sum(), _sq(right).sum()
-        sq_com = _sq(left.sub_(right)).sum()
-        sq_h = _sq(torch.sub(ha, hb, out=self._scratch(ha))).sum()
-        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, _sq(ha).sum(), _sq(hb).sum()])
+        sq_ha, sq_hb, sq_h = pair_sq(ha, hb, work=self._scratch(ha)).sum(0)
+        self.com[p.name] += torch.stack([sq_com, sq_left, sq_right, sq_h, sq_ha, sq_hb])
 
     def all_reduce(self) -> None:
         """Combine the accumulators of all ranks (:func:`llfc.distributed.reduce_accumulators`):
@@ -468,18 +459,13 @@ class PairMeter:
                 s = self.com[p.name]
                 assert p.module is not None  # com probes are _commutable()
                 wa_, wb_ = self.sd_a[p.module + ".weight"], self.sd_b[p.module + ".weight"]
+                sq_wa, sq_wb, sq_dw = pair_sq(wa_.reshape(1, -1), wb_.reshape(1, -1))[0]
                 com.append(
                     {
                         "name": p.name,
                         "module": p.module,
                         "dist_com": float(dist_from_sums(s[0], s[1], s[2])),
-                        "dist_W": float(
-                            dist_from_sums(
-                                ((wa_.double() - wb_.double()) ** 2).sum(),
-                                (wa_.double() ** 2).sum(),
-                                (wb_.double() ** 2).sum(),
-                            )
-                        ),
+                        "dist_W": float(dist_from_sums(sq_dw, sq_wa, sq_wb)),
                         "dist_H": float(dist_from_sums(s[3], s[4], s[5])),
                     }
                 )

@@ -1,0 +1,70 @@
+"""numba kernels of :mod:`llfc.metrics.fused` (imported only there, lazily: importing this module
+compiles nothing, the first call of each kernel does; numba caches the machine code on disk)."""
+
+import numba
+import numpy as np
+
+# reassociation lets LLVM vectorise the sums; NaN and inf keep their IEEE meaning
+jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+
+
+@jit
+def pair(A, B, out):  # pragma: no cover - compiled by numba
+    n, d = A.shape
+    for i in range(n):
+        sa = 0.0
+        sb = 0.0
+        sd = 0.0
+        for j in range(d):
+            a = np.float64(A[i, j])
+            b = np.float64(B[i, j])
+            sa += a * a
+            sb += b * b
+            sd += (a - b) * (a - b)
+        out[i, 0] = sa
+        out[i, 1] = sb
+        out[i, 2] = sd
+
+
+@jit
+def interp(X, A, B, al, out):  # pragma: no cover - compiled by numba
+    n, d = X.shape
+    for i in range(n):
+        sx = 0.0
+        sd = 0.0
+        for j in range(d):
+            x = np.float64(X[i, j])
+            b = np.float64(B[i, j])
+            r = x - (b + al * (np.float64(A[i, j]) - b))
+            sx += x * x
+            sd += r * r
+        out[i, 0] = sx
+        out[i, 1] = sd
+
+
+@jit
+def relu_interp(GA, GB, RA, RB, al, out):  # pragma: no cover - compiled by numba
+    n, d = GA.shape
+    for i in range(n):
+        su = 0.0
+        sd = 0.0
+        for j in range(d):
+            gb = np.float64(GB[i, j])
+            u = gb + al * (np.float64(GA[i, j]) - gb)
+            u = u if u > 0.0 else 0.0 * u  # ReLU; keeps NaN
+            rb = np.float64(RB[i, j])
+            r = rb + al * (np.float64(RA[i, j]) - rb) - u
+            su += u * u
+            sd += r * r
+        out[i, 0] = su
+        out[i, 1] = sd
+
+
+@jit
+def sign(GA, GB, out):  # pragma: no cover - compiled by numba
+    n, d = GA.shape
+    for i in range(n):
+        c = 0
+        for j in range(d):
+            c += 1 if GA[i, j] * GB[i, j] >= 0 else 0
+        out[i] = c / d

@@ -1,0 +1,141 @@
+"""Fused per-sample norms for the streaming engine: one read of each feature map, no temporaries.
+
+The engine (:mod:`llfc.engine`) needs, per probe and interior α, two per-sample squared norms
+(LLFC paper §3, Def. 2; the cosine is expanded as in :mod:`llfc.engine`'s module docstring):
+
+    ‖f_α‖²  and  ‖f_α − f_int‖²,   f_int = α f_A + (1−α) f_B ,
+
+and per ReLU probe (Def. 3, weak additivity) ‖u‖² and ‖v − u‖² with u = σ(α g_A + (1−α) g_B),
+v = α σ(g_A) + (1−α) σ(g_B). Written with torch operations each of these reads and writes every
+feature map several times (interpolate, subtract, two norms: about eight passes over memory per
+probe and α), and the engine is memory-bound there (benchmarks/notes.md). The kernels below,
+compiled with numba, read each input once per call and keep the running sums in float64
+registers: about three passes instead of eight, and sums exact to float64 rounding instead of the
+float32 accumulation of ``torch.linalg.vector_norm``.
+
+Each function takes (B, D) tensors (one row per sample) and returns a float64 (B, k) tensor. The
+numba path is taken for contiguous float32/float64 CPU tensors when numba imports and
+``LLFC_FUSED`` is not ``0``; otherwise (CUDA, other dtypes, strided views, no numba) the same
+quantities are computed with torch operations, in the tensors' dtype with float64 squares, as
+before these kernels existed. Both paths agree to float32 rounding
+(tests/test_fused.py). Kernels are compiled on first use (about two seconds for all four; cached
+on disk by numba, then a few milliseconds) and run on one thread: numba's parallel loops
+(``prange``) were measured slower here, because they stop LLVM from vectorising the inner sums
+(8 ms against 1.5 ms for a 256 × 16,384 float32 LLFC row at one thread).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["available", "pair_sq", "interp_sq", "relu_interp_sq", "sign_agreement_rows"]
+
+_KERNELS: dict[str, Any] | None = None
+_FAILED = False
+
+
+def _compile() -> dict[str, Any] | None:
+    """Build the numba kernels once per process (None where numba is missing or fails)."""
+    global _KERNELS, _FAILED
+    if _KERNELS is not None or _FAILED:
+        return _KERNELS
+    try:
+        from llfc.metrics import _kernels as k
+    except Exception:  # no numba, or one that does not load with this numpy
+        _FAILED = True
+        return None
+    _KERNELS = {"pair": k.pair, "interp": k.interp, "relu_interp": k.relu_interp, "sign": k.sign}
+    return _KERNELS
+
+
+def available() -> bool:
+    """Whether the numba kernels can be used in this process (``LLFC_FUSED=0`` turns them off)."""
+    return os.environ.get("LLFC_FUSED", "1") != "0" and _compile() is not None
+
+
+def _fusable(*ts: torch.Tensor) -> bool:
+    t0 = ts[0]
+    return (
+        t0.device.type == "cpu"
+        and t0.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts)
+        and not any(t.requires_grad for t in ts)
+        and available()
+    )
+
+
+def _run(name: str, ts: tuple[torch.Tensor, ...], extra: tuple, out: torch.Tensor) -> torch.Tensor:
+    k = _compile()
+    assert k is not None
+    k[name](*(t.numpy() for t in ts), *extra, out.numpy())
+    return out
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    """Per-row squared norms (B,), float64: the norm in float32/float64 tensors' own dtype, in
+    float32 for half precision (whose own accumulation would lose most digits)."""
+    dt = None if t.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.linalg.vector_norm(t, dim=1, dtype=dt).to(torch.float64) ** 2
+
+
+def pair_sq(A: torch.Tensor, B: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ‖A‖², ‖B‖², ‖A − B‖² of two (B, D) tensors: float64 (B, 3). ``work``: an
+    optional buffer shaped like A for the torch path's difference."""
+    if _fusable(A, B):
+        return _run("pair", (A, B), (), torch.empty(A.shape[0], 3, dtype=torch.float64))
+    if A.dtype not in (torch.float32, torch.float64):  # half precision: subtract in float32
+        A, B, work = A.float(), B.float(), None
+    d = torch.sub(A, B, out=work) if work is not None else A - B
+    return torch.stack([_sq(A), _sq(B), _sq(d)], 1)
+
+
+def interp_sq(
+    X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample ‖X‖² and ‖X − (α A + (1−α) B)‖² of (B, D) tensors: float64 (B, 2).
+
+    With X = f_α and A, B = f_A, f_B these are the two norms of LLFC (paper Def. 2) that depend on
+    f_α; the rest follows from :func:`pair_sq` (llfc.engine). ``work``: an optional buffer shaped
+    like X for the torch path's difference (the engine reuses one instead of allocating).
+    """
+    if _fusable(X, A, B):
+        return _run("interp", (X, A, B), (float(alpha),), torch.empty(X.shape[0], 2, dtype=torch.float64))
+    d = torch.lerp(B, A, alpha, out=work) if work is not None else torch.lerp(B, A, alpha)
+    return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
+
+
+def relu_interp_sq(
+    gA: torch.Tensor,
+    gB: torch.Tensor,
+    rA: torch.Tensor,
+    rB: torch.Tensor,
+    alpha: float,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Per-sample ‖u‖² and ‖v − u‖² of weak additivity (paper Def. 3): float64 (B, 2).
+
+    u = σ(α g_A + (1−α) g_B), v = α r_A + (1−α) r_B with g the pre-activations and r = σ(g) the
+    activations of the two networks, all (B, D). σ is ReLU (fused) unless ``activation`` is
+    given (any elementwise function, e.g. GELU; torch operations). ``work``: optional buffers shaped
+    like g and r for the torch path.
+    """
+    if activation is None and _fusable(gA, gB, rA, rB):
+        return _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), torch.empty(gA.shape[0], 2, dtype=torch.float64))
+    wu, wv = work if work is not None else (None, None)
+    u = torch.lerp(gB, gA, alpha, out=wu) if wu is not None else torch.lerp(gB, gA, alpha)
+    u = u.relu_() if activation is None else activation(u)
+    v = torch.lerp(rB, rA, alpha, out=wv) if wv is not None else torch.lerp(rB, rA, alpha)
+    return torch.stack([_sq(u), _sq(v.sub_(u))], 1)
+
+
+def sign_agreement_rows(gA: torch.Tensor, gB: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample fraction of units with g_A·g_B ≥ 0 (paper §4.1, Lemma 1's condition): float64
+    (B,). ``work``: an optional buffer shaped like gA for the torch path's product."""
+    if _fusable(gA, gB):
+        return _run("sign", (gA, gB), (), torch.empty(gA.shape[0], dtype=torch.float64))
+    p = torch.mul(gA, gB, out=work) if work is not None else gA * gB
+    return p.ge_(0).mean(1, dtype=torch.float64)

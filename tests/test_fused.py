@@ -1,0 +1,123 @@
+"""The fused (numba) per-sample norms against hand-computed values, float64 formulas and the torch
+path they replace; the engine gives the same results with and without them."""
+
+import math
+
+import pytest
+import torch
+
+from llfc.engine import measure_pair
+from llfc.metrics import fused
+from llfc.models import create_model
+
+
+@pytest.fixture(params=["fused", "torch"])
+def path(request, monkeypatch):
+    monkeypatch.setenv("LLFC_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
+def test_kernels_are_available():
+    # numba is a dependency: without it the engine silently falls back to the slower torch path
+    assert fused.available()
+
+
+def test_hand_computed_values(path):
+    # the fused kernels are exact here (float64 sums of small integers); the torch path squares a
+    # float32 norm, off by float32 rounding
+    def same(got, want):
+        assert got.dtype == torch.float64
+        assert got.tolist() == pytest.approx(want, rel=0 if path == "fused" else 1e-6)
+
+    X = torch.tensor([[3.0, 4.0]])
+    A = torch.tensor([[2.0, 0.0]])
+    B = torch.tensor([[0.0, 2.0]])
+    # f_int = 0.5 A + 0.5 B = (1, 1): ‖X‖² = 25, ‖X − f_int‖² = 2² + 3² = 13
+    same(fused.interp_sq(X, A, B, 0.5)[0], [25.0, 13.0])
+    # α = 0.25: f_int = (0.5, 1.5), X − f_int = (2.5, 2.5)
+    same(fused.interp_sq(X, A, B, 0.25)[0], [25.0, 12.5])
+    same(fused.pair_sq(A, B)[0], [4.0, 4.0, 8.0])
+    gA = torch.tensor([[1.0, -1.0, 0.0, 2.0]])
+    gB = torch.tensor([[1.0, 1.0, -3.0, -2.0]])
+    # products 1, −1, 0, −4: two of four are ≥ 0
+    same(fused.sign_agreement_rows(gA, gB), [0.5])
+    # weak additivity at α = 0.5: u = relu((1, 0, −1.5, 0)) = (1, 0, 0, 0);
+    # v = (relu(gA) + relu(gB)) / 2 = (1, 0.5, 0, 1); ‖u‖² = 1, ‖v − u‖² = 0.25 + 1
+    same(fused.relu_interp_sq(gA, gB, gA.relu(), gB.relu(), 0.5)[0], [1.0, 1.25])
+
+
+def _reference(X, A, B, gA, gB, a):
+    """The same quantities from float64 copies, written out."""
+    X, A, B, gA, gB = (t.double() for t in (X, A, B, gA, gB))
+    f_int = a * A + (1 - a) * B
+    u = (a * gA + (1 - a) * gB).relu()
+    v = a * gA.relu() + (1 - a) * gB.relu()
+    return {
+        "interp": torch.stack([(X * X).sum(1), ((X - f_int) ** 2).sum(1)], 1),
+        "pair": torch.stack([(A * A).sum(1), (B * B).sum(1), ((A - B) ** 2).sum(1)], 1),
+        "relu": torch.stack([(u * u).sum(1), ((v - u) ** 2).sum(1)], 1),
+        "sign": (gA * gB >= 0).double().mean(1),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_rows_match_float64_formulas(path, dtype):
+    g = torch.Generator().manual_seed(0)
+    n, d, a = 7, 3001, 0.3
+    A, B = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
+    X = (a * A + (1 - a) * B + 0.01 * torch.randn(n, d, generator=g, dtype=dtype)).to(dtype)
+    gA, gB = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
+    ref = _reference(X, A, B, gA, gB, a)
+    got = {
+        "interp": fused.interp_sq(X, A, B, a),
+        "pair": fused.pair_sq(A, B),
+        "relu": fused.relu_interp_sq(gA, gB, gA.relu(), gB.relu(), a),
+        "sign": fused.sign_agreement_rows(gA, gB),
+    }
+    # the fused kernels sum in float64 (exact to float64 rounding); the torch path sums in the
+    # tensors' dtype
+    rel = 1e-12 if path == "fused" or dtype == torch.float64 else 1e-5
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=rel, atol=0)
+
+
+def test_strided_inputs_take_the_torch_path_and_agree():
+    g = torch.Generator().manual_seed(1)
+    A, B, X = (torch.randn(40, 6, generator=g).t() for _ in range(3))  # (6, 40), not contiguous
+    assert not X.is_contiguous()
+    got = fused.interp_sq(X, A, B, 0.7)
+    ref = _reference(X, A, B, A, B, 0.7)["interp"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+
+
+def test_nan_propagates(path):
+    X = torch.tensor([[math.nan, 1.0]])
+    A = torch.ones(1, 2)
+    assert torch.isnan(fused.interp_sq(X, A, A, 0.5)).all()
+    assert torch.isnan(fused.relu_interp_sq(X, A, A, A, 0.5)[0, 0])
+
+
+def test_engine_results_equal_with_and_without_kernels(monkeypatch):
+    torch.manual_seed(0)
+    m = create_model("resnet20", input_shape=(3, 8, 8), num_classes=4, width=0.25).eval()
+    sd_a = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(1)
+    sd_b = create_model("resnet20", input_shape=(3, 8, 8), num_classes=4, width=0.25).state_dict()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(9, 3, 8, 8, generator=g), torch.randint(0, 4, (9,), generator=g)) for _ in range(2)]
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("LLFC_FUSED", mode)
+        out[mode] = measure_pair(m, sd_a, sd_b, data, [0.0, 0.4, 1.0], bn_mode="interpolate")
+
+    def numbers(tree):
+        if isinstance(tree, dict):
+            return [x for k in sorted(tree) for x in numbers(tree[k])]
+        if isinstance(tree, (list, tuple)):
+            return [x for v in tree for x in numbers(v)]
+        return [tree] if isinstance(tree, float) else []
+
+    f, t = numbers(out["1"]), numbers(out["0"])
+    assert len(f) == len(t) > 500
+    assert out["1"]["weak_additivity"] and out["1"]["commutativity"]  # the conditions were measured
+    torch.testing.assert_close(torch.tensor(f), torch.tensor(t), rtol=2e-5, atol=1e-7)
