@@ -3,8 +3,8 @@
     python benchmarks/report.py [--results benchmarks/results] [--out docs/benchmarks.md]
 
 Reads ``engine.json`` (benchmarks/engine.py), ``matching.json`` (benchmarks/matching.py),
-``training.json`` (benchmarks/training.py) and, when present, ``matching-vgg16_bn_paper.json`` and
-``engine-no-malloc-tuning.json``. Every number in the written document comes from those files; the prose
+``training.json`` (benchmarks/training.py) and, when present, ``matching-vgg16_bn_paper.json``,
+``engine-no-fused.json`` and ``engine-no-malloc-tuning.json``. Every number in the written document comes from those files; the prose
 around the tables is fixed text in this script, written for the measurements it introduces.
 """
 
@@ -41,7 +41,10 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         "are if anything pessimistic.",
         "",
         "The floor is (K + 2) plain forward passes over the same batches (θ_A, θ_B and all K θ_α; "
-        f"the engine itself runs K, reusing A's and B's features at α = 1 and 0); K α values, "
+        f"the engine itself runs K, reusing A's and B's features at α = 1 and 0), timed both as "
+        "they are and under the malloc settings the engine runs with (`llfc._malloc`), and the "
+        "faster of the two is the floor (rows measured since the fused kernels; earlier rows had "
+        "only the first variant); K α values, "
         f"batches of {r0['batch']}, N synthetic samples per timed pass, "
         f"{'–'.join(sorted({str(len(r['engine'])) for r in rows}))} alternating repetitions (ratio = min engine CPU / min floor CPU). "
         "Minor page faults (`getrusage`) of the best repetition of each side. Peak RSS: the "
@@ -49,9 +52,9 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         "",
     ]
     out = [title, ""] + (head if intro else []) + [
-        "| model | probes | N | K | conditions | floor CPU s | engine CPU s | **ratio (CPU)** | minor faults floor | "
-        "minor faults engine | peak RSS growth | memory budget | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | probes | N | K | conditions | fused kernels | floor CPU s | engine CPU s | **ratio (CPU)** | "
+        "minor faults floor | minor faults engine | peak RSS growth | memory budget | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fl = min(r["floor"], key=lambda x: x["cpu_s"])
@@ -59,7 +62,8 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
         kinds = "" if r["kinds"] == "all" else f" ({','.join(r['kinds'])})"
         out.append(
             f"| {NAMES.get(r['model'], r['model'])}{kinds} | {r['probes']} | "
-            f"{r['N']:,} | {r['K']} | {'yes' if r['conditions'] else 'no'} | {fl['cpu_s']:.2f} | {en['cpu_s']:.2f} | "
+            f"{r['N']:,} | {r['K']} | {'yes' if r['conditions'] else 'no'} | "
+            f"{'yes' if r.get('fused_kernels') else 'no'} | {fl['cpu_s']:.2f} | {en['cpu_s']:.2f} | "
             f"**{r['ratio_cpu']:.2f}** | {fl['minor_faults']:,} | {en['minor_faults']:,} | "
             f"{r['peak_rss_growth_mb']:.0f} MB | {r['memory_budget'] / 1e9:.0f} GB | "
             f"{r['load_before']:.1f}–{r['load_after']:.1f} |")
@@ -126,6 +130,12 @@ def main(argv=None) -> None:
     e = _load(res / "engine.json")
     if e:
         lines += engine_section(e) + [""]
+    unfused = _load(res / "engine-no-fused.json")
+    if unfused:
+        lines += engine_section(unfused, "### The same without the fused kernels "
+                                "(`LLFC_FUSED=0 python benchmarks/engine.py --models resnet20 --n 2048 "
+                                "--json benchmarks/results/engine-no-fused.json`)",
+                                intro=False) + [""]
     off = _load(res / "engine-no-malloc-tuning.json")
     if off:
         lines += engine_section(off, "### The same without llfc's malloc tuning "

@@ -25,6 +25,8 @@ What is measured (α weights A: θ_α = α·θ_A + (1−α)·θ_B):
 The cosine products are expanded so that f_int is never materialised:
 ⟨f_α, f_int⟩ = α⟨f_α, f_A⟩ + (1−α)⟨f_α, f_B⟩ and
 ‖f_int‖² = α²‖f_A‖² + (1−α)²‖f_B‖² + 2α(1−α)⟨f_A, f_B⟩.
+The per-sample norms themselves (‖f_α‖², ‖f_α − f_int‖², the weak-additivity pair, the endpoint
+norms) come from :mod:`llfc.metrics.fused`: one read of each feature map per α, float64 sums.
 """
 
 from __future__ import annotations
