@@ -129,6 +129,7 @@ def bench_weight_matching(name):
     t, c0 = time.perf_counter(), time.process_time()
     spec = derive_spec(a, torch.randn(2, *shape))
     t_spec, cpu_spec = time.perf_counter() - t, time.process_time() - c0
+    load = os.getloadavg()[0]
     c = time.process_time()
     perms, rep = weight_matching(spec, a.state_dict(), b.state_dict(), seed=0)
     cpu = time.process_time() - c
@@ -144,6 +145,12 @@ def bench_weight_matching(name):
         "objective": rep.objective,
         "objective_gain": rep.objective - rep.objective_identity,
         "moved_fraction_mean": sum(rep.moved_fraction.values()) / len(rep.moved_fraction),
+        "products_full": rep.products_full,
+        "products_low_rank": rep.products_low_rank,
+        "cpu_products_s": rep.cpu_products_s,
+        "cpu_assignments_s": rep.cpu_assignments_s,
+        "cpu_objective_s": rep.cpu_objective_s,
+        "load_average_1min_before": load,
     }
 
 
@@ -237,13 +244,15 @@ def main(argv=None):
     print(f"weight matching (two independent random inits, {args.threads} threads, restarts=1; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"{'model':<16} {'params':>8} {'groups':>6} {'spec s':>7} {'match s':>8} {'cpu s':>7} {'sweeps':>6} {'moved':>6} "
-          f"{'total s':>7}")
+          f"{'total s':>7} {'cpu: products':>13} {'LAP':>6} {'J':>6} {'low-rank/full':>13}")
     for name in args.models.split(","):
         r = bench_weight_matching(name)
         wm.append(r)
         print(f"{r['model']:<16} {r['params_M']:>7.2f}M {r['groups']:>6} {r['derive_spec_s']:>7.2f} "
               f"{r['weight_matching_s']:>8.2f} {r['weight_matching_cpu_s']:>7.2f} {r['sweeps']:>6} {r['moved_fraction_mean']:>6.2f} "
-              f"{r['derive_spec_s'] + r['weight_matching_s']:>7.2f}")
+              f"{r['derive_spec_s'] + r['weight_matching_s']:>7.2f} {r['cpu_products_s']:>13.2f} "
+              f"{r['cpu_assignments_s']:>6.2f} {r['cpu_objective_s']:>6.2f} "
+              f"{r['products_low_rank']:>6}/{r['products_full']:<6}")
 
     am = []
     print("\nactivation matching memory (resnet20_ln_x1, batches of 250, fresh process each)")

@@ -16,6 +16,21 @@ is accepted only if it raises ⟨S_g, P_g⟩ by more than ``tol`` (relative); sw
 improves. Several restarts (the first from ``init``, the others from random permutations) keep the
 best J.
 
+Each term of S_g (one weight permuted on other axes too) is a product A_k · π_{−g}(B_k)ᵀ of an
+(n, R) by an (R, n) matrix, cached with the index vectors of B_k's other axes it was computed with.
+When only m units of those axes moved since (late sweeps: a few tens of units of a 4096-wide
+classifier layer), the product changes only in the m slices of the moved units, and the cache is
+updated by that low-rank difference,
+
+    term_new − term_old = Σ_(axes a, in order) A_k[.., D_a, ..] · (B_k[.., new_a[D_a], ..] − B_k[.., old_a[D_a], ..])ᵀ
+
+(D_a the moved positions of axis a; axes before a at their new index, after a at their old
+one), at a cost m·n²·(R / length of a) instead of n²·R. The difference and its product are formed in
+float64, so the update adds no float32 rounding: a cached term differs from the exact product by
+the rounding of its last full product (in ``dtype``) plus float64 rounding of the updates
+(≈ 1e-16 relative each), with no growth that a periodic full recomputation would have to undo. A
+term is recomputed in full when the moved slices exceed ``low_rank_max_share`` of it.
+
 Attention heads (``spec.heads``) are matched as units (Theus et al., "Generalized LMC for
 Transformers", NeurIPS 2025, §3; Verma & Elbayad 2024): with the residual stream fixed, the gain of
 sending head j of B to head i of A is
@@ -66,6 +81,11 @@ class WeightMatchingReport:
         n_sweeps: sweeps of the best restart (a sweep visits every group once).
         converged: whether the best restart stopped because no group improved (not ``max_iter``).
         time_s: wall time of the whole call, seconds.
+        products_full / products_low_rank: similarity terms (one weight's product, see the module
+            docstring) computed in full / updated by the low-rank difference, over all restarts.
+        cpu_products_s / cpu_assignments_s / cpu_objective_s: process CPU time (``time.process_time``,
+            all threads) spent forming similarities, in ``linear_sum_assignment`` (the heads step's
+            assignments included) and evaluating J after each sweep, seconds.
         moved_fraction: group -> fraction of units i with perm[i] ≠ i.
         distance_before / distance_after: state-dict key -> ‖θ_A[k] − θ_B[k]‖_F before and
             ‖θ_A[k] − π(θ_B)[k]‖_F after alignment (first factor of LLFC Eq. 9, per layer).
@@ -79,6 +99,11 @@ class WeightMatchingReport:
     n_sweeps: int
     converged: bool
     time_s: float
+    products_full: int = 0
+    products_low_rank: int = 0
+    cpu_products_s: float = 0.0
+    cpu_assignments_s: float = 0.0
+    cpu_objective_s: float = 0.0
     moved_fraction: dict[str, float] = field(default_factory=dict)
     distance_before: dict[str, float] = field(default_factory=dict)
     distance_after: dict[str, float] = field(default_factory=dict)
@@ -124,6 +149,7 @@ def weight_matching(
     tol: float = 1e-12,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    low_rank_max_share: float = 0.35,
 ) -> tuple[dict[str, torch.Tensor], WeightMatchingReport]:
     """Git Re-Basin weight matching: permutations of B that maximise Σ ⟨θ_A, π(θ_B)⟩ over the weights
     (Ainsworth et al. 2023, §3.2; the spec's ``buffers`` are permuted but not matched).
@@ -142,6 +168,11 @@ def weight_matching(
         dtype: dtype of the similarity matmuls (float32 default for speed; the assignment problem,
             the gains and the objective are evaluated in float64). ``torch.float64`` for exactness.
         device: where the matmuls run.
+        low_rank_max_share: a cached similarity term whose other axes moved is updated by the
+            low-rank difference of the moved slices (module docstring) when those slices are at
+            most this share of the term (Σ over moved axes of moved units / axis length), and
+            recomputed in full otherwise; ``0`` always recomputes in full. The results are the same
+            up to float rounding (float64 updates; see the module docstring).
 
     Returns:
         ``(perms, report)``: ``perms[g]`` LongTensor (``perms[g][i]`` = index in B of the unit that
@@ -151,11 +182,13 @@ def weight_matching(
     Raises:
         IncompatibleModelsError: A and B differ in keys or shapes.
         NonFiniteWeightsError: a spec entry holds NaN/Inf.
-        ConfigError: bad ``restarts`` / ``init`` / ``max_iter``.
+        ConfigError: bad ``restarts`` / ``init`` / ``max_iter`` / ``low_rank_max_share``.
     """
     t0 = time.perf_counter()
     if restarts < 1 or max_iter < 1:
         raise ConfigError(f"weight_matching needs restarts >= 1 and max_iter >= 1 (got {restarts}, {max_iter}).")
+    if not 0.0 <= low_rank_max_share <= 1.0:
+        raise ConfigError(f"low_rank_max_share must lie in [0, 1], got {low_rank_max_share!r}.")
     if init not in ("identity", "random"):
         raise ConfigError(f"init must be 'identity' or 'random', got {init!r}.")
     sd_a = strip_module_prefix(sd_a)
@@ -179,12 +212,14 @@ def weight_matching(
         for r in refs:
             axes_of_key.setdefault(r.key, set()).add(r.axis)
 
-    # Per group: a constant similarity part (keys permuted along this axis only) and dynamic terms.
-    # Dynamic terms keep B's group segment with the group axis moved to the front (contiguous), so
-    # permuting B's other axes is one index_select per axis followed by a free reshape.
+    # Per group: a constant similarity part (keys permuted along this axis only; float64) and
+    # dynamic terms. Dynamic terms keep A's and B's group segments with the group axis moved to the
+    # front (contiguous, shape (n, rest...)), so permuting B's other axes is one index_select per
+    # axis and the (n, R) matrices are free reshapes.
     within = spec.within_head_groups()
     static: dict[str, torch.Tensor] = {}
-    dynamic: dict[str, list[tuple[AxisRef, torch.Tensor, torch.Tensor]]] = {}
+    # (ref, A segment, B segment, [(axis of the key, its position in the segments), ...])
+    dynamic: dict[str, list[tuple[AxisRef, torch.Tensor, torch.Tensor, list[tuple[int, int]]]]] = {}
     for g, refs in spec.groups.items():
         n = spec.sizes[g]
         if g in spec.heads or g in within:
@@ -195,52 +230,109 @@ def weight_matching(
         for r in refs:
             if r.key in spec.buffers:
                 continue
-            a_mat = _segment(A[r.key], r, n)
             if axes_of_key[r.key] == {r.axis}:
-                S0 += a_mat @ _segment(B[r.key], r, n).T
+                S0 += _segment(A[r.key], r, n) @ _segment(B[r.key], r, n).T
             else:
-                b_mov = B[r.key].narrow(r.axis, r.offset, n * r.block).movedim(r.axis, 0).contiguous()
-                dyn.append((r, a_mat.contiguous(), b_mov))
-        static[g], dynamic[g] = S0, dyn
+                a_mov, b_mov = (
+                    t.narrow(r.axis, r.offset, n * r.block).movedim(r.axis, 0).contiguous()
+                    for t in (A[r.key], B[r.key])
+                )
+                others = [(ax, ax + 1 if ax < r.axis else ax) for ax in sorted(axes_of_key[r.key]) if ax != r.axis]
+                dyn.append((r, a_mov, b_mov, others))
+        static[g], dynamic[g] = S0.double(), dyn
 
     # Groups a dynamic term depends on (those permuting the entry's other axes). A term's product is
-    # cached and recomputed only when one of those permutations changed since (late sweeps are cheap).
+    # cached (float64) with the index vectors it was computed with, and recomputed or updated only
+    # when one of those permutations changed since (late sweeps are cheap).
     deps = {
         g: [
             sorted({h for h, refs in spec.groups.items() for q in refs if q.key == r.key and q.axis != r.axis})
-            for r, _, _ in dynamic[g]
+            for r, _, _, _ in dynamic[g]
         ]
         for g in spec.groups
     }
     version = {g: 0 for g in spec.groups}
-    cache: dict[tuple[str, int], tuple[tuple, torch.Tensor]] = {}
+    cache: dict[tuple[str, int], tuple[tuple, torch.Tensor, list[torch.Tensor]]] = {}
     # S_g depends only on the permutations in deps[g]: when none of them changed since g's last
     # assignment, S_g and hence the assignment are the same, and it cannot improve (skipped; exact)
     all_deps = {g: sorted({h for d in deps[g] for h in d}) for g in spec.groups}
     solved_at: dict[str, tuple] = {}
+    counts = {"full": 0, "low_rank": 0}
+    cpu = {"products": 0.0, "assignments": 0.0, "objective": 0.0}
+
+    def low_rank_update(
+        prod: torch.Tensor,
+        a_mov: torch.Tensor,
+        b_mov: torch.Tensor,
+        pos: list[int],
+        old: list[torch.Tensor],
+        new: list[torch.Tensor],
+    ) -> bool:
+        """Add term_new − term_old to ``prod`` (float64, in place) when the moved slices are at most
+        ``low_rank_max_share`` of the term; returns whether it did (module docstring's telescoping
+        sum: axis a's difference has the axes before it at their new index, those after at the old)."""
+        moved = [(new_a != old_a).nonzero().flatten() for old_a, new_a in zip(old, new)]
+        share = sum(d.numel() / b_mov.shape[p] for d, p in zip(moved, pos))
+        if share > low_rank_max_share:
+            return False
+        n = b_mov.shape[0]
+        for a, d in enumerate(moved):
+            if d.numel() == 0:
+                continue
+            diff = b_mov.index_select(pos[a], new[a][d]).double() - b_mov.index_select(pos[a], old[a][d]).double()
+            for o in range(len(pos)):
+                if o != a:
+                    diff = diff.index_select(pos[o], new[o] if o < a else old[o])
+            prod.addmm_(a_mov.index_select(pos[a], d).double().reshape(n, -1), diff.reshape(n, -1).T)
+        return True
 
     def similarity(g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """S_g, (n, n) float64 on ``device``."""
         n = spec.sizes[g]
-        S = static[g].clone()
-        for ti, (r, a_mat, b_mov) in enumerate(dynamic[g]):
+        terms = []
+        for ti, (r, a_mov, b_mov, others) in enumerate(dynamic[g]):
             stamp = tuple(version[h] for h in deps[g][ti])
             hit = cache.get((g, ti))
             if hit is not None and hit[0] == stamp:
-                S += hit[1]
+                terms.append(hit[1])
                 continue
-            t = b_mov
             shape = B[r.key].shape
-            for ax in axes_of_key[r.key]:
-                if ax == r.axis:
-                    continue
-                idx = axis_index(spec, perms, r.key, ax, shape[ax])
-                assert idx is not None  # axes_of_key lists only the axes some group permutes
-                moved = ax + 1 if ax < r.axis else ax  # position of axis `ax` after movedim(r.axis, 0)
-                t = t.index_select(moved, idx.to(t.device))
-            prod = a_mat @ t.reshape(n, -1).T
-            cache[(g, ti)] = (stamp, prod)
-            S += prod
+            idx = []
+            for ax, _ in others:
+                i = axis_index(spec, perms, r.key, ax, shape[ax])
+                assert i is not None  # axes_of_key lists only the axes some group permutes
+                idx.append(i.to(device))
+            pos = [p for _, p in others]
+            if hit is not None and low_rank_update(hit[1], a_mov, b_mov, pos, hit[2], idx):
+                prod = hit[1]
+                counts["low_rank"] += 1
+            else:
+                t = b_mov
+                for p, i in zip(pos, idx):
+                    t = t.index_select(p, i)
+                prod = (a_mov.reshape(n, -1) @ t.reshape(n, -1).T).double()
+                counts["full"] += 1
+            cache[(g, ti)] = (stamp, prod, idx)
+            terms.append(prod)
+        if not terms:
+            return static[g].clone()
+        S = static[g] + terms[0]
+        for term in terms[1:]:
+            S += term
         return S
+
+    def assignment(S: np.ndarray) -> np.ndarray:
+        """Columns of the maximising linear assignment of the square float64 matrix S.
+
+        Solved as the minimisation of the column-reduced cost max_i S[i, j] − S[i, j] (≥ 0, a zero
+        in every column): a constant per column adds the same to every assignment, so the optimum
+        is the same, and scipy's shortest-augmenting-path solver, which starts from zero duals,
+        then finds short paths sooner (the 99 assignments of 4096² of the paper's VGG-16-BN in
+        benchmarks/notes.md: 36 CPU s against 51 s with ``maximize=True`` on S)."""
+        c = time.process_time()
+        _, ci = linear_sum_assignment(S.max(axis=0, keepdims=True) - S)
+        cpu["assignments"] += time.process_time() - c
+        return ci
 
     def other_axes_permuted(key: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
         t = B[key]
@@ -275,13 +367,13 @@ def weight_matching(
             cols = np.zeros((n_heads, n_heads, dh), dtype=np.int64)
             for i in range(n_heads):
                 for j in range(n_heads):
-                    _, ci = linear_sum_assignment(S64[i, j], maximize=True)
+                    ci = assignment(S64[i, j])
                     cols[i, j] = ci
                     total[i, j] += S64[i, j][np.arange(dh), ci].sum()
             cur = perms[g].numpy()
             old += sum(S64[i, cur[i]][np.arange(dh), perms[kids[i]].numpy()].sum() for i in range(n_heads))
             choice[role] = cols
-        _, sigma = linear_sum_assignment(total, maximize=True)
+        sigma = assignment(total)
         new = total[np.arange(n_heads), sigma].sum()
         if not new > old + tol * max(1.0, abs(old)):
             return False
@@ -295,6 +387,35 @@ def weight_matching(
 
     A64 = {k: sd_a[k].detach().double() for k in keys}
     B64 = {k: sd_b[k].detach().double() for k in keys}
+    # J after a sweep, per weight: ⟨A_k, π(B_k)⟩ is cached with the versions of the groups that
+    # permute k and recomputed only when one of them moved (the same float64 terms, summed in the
+    # same order as _objective over apply_permutation: the same value).
+    groups_of_key = {k: sorted({h for h, refs in spec.groups.items() for q in refs if q.key == k}) for k in weights}
+    term_cache: dict[str, tuple[tuple, float]] = {}
+
+    def objective(perms: dict[str, torch.Tensor]) -> float:
+        terms = []
+        for k in weights:
+            stamp = tuple(version[h] for h in groups_of_key[k])
+            hit = term_cache.get(k)
+            if hit is None or hit[0] != stamp:
+                t = B64[k]
+                axes = sorted(axes_of_key.get(k, ()))
+                idx = []
+                for ax in axes:
+                    i = axis_index(spec, perms, k, ax, t.shape[ax])
+                    assert i is not None  # axes_of_key lists only the axes some group permutes
+                    idx.append(i)
+                if t.dim() == 2 and len(idx) == 2 and t.device.type == "cpu":
+                    # a hidden-to-hidden Linear (4096² in VGG-16's classifier, after every sweep of
+                    # the tail): one numpy gather is about 2× faster than two index_selects
+                    t = torch.from_numpy(t.numpy()[np.ix_(*(i.numpy() for i in idx))])
+                else:
+                    for ax, i in zip(axes, idx):
+                        t = t.index_select(ax, i.to(t.device))
+                hit = term_cache[k] = (stamp, float(torch.dot(A64[k].reshape(-1), t.reshape(-1))))
+            terms.append(hit[1])
+        return float(sum(terms))
 
     groups = [g for g in spec.groups if g not in within]
     gen = torch.Generator().manual_seed(seed)
@@ -324,8 +445,10 @@ def weight_matching(
                 if solved_at.get(g) == stamp:
                     continue
                 solved_at[g] = stamp
-                S = similarity(g, perms).double().cpu().numpy()
-                _, ci = linear_sum_assignment(S, maximize=True)
+                c = time.process_time()
+                S = similarity(g, perms).cpu().numpy()
+                cpu["products"] += time.process_time() - c
+                ci = assignment(S)
                 rows = np.arange(n)
                 old = S[rows, perms[g].numpy()].sum()
                 new = S[rows, ci].sum()
@@ -334,7 +457,9 @@ def weight_matching(
                     version[g] += 1
                     progress = True
             if progress or not history:
-                history.append(_objective(A64, apply_permutation(spec, perms, B64), weights))
+                c = time.process_time()
+                history.append(objective(perms))
+                cpu["objective"] += time.process_time() - c
             else:
                 history.append(history[-1])
             if not progress:
@@ -365,6 +490,11 @@ def weight_matching(
         n_sweeps=sweeps,
         converged=converged,
         time_s=0.0,
+        products_full=counts["full"],
+        products_low_rank=counts["low_rank"],
+        cpu_products_s=cpu["products"],
+        cpu_assignments_s=cpu["assignments"],
+        cpu_objective_s=cpu["objective"],
         moved_fraction=moved_fraction(perms),
         distance_before=weight_distances(A64, B64, keys),
         distance_after=weight_distances(A64, aligned, keys),
