@@ -4,7 +4,7 @@
 
 Reads ``engine.json`` (benchmarks/engine.py), ``matching.json`` (benchmarks/matching.py),
 ``training.json`` (benchmarks/training.py) and, when present, ``matching-vgg16_bn_paper.json``,
-``engine-no-fused.json`` and ``engine-no-malloc-tuning.json``. Every number in the written document comes from those files; the prose
+``engine-parts.json``, ``engine-no-fused.json`` and ``engine-no-malloc-tuning.json``. Every number in the written document comes from those files; the prose
 around the tables is fixed text in this script, written for the measurements it introduces.
 """
 
@@ -25,7 +25,11 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def engine_section(e: dict, title: str = "## Streaming engine (`python benchmarks/engine.py`)",
+ENGINE_TITLE = ("## Streaming engine (`python benchmarks/engine.py --n 2048`, then `--models mlp --n 10000` and "
+                "`--models vgg16_bn_paper --n 256 --alphas 5 --conditions 0`)")
+
+
+def engine_section(e: dict, title: str = ENGINE_TITLE,
                    intro: bool = True) -> list[str]:
     m = e["machine"]
     rows = e["rows"]
@@ -67,6 +71,30 @@ def engine_section(e: dict, title: str = "## Streaming engine (`python benchmark
             f"**{r['ratio_cpu']:.2f}** | {fl['minor_faults']:,} | {en['minor_faults']:,} | "
             f"{r['peak_rss_growth_mb']:.0f} MB | {r['memory_budget'] / 1e9:.0f} GB | "
             f"{r['load_before']:.1f}–{r['load_after']:.1f} |")
+    return out
+
+
+def engine_parts_section(ep: dict | None) -> list[str]:
+    if not ep:
+        return []
+    f = ep["fixed_cost"]
+    out = ["### Fused kernels and the cost per pass (`python benchmarks/engine_parts.py`)", "",
+           f"Each function of `llfc.metrics.fused` on synthetic float32 rows, numba kernel against "
+           f"the torch path (`LLFC_FUSED=0`, writing into a reused buffer as the engine does), "
+           f"alternating, {ep['threads']} torch thread, CPU ms per call (best of 5 rounds of 20 "
+           f"calls); relative error: the largest against a float64 recomputation. Load "
+           f"{ep['load_before']:.1f}–{ep['load_after']:.1f}.", "",
+           "| function | rows × dim | fused ms | torch ms | **speedup** | fused rel. error | torch rel. error |",
+           "|---|---|---|---|---|---|---|"]
+    for r in ep["kernels"]:
+        out.append(f"| `{r['function']}` | {r['rows']} × {r['dim']:,} | {r['fused_ms']:.3f} | "
+                   f"{r['torch_ms']:.3f} | **{r['speedup']:.2f}** | {r['fused_rel_err']:.0e} | "
+                   f"{r['torch_rel_err']:.0e} |")
+    out += ["", f"Cost per pass: `measure_pair` on the MLP (K = {f['K']}, batches of {f['batch']}, no "
+            f"conditions) over 1 batch took {f['one_batch_s']:.3f} CPU s and over 8 batches "
+            f"{f['eight_batches_s']:.3f} s: **{f['per_batch_s'] * 1e3:.1f} ms per batch** (the floor's "
+            f"(K + 2) forward passes: {f['floor_per_batch_s'] * 1e3:.1f} ms) **plus "
+            f"{f['per_pass_s'] * 1e3:.1f} ms per pass**.", ""]
     return out
 
 
@@ -134,10 +162,11 @@ def main(argv=None) -> None:
     e = _load(res / "engine.json")
     if e:
         lines += engine_section(e) + [""]
+    lines += engine_parts_section(_load(res / "engine-parts.json"))
     unfused = _load(res / "engine-no-fused.json")
     if unfused:
         lines += engine_section(unfused, "### The same without the fused kernels "
-                                "(`LLFC_FUSED=0 python benchmarks/engine.py --models resnet20 --n 2048 "
+                                "(`LLFC_FUSED=0 python benchmarks/engine.py --models mlp,resnet20 --n 2048 "
                                 "--json benchmarks/results/engine-no-fused.json`)",
                                 intro=False) + [""]
     off = _load(res / "engine-no-malloc-tuning.json")
