@@ -445,6 +445,10 @@ def _stop_workers(ex: ProcessPoolExecutor) -> None:
         proc.terminate()
     for proc in procs:
         proc.join(10)
+    for proc in procs:  # one that did not stop within 10 s of SIGTERM (e.g. stalled on I/O): SIGKILL
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
 
 
 def _data(cfg: ExperimentConfig):
