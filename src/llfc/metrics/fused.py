@@ -13,13 +13,20 @@ compiled with numba, read each input once per call and keep the running sums in 
 registers: about three passes instead of eight, and sums exact to float64 rounding instead of the
 float32 accumulation of ``torch.linalg.vector_norm``.
 
-Each function takes (B, D) tensors (one row per sample) and returns a float64 (B, k) tensor. The
-numba path is taken for contiguous float32/float64 CPU tensors when numba imports and
-``LLFC_FUSED`` is not ``0``; otherwise (CUDA, other dtypes, strided views, no numba) the same
-quantities are computed with torch operations, in the tensors' dtype with float64 squares, as
-before these kernels existed. Both paths agree to float32 rounding
-(tests/test_fused.py). Kernels are compiled on first use (about two seconds for all four; cached
-on disk by numba, then a few milliseconds) and run on one thread: numba's parallel loops
+Each function takes (B, D) tensors (one row per sample) and returns a float64 (B, k) tensor; a
+tensor that is not 2-D raises ValueError. The numba path is taken for contiguous float32/float64
+CPU tensors of one shape, dtype and device, without autograd, when numba imports and
+``LLFC_FUSED`` is not ``0``; otherwise (CUDA, other dtypes, strided views, shapes that broadcast,
+no numba) the same quantities are computed with torch operations, in the tensors' dtype (float32
+for half precision) with float64 squares, as before these kernels existed; shapes that neither
+match nor broadcast raise torch's RuntimeError. Both paths agree to float32 rounding for finite
+values (tests/test_fused.py). With non-finite or huge values the kernels, which interpolate as
+b + α(a − b) and sum in float64, can be finite where the torch path gives inf or NaN: float32
+sums of squares overflow above about 3.4e38, and ``torch.lerp`` computes a − (1−α)(a − b) for
+α ≥ 0.5, which is NaN when a is infinite. Each NaN input element makes its row NaN in both paths.
+Kernels are compiled on first use (about two seconds of CPU for all four at one dtype; cached on
+disk by numba, see :mod:`llfc.metrics._kernels`, then about half a second, most of it loading
+numba's compiler) and run on one thread: numba's parallel loops
 (``prange``) were measured slower here, because they stop LLVM from vectorising the inner sums
 (8 ms against 1.5 ms for a 256 × 16,384 float32 LLFC row at one thread).
 """
@@ -57,10 +64,16 @@ def available() -> bool:
 
 
 def _fusable(*ts: torch.Tensor) -> bool:
+    """Whether the kernels may read ``ts``; raises ValueError unless every tensor is (B, D)."""
+    for t in ts:
+        if t.ndim != 2:
+            raise ValueError(f"llfc.metrics.fused takes 2-D (samples, features) tensors, got shape {tuple(t.shape)}")
     t0 = ts[0]
     return (
         t0.device.type == "cpu"
         and t0.dtype in (torch.float32, torch.float64)
+        # one shape: the kernels do no bounds checks (other shapes: torch broadcasts or raises)
+        and all(t.shape == t0.shape for t in ts)
         and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts)
         and not any(t.requires_grad for t in ts)
         and available()
@@ -123,7 +136,7 @@ def relu_interp_sq(
     given (any elementwise function, e.g. GELU; torch operations). ``work``: optional buffers shaped
     like g and r for the torch path.
     """
-    if activation is None and _fusable(gA, gB, rA, rB):
+    if _fusable(gA, gB, rA, rB) and activation is None:
         return _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), torch.empty(gA.shape[0], 2, dtype=torch.float64))
     wu, wv = work if work is not None else (None, None)
     u = torch.lerp(gB, gA, alpha, out=wu) if wu is not None else torch.lerp(gB, gA, alpha)
