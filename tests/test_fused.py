@@ -174,3 +174,13 @@ def test_kernels_compile_without_a_writable_cache_directory():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[[25.0,", "1.0,", "18.0]]"]
     assert "Warning" not in r.stderr
+
+
+def test_numba_disable_jit_takes_the_torch_path():
+    # NUMBA_DISABLE_JIT=1 (a debugging switch) turns the kernels into Python loops, about a
+    # thousand times slower than torch: the torch path must be used instead
+    code = "from llfc.metrics import fused\nprint(fused.available())\n"
+    env = {**os.environ, "LLFC_FUSED": "1", "NUMBA_DISABLE_JIT": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]

@@ -17,6 +17,9 @@ from typing import Any, Callable
 import numba
 import numpy as np
 
+#: False under ``NUMBA_DISABLE_JIT=1``, where the kernels below run as Python loops
+COMPILED = not getattr(numba.config, "DISABLE_JIT", False)
+
 # reassociation lets LLVM vectorise the sums; NaN and inf keep their IEEE meaning
 _OPTIONS: dict[str, Any] = {"fastmath": {"reassoc", "contract"}, "nogil": True}
 

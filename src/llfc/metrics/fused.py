@@ -17,17 +17,17 @@ Each function takes (B, D) tensors (one row per sample) and returns a float64 (B
 tensor that is not 2-D raises ValueError. The numba path is taken for contiguous float32/float64
 CPU tensors of one shape, dtype and device, without autograd, when numba imports and
 ``LLFC_FUSED`` is not ``0``; otherwise (CUDA, other dtypes, strided views, shapes that broadcast,
-no numba) the same quantities are computed with torch operations, in the tensors' dtype (float32
-for half precision) with float64 squares, as before these kernels existed; shapes that neither
-match nor broadcast raise torch's RuntimeError. Both paths agree to float32 rounding for finite
-values (tests/test_fused.py). With non-finite or huge values the kernels, which interpolate as
-b + α(a − b) and sum in float64, can be finite where the torch path gives inf or NaN: float32
-sums of squares overflow above about 3.4e38, and ``torch.lerp`` computes a − (1−α)(a − b) for
-α ≥ 0.5, which is NaN when a is infinite. Each NaN input element makes its row NaN in both paths.
-Kernels are compiled on first use (about two seconds of CPU for all four at one dtype; cached on
-disk by numba, see :mod:`llfc.metrics._kernels`, then about half a second, most of it loading
-numba's compiler) and run on one thread: numba's parallel loops
-(``prange``) were measured slower here, because they stop LLVM from vectorising the inner sums
+no numba, ``NUMBA_DISABLE_JIT=1``) the same quantities are computed with torch operations, in the
+tensors' dtype (float32 for half precision) with float64 squares, as before these kernels existed;
+shapes that neither match nor broadcast raise torch's RuntimeError. Both paths agree to float32
+rounding for finite values (tests/test_fused.py). With non-finite or huge values the kernels,
+which interpolate as b + α(a − b) and sum in float64, can be finite where the torch path gives inf
+or NaN: float32 sums of squares overflow above about 3.4e38, and ``torch.lerp`` computes a −
+(1−α)(a − b) for α ≥ 0.5, which is NaN when a is infinite. Each NaN input element makes its row
+NaN in both paths. Kernels are compiled on first use (about two seconds of CPU for all four at one
+dtype; cached on disk by numba, see :mod:`llfc.metrics._kernels`, then about half a second, most
+of it loading numba's compiler) and run on one thread: numba's parallel loops (``prange``) were
+measured slower here, because they stop LLVM from vectorising the inner sums
 (8 ms against 1.5 ms for a 256 × 16,384 float32 LLFC row at one thread).
 """
 
@@ -45,13 +45,17 @@ _FAILED = False
 
 
 def _compile() -> dict[str, Any] | None:
-    """Build the numba kernels once per process (None where numba is missing or fails)."""
+    """Build the numba kernels once per process (None where numba is missing or fails, or runs
+    its functions as Python: ``NUMBA_DISABLE_JIT=1`` would make them about 1,000 times slower)."""
     global _KERNELS, _FAILED
     if _KERNELS is not None or _FAILED:
         return _KERNELS
     try:
         from llfc.metrics import _kernels as k
     except Exception:  # no numba, or one that does not load with this numpy
+        _FAILED = True
+        return None
+    if not k.COMPILED:
         _FAILED = True
         return None
     _KERNELS = {"pair": k.pair, "interp": k.interp, "relu_interp": k.relu_interp, "sign": k.sign}
