@@ -184,3 +184,35 @@ def test_numba_disable_jit_takes_the_torch_path():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False"]
+
+
+_CACHE_FAULT = """
+import numba.core.caching as c
+import torch
+
+def fail(*args, **kwargs):
+    raise {error}
+
+c.Cache.{method} = fail
+from llfc.metrics import fused
+A, B = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 4.0]])  # squared norms exact in float32 too
+print(fused.pair_sq(A, B).tolist(), fused.pair_sq(A, B).tolist(), fused.available())
+"""
+
+
+@pytest.mark.parametrize(
+    "method, error, available",
+    [
+        # numba registers the compiled kernel before writing its cache: a failed write (disk
+        # full, quota) leaves a working kernel
+        ("save_overload", "OSError(28, 'No space left on device')", "True"),
+        # an unreadable cache file: this process uses the torch path
+        ("load_overload", "PermissionError(13, 'Permission denied')", "False"),
+    ],
+)
+def test_a_failing_numba_cache_is_not_fatal(tmp_path, method, error, available):
+    code = _CACHE_FAULT.format(method=method, error=error)
+    env = {**os.environ, "LLFC_FUSED": "1", "NUMBA_CACHE_DIR": str(tmp_path)}  # empty: compiles
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[[25.0,", "16.0,", "9.0]]"] * 2 + [available]

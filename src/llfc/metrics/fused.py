@@ -84,11 +84,26 @@ def _fusable(*ts: torch.Tensor) -> bool:
     )
 
 
-def _run(name: str, ts: tuple[torch.Tensor, ...], extra: tuple, out: torch.Tensor) -> torch.Tensor:
+def _run(name: str, ts: tuple[torch.Tensor, ...], extra: tuple, out: torch.Tensor) -> bool:
+    """Kernel ``name`` on ``ts`` into ``out``: True, or False where numba's on-disk cache fails
+    (the caller then takes the torch path).
+
+    numba registers a compiled kernel before it writes the cache, so an OSError from the write
+    (disk full, quota) leaves a working kernel and the call is repeated; an OSError again (an
+    unreadable cache file) turns the kernels off for this process.
+    """
+    global _KERNELS, _FAILED
     k = _compile()
     assert k is not None
-    k[name](*(t.numpy() for t in ts), *extra, out.numpy())
-    return out
+    args = (*(t.numpy() for t in ts), *extra, out.numpy())
+    for _ in range(2):
+        try:
+            k[name](*args)
+            return True
+        except OSError:  # from numba's cache: the kernels themselves do no I/O
+            pass
+    _KERNELS, _FAILED = None, True
+    return False
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
@@ -101,8 +116,9 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 def pair_sq(A: torch.Tensor, B: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample ‖A‖², ‖B‖², ‖A − B‖² of two (B, D) tensors: float64 (B, 3). ``work``: an
     optional buffer shaped like A for the torch path's difference."""
-    if _fusable(A, B):
-        return _run("pair", (A, B), (), torch.empty(A.shape[0], 3, dtype=torch.float64))
+    out = torch.empty(A.shape[0], 3, dtype=torch.float64)
+    if _fusable(A, B) and _run("pair", (A, B), (), out):
+        return out
     if A.dtype not in (torch.float32, torch.float64):  # half precision: subtract in float32
         A, B, work = A.float(), B.float(), None
     d = torch.sub(A, B, out=work) if work is not None else A - B
@@ -118,8 +134,9 @@ def interp_sq(
     f_α; the rest follows from :func:`pair_sq` (llfc.engine). ``work``: an optional buffer shaped
     like X for the torch path's difference (the engine reuses one instead of allocating).
     """
-    if _fusable(X, A, B):
-        return _run("interp", (X, A, B), (float(alpha),), torch.empty(X.shape[0], 2, dtype=torch.float64))
+    out = torch.empty(X.shape[0], 2, dtype=torch.float64)
+    if _fusable(X, A, B) and _run("interp", (X, A, B), (float(alpha),), out):
+        return out
     d = torch.lerp(B, A, alpha, out=work) if work is not None else torch.lerp(B, A, alpha)
     return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
 
@@ -140,8 +157,9 @@ def relu_interp_sq(
     given (any elementwise function, e.g. GELU; torch operations). ``work``: optional buffers shaped
     like g and r for the torch path.
     """
-    if _fusable(gA, gB, rA, rB) and activation is None:
-        return _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), torch.empty(gA.shape[0], 2, dtype=torch.float64))
+    out = torch.empty(gA.shape[0], 2, dtype=torch.float64)
+    if _fusable(gA, gB, rA, rB) and activation is None and _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), out):
+        return out
     wu, wv = work if work is not None else (None, None)
     u = torch.lerp(gB, gA, alpha, out=wu) if wu is not None else torch.lerp(gB, gA, alpha)
     u = u.relu_() if activation is None else activation(u)
@@ -152,7 +170,8 @@ def relu_interp_sq(
 def sign_agreement_rows(gA: torch.Tensor, gB: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample fraction of units with g_A·g_B ≥ 0 (paper §4.1, Lemma 1's condition): float64
     (B,). ``work``: an optional buffer shaped like gA for the torch path's product."""
-    if _fusable(gA, gB):
-        return _run("sign", (gA, gB), (), torch.empty(gA.shape[0], dtype=torch.float64))
+    out = torch.empty(gA.shape[0], dtype=torch.float64)
+    if _fusable(gA, gB) and _run("sign", (gA, gB), (), out):
+        return out
     p = torch.mul(gA, gB, out=work) if work is not None else gA * gB
     return p.ge_(0).mean(1, dtype=torch.float64)
