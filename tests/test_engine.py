@@ -229,3 +229,13 @@ def test_module_probes_keep_their_module_names():
     names = [(p.name, p.op) for p in FeatureExtractor(_NameClash()).probes]
     assert ("relu", "ReLU") in names  # the module keeps its path...
     assert ("relu_1", "relu") in names  # ...and the function that would clash is renamed
+
+
+def test_empty_batch_adds_nothing():
+    # an iterable of batches may hold an empty one (a slice past the end, a filtered batch): it
+    # contributes no samples, so the results are those without it
+    m, sd_a, sd_b = _pair()
+    x, y = _data(n=9)
+    want = measure_pair(m, sd_a, sd_b, [(x[:5], y[:5]), (x[5:], y[5:])], ALPHAS)
+    got = measure_pair(m, sd_a, sd_b, [(x[:5], y[:5]), (x[:0], y[:0]), (x[5:], y[5:])], ALPHAS)
+    assert got == want

@@ -2,6 +2,9 @@
 path they replace; the engine gives the same results with and without them."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,3 +124,95 @@ def test_engine_results_equal_with_and_without_kernels(monkeypatch):
     assert len(f) == len(t) > 500
     assert out["1"]["weak_additivity"] and out["1"]["commutativity"]  # the conditions were measured
     torch.testing.assert_close(torch.tensor(f), torch.tensor(t), rtol=2e-5, atol=1e-7)
+
+
+def test_relu_of_minus_inf_is_zero(path):
+    # a diverged pre-activation: ReLU(−inf) = 0 as in torch, not 0·(−inf) = NaN. At α = 0.3,
+    # u = relu((0.7 + 0.3·(−inf), 1)) = (0, 1), v = 0.3·(0, 1) + 0.7·(1, 1) = (0.7, 1):
+    # ‖u‖² = 1, ‖v − u‖² = 0.49
+    gA, gB = torch.tensor([[-math.inf, 1.0]]), torch.tensor([[1.0, 1.0]])
+    got = fused.relu_interp_sq(gA, gB, gA.relu(), gB.relu(), 0.3)[0]
+    assert got.tolist() == pytest.approx([1.0, 0.49], rel=1e-6)
+
+
+def test_sign_agreement_of_zero_width_rows_is_nan(path):
+    # the mean over no units is undefined (torch's mean of an empty row), not a ZeroDivisionError
+    assert torch.isnan(fused.sign_agreement_rows(torch.zeros(2, 0), torch.zeros(2, 0))).all()
+
+
+def test_mismatched_shapes_are_not_read_out_of_bounds(path):
+    # shapes that do not broadcast raise (torch's error), shapes that do are broadcast; the kernels
+    # never see them (they would read past the end of the smaller tensor)
+    with pytest.raises(RuntimeError):
+        fused.pair_sq(torch.ones(2, 3), torch.ones(2, 2))
+    g = torch.Generator().manual_seed(3)
+    X, A, B = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(1, 5, generator=g)
+    ref = _reference(X, A, B.expand(3, 5), A, B.expand(3, 5), 0.4)["interp"]
+    torch.testing.assert_close(fused.interp_sq(X, A, B, 0.4), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 2, 2)])
+def test_rows_must_be_two_dimensional(path, shape):
+    with pytest.raises(ValueError, match="2-D"):
+        fused.pair_sq(torch.ones(shape), torch.ones(shape))
+
+
+def test_kernels_compile_without_a_writable_cache_directory():
+    # a read-only install with an unwritable home: numba finds nowhere to cache and refuses
+    # cache=True at import; the kernels must still be used (compiled in memory), not silently lost
+    code = (
+        "import numba.core.caching as c\n"
+        "(getattr(c, 'CacheImpl', None) or c._CacheImpl)._locator_classes = []\n"
+        "import torch\n"
+        "from llfc.metrics import fused\n"
+        "assert fused.available()\n"
+        "print(fused.pair_sq(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])).tolist())\n"
+    )
+    env = {**os.environ, "LLFC_FUSED": "1"}
+    env.pop("NUMBA_CACHE_LOCATOR_CLASSES", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[[25.0,", "1.0,", "18.0]]"]
+    assert "Warning" not in r.stderr
+
+
+def test_numba_disable_jit_takes_the_torch_path():
+    # NUMBA_DISABLE_JIT=1 (a debugging switch) turns the kernels into Python loops, about a
+    # thousand times slower than torch: the torch path must be used instead
+    code = "from llfc.metrics import fused\nprint(fused.available())\n"
+    env = {**os.environ, "LLFC_FUSED": "1", "NUMBA_DISABLE_JIT": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]
+
+
+_CACHE_FAULT = """
+import numba.core.caching as c
+import torch
+
+def fail(*args, **kwargs):
+    raise {error}
+
+c.Cache.{method} = fail
+from llfc.metrics import fused
+A, B = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 4.0]])  # squared norms exact in float32 too
+print(fused.pair_sq(A, B).tolist(), fused.pair_sq(A, B).tolist(), fused.available())
+"""
+
+
+@pytest.mark.parametrize(
+    "method, error, available",
+    [
+        # numba registers the compiled kernel before writing its cache: a failed write (disk
+        # full, quota) leaves a working kernel
+        ("save_overload", "OSError(28, 'No space left on device')", "True"),
+        # an unreadable cache file: this process uses the torch path
+        ("load_overload", "PermissionError(13, 'Permission denied')", "False"),
+    ],
+)
+def test_a_failing_numba_cache_is_not_fatal(tmp_path, method, error, available):
+    code = _CACHE_FAULT.format(method=method, error=error)
+    env = {**os.environ, "LLFC_FUSED": "1", "NUMBA_CACHE_DIR": str(tmp_path)}  # empty: compiles
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[[25.0,", "16.0,", "9.0]]"] * 2 + [available]

@@ -227,7 +227,7 @@ class PairMeter:
         """Fold in one batch: x (B, ...) inputs, y (B,) integer labels (or (B, T) token targets).
 
         Floating ``x`` is cast to the state dicts' floating dtype (:attr:`dtype`; e.g. float64
-        images for a float32 pair), integer ``y`` to int64.
+        images for a float32 pair), integer ``y`` to int64. An empty batch (B = 0) adds nothing.
 
         Raises:
             ConfigError: ``x`` or ``y`` is not a tensor, or ``y`` is not integer (class indices).
@@ -252,6 +252,8 @@ class PairMeter:
                 "integer class indices (B,) (or token ids (B, T)): pass y.long() if they are whole "
                 "numbers, or the class indices (y.argmax(1)) if they are one-hot / probabilities."
             )
+        if x.ndim > 0 and x.shape[0] == 0:  # no samples: nothing to add (and (0, ...) feature maps do not flatten)
+            return
         x, y = as_input(x, self.dtype), y.long()
         m = self.micro_batch(x)
         if m >= x.shape[0]:

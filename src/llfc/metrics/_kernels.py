@@ -1,11 +1,35 @@
 """numba kernels of :mod:`llfc.metrics.fused` (imported only there, lazily: importing this module
-compiles nothing, the first call of each kernel does; numba caches the machine code on disk)."""
+compiles nothing, the first call of each kernel does).
+
+numba caches the machine code on disk: in ``__pycache__`` next to this file when that folder is
+writable, else in ``$NUMBA_CACHE_DIR`` or the user cache folder (``~/.cache/numba``). Where none is
+writable (a read-only install and an unwritable home) numba refuses ``cache=True`` when the
+function is decorated; the kernels are then compiled in memory, once per process (about two
+seconds for all four), instead of being lost to the slower torch path.
+
+Every kernel takes C-contiguous (n, d) float32 or float64 arrays of one shape and dtype and a
+float64 output array, which :mod:`llfc.metrics.fused` checks; nothing is checked here (numba does
+no bounds checks).
+"""
+
+from typing import Any, Callable
 
 import numba
 import numpy as np
 
+#: False under ``NUMBA_DISABLE_JIT=1``, where the kernels below run as Python loops
+COMPILED = not getattr(numba.config, "DISABLE_JIT", False)
+
 # reassociation lets LLVM vectorise the sums; NaN and inf keep their IEEE meaning
-jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+_OPTIONS: dict[str, Any] = {"fastmath": {"reassoc", "contract"}, "nogil": True}
+
+
+def jit(fn: Callable) -> Any:
+    """``numba.njit`` with an on-disk cache where numba can write one, else without."""
+    try:
+        return numba.njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available": nowhere writable
+        return numba.njit(cache=False, **_OPTIONS)(fn)
 
 
 @jit
@@ -51,7 +75,8 @@ def relu_interp(GA, GB, RA, RB, al, out):  # pragma: no cover - compiled by numb
         for j in range(d):
             gb = np.float64(GB[i, j])
             u = gb + al * (np.float64(GA[i, j]) - gb)
-            u = u if u > 0.0 else 0.0 * u  # ReLU; keeps NaN
+            if u <= 0.0:  # ReLU as torch's: NaN stays NaN (the comparison is false), −inf gives 0
+                u = 0.0
             rb = np.float64(RB[i, j])
             r = rb + al * (np.float64(RA[i, j]) - rb) - u
             su += u * u
@@ -67,4 +92,4 @@ def sign(GA, GB, out):  # pragma: no cover - compiled by numba
         c = 0
         for j in range(d):
             c += 1 if GA[i, j] * GB[i, j] >= 0 else 0
-        out[i] = c / d
+        out[i] = c / d if d > 0 else np.nan  # no units: undefined, as torch's mean of nothing

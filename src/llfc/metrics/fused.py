@@ -13,14 +13,21 @@ compiled with numba, read each input once per call and keep the running sums in 
 registers: about three passes instead of eight, and sums exact to float64 rounding instead of the
 float32 accumulation of ``torch.linalg.vector_norm``.
 
-Each function takes (B, D) tensors (one row per sample) and returns a float64 (B, k) tensor. The
-numba path is taken for contiguous float32/float64 CPU tensors when numba imports and
-``LLFC_FUSED`` is not ``0``; otherwise (CUDA, other dtypes, strided views, no numba) the same
-quantities are computed with torch operations, in the tensors' dtype with float64 squares, as
-before these kernels existed. Both paths agree to float32 rounding
-(tests/test_fused.py). Kernels are compiled on first use (about two seconds for all four; cached
-on disk by numba, then a few milliseconds) and run on one thread: numba's parallel loops
-(``prange``) were measured slower here, because they stop LLVM from vectorising the inner sums
+Each function takes (B, D) tensors (one row per sample) and returns a float64 (B, k) tensor; a
+tensor that is not 2-D raises ValueError. The numba path is taken for contiguous float32/float64
+CPU tensors of one shape, dtype and device, without autograd, when numba imports and
+``LLFC_FUSED`` is not ``0``; otherwise (CUDA, other dtypes, strided views, shapes that broadcast,
+no numba, ``NUMBA_DISABLE_JIT=1``) the same quantities are computed with torch operations, in the
+tensors' dtype (float32 for half precision) with float64 squares, as before these kernels existed;
+shapes that neither match nor broadcast raise torch's RuntimeError. Both paths agree to float32
+rounding for finite values (tests/test_fused.py). With non-finite or huge values the kernels,
+which interpolate as b + α(a − b) and sum in float64, can be finite where the torch path gives inf
+or NaN: float32 sums of squares overflow above about 3.4e38, and ``torch.lerp`` computes a −
+(1−α)(a − b) for α ≥ 0.5, which is NaN when a is infinite. Each NaN input element makes its row
+NaN in both paths. Kernels are compiled on first use (about two seconds of CPU for all four at one
+dtype; cached on disk by numba, see :mod:`llfc.metrics._kernels`, then about half a second, most
+of it loading numba's compiler) and run on one thread: numba's parallel loops (``prange``) were
+measured slower here, because they stop LLVM from vectorising the inner sums
 (8 ms against 1.5 ms for a 256 × 16,384 float32 LLFC row at one thread).
 """
 
@@ -38,13 +45,17 @@ _FAILED = False
 
 
 def _compile() -> dict[str, Any] | None:
-    """Build the numba kernels once per process (None where numba is missing or fails)."""
+    """Build the numba kernels once per process (None where numba is missing or fails, or runs
+    its functions as Python: ``NUMBA_DISABLE_JIT=1`` would make them about 1,000 times slower)."""
     global _KERNELS, _FAILED
     if _KERNELS is not None or _FAILED:
         return _KERNELS
     try:
         from llfc.metrics import _kernels as k
     except Exception:  # no numba, or one that does not load with this numpy
+        _FAILED = True
+        return None
+    if not k.COMPILED:
         _FAILED = True
         return None
     _KERNELS = {"pair": k.pair, "interp": k.interp, "relu_interp": k.relu_interp, "sign": k.sign}
@@ -57,21 +68,42 @@ def available() -> bool:
 
 
 def _fusable(*ts: torch.Tensor) -> bool:
+    """Whether the kernels may read ``ts``; raises ValueError unless every tensor is (B, D)."""
+    for t in ts:
+        if t.ndim != 2:
+            raise ValueError(f"llfc.metrics.fused takes 2-D (samples, features) tensors, got shape {tuple(t.shape)}")
     t0 = ts[0]
     return (
         t0.device.type == "cpu"
         and t0.dtype in (torch.float32, torch.float64)
+        # one shape: the kernels do no bounds checks (other shapes: torch broadcasts or raises)
+        and all(t.shape == t0.shape for t in ts)
         and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in ts)
         and not any(t.requires_grad for t in ts)
         and available()
     )
 
 
-def _run(name: str, ts: tuple[torch.Tensor, ...], extra: tuple, out: torch.Tensor) -> torch.Tensor:
+def _run(name: str, ts: tuple[torch.Tensor, ...], extra: tuple, out: torch.Tensor) -> bool:
+    """Kernel ``name`` on ``ts`` into ``out``: True, or False where numba's on-disk cache fails
+    (the caller then takes the torch path).
+
+    numba registers a compiled kernel before it writes the cache, so an OSError from the write
+    (disk full, quota) leaves a working kernel and the call is repeated; an OSError again (an
+    unreadable cache file) turns the kernels off for this process.
+    """
+    global _KERNELS, _FAILED
     k = _compile()
     assert k is not None
-    k[name](*(t.numpy() for t in ts), *extra, out.numpy())
-    return out
+    args = (*(t.numpy() for t in ts), *extra, out.numpy())
+    for _ in range(2):
+        try:
+            k[name](*args)
+            return True
+        except OSError:  # from numba's cache: the kernels themselves do no I/O
+            pass
+    _KERNELS, _FAILED = None, True
+    return False
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
@@ -84,8 +116,9 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 def pair_sq(A: torch.Tensor, B: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample ‖A‖², ‖B‖², ‖A − B‖² of two (B, D) tensors: float64 (B, 3). ``work``: an
     optional buffer shaped like A for the torch path's difference."""
-    if _fusable(A, B):
-        return _run("pair", (A, B), (), torch.empty(A.shape[0], 3, dtype=torch.float64))
+    out = torch.empty(A.shape[0], 3, dtype=torch.float64)
+    if _fusable(A, B) and _run("pair", (A, B), (), out):
+        return out
     if A.dtype not in (torch.float32, torch.float64):  # half precision: subtract in float32
         A, B, work = A.float(), B.float(), None
     d = torch.sub(A, B, out=work) if work is not None else A - B
@@ -101,8 +134,9 @@ def interp_sq(
     f_α; the rest follows from :func:`pair_sq` (llfc.engine). ``work``: an optional buffer shaped
     like X for the torch path's difference (the engine reuses one instead of allocating).
     """
-    if _fusable(X, A, B):
-        return _run("interp", (X, A, B), (float(alpha),), torch.empty(X.shape[0], 2, dtype=torch.float64))
+    out = torch.empty(X.shape[0], 2, dtype=torch.float64)
+    if _fusable(X, A, B) and _run("interp", (X, A, B), (float(alpha),), out):
+        return out
     d = torch.lerp(B, A, alpha, out=work) if work is not None else torch.lerp(B, A, alpha)
     return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
 
@@ -123,8 +157,9 @@ def relu_interp_sq(
     given (any elementwise function, e.g. GELU; torch operations). ``work``: optional buffers shaped
     like g and r for the torch path.
     """
-    if activation is None and _fusable(gA, gB, rA, rB):
-        return _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), torch.empty(gA.shape[0], 2, dtype=torch.float64))
+    out = torch.empty(gA.shape[0], 2, dtype=torch.float64)
+    if _fusable(gA, gB, rA, rB) and activation is None and _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), out):
+        return out
     wu, wv = work if work is not None else (None, None)
     u = torch.lerp(gB, gA, alpha, out=wu) if wu is not None else torch.lerp(gB, gA, alpha)
     u = u.relu_() if activation is None else activation(u)
@@ -135,7 +170,8 @@ def relu_interp_sq(
 def sign_agreement_rows(gA: torch.Tensor, gB: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample fraction of units with g_A·g_B ≥ 0 (paper §4.1, Lemma 1's condition): float64
     (B,). ``work``: an optional buffer shaped like gA for the torch path's product."""
-    if _fusable(gA, gB):
-        return _run("sign", (gA, gB), (), torch.empty(gA.shape[0], dtype=torch.float64))
+    out = torch.empty(gA.shape[0], dtype=torch.float64)
+    if _fusable(gA, gB) and _run("sign", (gA, gB), (), out):
+        return out
     p = torch.mul(gA, gB, out=work) if work is not None else gA * gB
     return p.ge_(0).mean(1, dtype=torch.float64)
