@@ -297,4 +297,6 @@ def test_ctrl_c_stops_local_workers(tmp_path):
     assert len(procs) == 2 and all(p.is_alive() for p in procs)
     _stop_workers(ex)
     assert not any(p.is_alive() for p in procs)
-    assert pending.cancelled()
+    # the third job never runs: cancelled while still pending, or, when the executor had already
+    # moved it to the workers' call queue (it queues one job ahead), failed with the pool's breakage
+    assert pending.cancelled() or pending.exception(timeout=60) is not None
