@@ -279,6 +279,23 @@ def test_state_at_epoch_boundary_is_the_epoch_state(tmp_path):
     assert all(torch.equal(r.model.state_dict()[k], b[k]) for k in b)
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not). Not ``Process.is_alive()``: the
+    executor's manager thread may reap a worker first, and then Python 3.11's ``is_alive()`` keeps
+    answering True (its waitpid gets ECHILD, taken as "not started yet")."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_ctrl_c_stops_local_workers(tmp_path):
     """Ctrl-C reaches every process of the terminal's group: a worker interrupted while holding the
     task queue's lock left `llfc sweep --jobs 2` waiting forever. Workers ignore SIGINT; the main
@@ -296,7 +313,7 @@ def test_ctrl_c_stops_local_workers(tmp_path):
     procs = list(ex._processes.values())
     assert len(procs) == 2 and all(p.is_alive() for p in procs)
     _stop_workers(ex)
-    assert not any(p.is_alive() for p in procs)
+    assert not any(_running(p.pid) for p in procs)
     # the third job never runs: cancelled while still pending, or, when the executor had already
     # moved it to the workers' call queue (it queues one job ahead), failed with the pool's breakage
     assert pending.cancelled() or pending.exception(timeout=60) is not None

@@ -446,8 +446,8 @@ def _stop_workers(ex: ProcessPoolExecutor) -> None:
     for proc in procs:
         proc.join(10)
     for proc in procs:  # one that did not stop within 10 s of SIGTERM (e.g. stalled on I/O): SIGKILL
-        if proc.is_alive():
-            proc.kill()
+        if proc.is_alive():  # may also be True for a worker the executor's own thread reaped first
+            proc.kill()  # (then a no-op: multiprocessing ignores ProcessLookupError)
             proc.join(10)
 
 
