@@ -216,3 +216,24 @@ def test_a_failing_numba_cache_is_not_fatal(tmp_path, method, error, available):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[[25.0,", "16.0,", "9.0]]"] * 2 + [available]
+
+
+def test_missing_numba_warns_once_and_falls_back(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(fused, "_KERNELS", None)
+    monkeypatch.setattr(fused, "_FAILED", False)
+    import llfc.metrics
+
+    monkeypatch.delitem(sys.modules, "llfc.metrics._kernels", raising=False)
+    monkeypatch.delattr(llfc.metrics, "_kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
+    A, B = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    with pytest.warns(UserWarning, match="pip install numba"):
+        got = fused.pair_sq(A, B)
+    assert got.tolist()[0] == pytest.approx([4.0, 4.0, 8.0], rel=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        fused.pair_sq(A, B)

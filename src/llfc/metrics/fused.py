@@ -52,8 +52,16 @@ def _compile() -> dict[str, Any] | None:
         return _KERNELS
     try:
         from llfc.metrics import _kernels as k
-    except Exception:  # no numba, or one that does not load with this numpy
+    except Exception as e:  # no numba, or one that does not load with this numpy
         _FAILED = True
+        import warnings
+
+        warnings.warn(
+            f"llfc's fused metric kernels are off: numba could not be loaded ({type(e).__name__}: {e}). "
+            "Results are the same, the engine is slower (about 1.2–1.3× on conv nets, "
+            "docs/benchmarks.md); `pip install numba` (a dependency of llfc) turns them on.",
+            stacklevel=3,
+        )
         return None
     if not k.COMPILED:
         _FAILED = True
