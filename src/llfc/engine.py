@@ -326,6 +326,8 @@ class PairMeter:
         gA, gB = _flat(self._fa[p.input_node]), _flat(self._fb[p.input_node])
         rA, rB = _flat(self._fa[p.node]), _flat(self._fb[p.node])
         sqa, sqb, dab = stats if stats is not None else self._endpoint_stats(p.node)
+        act = None if p.is_relu else self._activation(p)
+        work = (self._scratch(gA, 0), self._scratch(rA, 1))  # the torch path's buffers
         rows = []
         for a in self.alphas:
             if a == 1.0:  # u = σ(g_A) = v exactly
@@ -333,8 +335,6 @@ class PairMeter:
             elif a == 0.0:
                 rows.append(torch.stack([sqb, torch.zeros_like(sqb)], 1))
             else:
-                act = None if p.is_relu else self._activation(p)
-                work = (self._scratch(gA, 0), self._scratch(rA, 1))
                 rows.append(relu_interp_sq(gA, gB, rA, rB, a, activation=act, work=work))
         R = torch.stack(rows, 1)  # (B, K, 2): ‖u‖², ‖u − v‖²
         sq_v = _sq_int(self._alpha_t.to(R.device), sqa, sqb, dab)

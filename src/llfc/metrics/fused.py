@@ -27,7 +27,7 @@ or NaN: float32 sums of squares overflow above about 3.4e38, and ``torch.lerp`` 
 NaN in both paths. Kernels are compiled on first use (about two seconds of CPU for all four at one
 dtype; cached on disk by numba, see :mod:`llfc.metrics._kernels`, then about half a second, most
 of it loading numba's compiler) and run on one thread: numba's parallel loops (``prange``) were
-measured slower here, because they stop LLVM from vectorising the inner sums
+measured slower in a prototype, because they stop LLVM from vectorising the inner sums
 (8 ms against 1.5 ms for a 256 × 16,384 float32 LLFC row at one thread).
 """
 
@@ -92,26 +92,31 @@ def _fusable(*ts: torch.Tensor) -> bool:
     )
 
 
-def _run(name: str, ts: tuple[torch.Tensor, ...], extra: tuple, out: torch.Tensor) -> bool:
-    """Kernel ``name`` on ``ts`` into ``out``: True, or False where numba's on-disk cache fails
-    (the caller then takes the torch path).
+def _fused(name: str, ts: tuple[torch.Tensor, ...], extra: tuple = (), cols: int | None = None) -> torch.Tensor | None:
+    """Kernel ``name`` on ``ts`` (float64 (B, cols) result, (B,) when ``cols`` is None), or None
+    where the kernels may not read ``ts`` (:func:`_fusable`) or numba's on-disk cache fails; the
+    caller then takes the torch path.
 
     numba registers a compiled kernel before it writes the cache, so an OSError from the write
     (disk full, quota) leaves a working kernel and the call is repeated; an OSError again (an
     unreadable cache file) turns the kernels off for this process.
     """
     global _KERNELS, _FAILED
+    if not _fusable(*ts):
+        return None
     k = _compile()
-    assert k is not None
+    assert k is not None  # _fusable checked available()
+    n = ts[0].shape[0]
+    out = torch.empty((n, cols) if cols is not None else (n,), dtype=torch.float64)
     args = (*(t.numpy() for t in ts), *extra, out.numpy())
     for _ in range(2):
         try:
             k[name](*args)
-            return True
+            return out
         except OSError:  # from numba's cache: the kernels themselves do no I/O
             pass
     _KERNELS, _FAILED = None, True
-    return False
+    return None
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
@@ -122,14 +127,19 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 
 
 def pair_sq(A: torch.Tensor, B: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample ‖A‖², ‖B‖², ‖A − B‖² of two (B, D) tensors: float64 (B, 3). ``work``: an
-    optional buffer shaped like A for the torch path's difference."""
-    out = torch.empty(A.shape[0], 3, dtype=torch.float64)
-    if _fusable(A, B) and _run("pair", (A, B), (), out):
+    """Per-sample ‖A‖², ‖B‖², ‖A − B‖² of two (B, D) tensors: float64 (B, 3).
+
+    With A, B = f_A, f_B these give the baseline d_AB and ‖f_int‖² of LLFC (paper Def. 2, expanded
+    as in :mod:`llfc.engine`); with two layer inputs or weights, Dist_H and Dist_W of
+    commutativity (Def. 4). ``work``: an optional buffer shaped like A for the torch path's
+    difference. Raises ValueError unless both tensors are 2-D.
+    """
+    out = _fused("pair", (A, B), cols=3)
+    if out is not None:
         return out
     if A.dtype not in (torch.float32, torch.float64):  # half precision: subtract in float32
         A, B, work = A.float(), B.float(), None
-    d = torch.sub(A, B, out=work) if work is not None else A - B
+    d = torch.sub(A, B, out=work)
     return torch.stack([_sq(A), _sq(B), _sq(d)], 1)
 
 
@@ -140,12 +150,13 @@ def interp_sq(
 
     With X = f_α and A, B = f_A, f_B these are the two norms of LLFC (paper Def. 2) that depend on
     f_α; the rest follows from :func:`pair_sq` (llfc.engine). ``work``: an optional buffer shaped
-    like X for the torch path's difference (the engine reuses one instead of allocating).
+    like X for the torch path's difference (the engine reuses one instead of allocating). Raises
+    ValueError unless the tensors are 2-D.
     """
-    out = torch.empty(X.shape[0], 2, dtype=torch.float64)
-    if _fusable(X, A, B) and _run("interp", (X, A, B), (float(alpha),), out):
+    out = _fused("interp", (X, A, B), (float(alpha),), cols=2)
+    if out is not None:
         return out
-    d = torch.lerp(B, A, alpha, out=work) if work is not None else torch.lerp(B, A, alpha)
+    d = torch.lerp(B, A, alpha, out=work)
     return torch.stack([_sq(X), _sq(d.sub_(X))], 1)
 
 
@@ -163,23 +174,24 @@ def relu_interp_sq(
     u = σ(α g_A + (1−α) g_B), v = α r_A + (1−α) r_B with g the pre-activations and r = σ(g) the
     activations of the two networks, all (B, D). σ is ReLU (fused) unless ``activation`` is
     given (any elementwise function, e.g. GELU; torch operations). ``work``: optional buffers shaped
-    like g and r for the torch path.
+    like g and r for the torch path. Raises ValueError unless the tensors are 2-D.
     """
-    out = torch.empty(gA.shape[0], 2, dtype=torch.float64)
-    if _fusable(gA, gB, rA, rB) and activation is None and _run("relu_interp", (gA, gB, rA, rB), (float(alpha),), out):
+    out = _fused("relu_interp", (gA, gB, rA, rB), (float(alpha),), cols=2) if activation is None else None
+    if out is not None:
         return out
     wu, wv = work if work is not None else (None, None)
-    u = torch.lerp(gB, gA, alpha, out=wu) if wu is not None else torch.lerp(gB, gA, alpha)
+    u = torch.lerp(gB, gA, alpha, out=wu)
     u = u.relu_() if activation is None else activation(u)
-    v = torch.lerp(rB, rA, alpha, out=wv) if wv is not None else torch.lerp(rB, rA, alpha)
+    v = torch.lerp(rB, rA, alpha, out=wv)
     return torch.stack([_sq(u), _sq(v.sub_(u))], 1)
 
 
 def sign_agreement_rows(gA: torch.Tensor, gB: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample fraction of units with g_A·g_B ≥ 0 (paper §4.1, Lemma 1's condition): float64
-    (B,). ``work``: an optional buffer shaped like gA for the torch path's product."""
-    out = torch.empty(gA.shape[0], dtype=torch.float64)
-    if _fusable(gA, gB) and _run("sign", (gA, gB), (), out):
+    (B,). ``work``: an optional buffer shaped like gA for the torch path's product. Raises
+    ValueError unless both tensors are 2-D."""
+    out = _fused("sign", (gA, gB))
+    if out is not None:
         return out
-    p = torch.mul(gA, gB, out=work) if work is not None else gA * gB
+    p = torch.mul(gA, gB, out=work)
     return p.ge_(0).mean(1, dtype=torch.float64)
