@@ -163,18 +163,17 @@ def main(argv=None) -> None:
     if e:
         lines += engine_section(e) + [""]
     lines += engine_parts_section(_load(res / "engine-parts.json"))
-    unfused = _load(res / "engine-no-fused.json")
-    if unfused:
-        lines += engine_section(unfused, "### The same without the fused kernels "
-                                "(`LLFC_FUSED=0 python benchmarks/engine.py --models mlp,resnet20 --n 2048 "
-                                "--json benchmarks/results/engine-no-fused.json`)",
-                                intro=False) + [""]
-    off = _load(res / "engine-no-malloc-tuning.json")
-    if off:
-        lines += engine_section(off, "### The same without llfc's malloc tuning "
-                                "(`LLFC_MALLOC_TUNING=0 python benchmarks/engine.py --models resnet20 "
-                                "--conditions 0 --json benchmarks/results/engine-no-malloc-tuning.json`)",
-                                intro=False) + [""]
+    variants = [  # (JSON, title): the same benchmark with one of the engine's means switched off
+        ("engine-no-fused.json", "### The same without the fused kernels (`LLFC_FUSED=0 python "
+         "benchmarks/engine.py --models mlp,resnet20 --n 2048 --json benchmarks/results/engine-no-fused.json`)"),
+        ("engine-no-malloc-tuning.json", "### The same without llfc's malloc tuning (`LLFC_MALLOC_TUNING=0 "
+         "python benchmarks/engine.py --models resnet20 --conditions 0 --json "
+         "benchmarks/results/engine-no-malloc-tuning.json`)"),
+    ]
+    for name, title in variants:
+        v = _load(res / name)
+        if v:
+            lines += engine_section(v, title, intro=False) + [""]
     lines += matching_section(_load(res / "matching.json"), _load(res / "matching-vgg16_bn_paper.json"))
     lines += training_section(_load(res / "training.json"))
     notes = Path(args.notes)
