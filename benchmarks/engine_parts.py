@@ -8,8 +8,10 @@
    batches of 256 (best of ``--reps``); the slope is the cost per batch, the intercept the cost per
    pass (tracing, building the θ_α, first-touch page faults). The floor's cost per batch ((K + 2)
    plain forward passes) is measured beside it.
+3. Compilation: the first call of the four kernels in a fresh process, with an empty and with a
+   filled numba cache.
 
-Prints two tables and writes JSON (default benchmarks/results/engine-parts.json), which
+Prints a table and two lines, and writes JSON (default benchmarks/results/engine-parts.json), which
 ``python benchmarks/report.py`` adds to docs/benchmarks.md.
 
     python benchmarks/engine_parts.py [--threads 1] [--reps 5] [--json PATH]
@@ -85,6 +87,36 @@ def kernels(reps: int) -> list[dict]:
     return rows
 
 
+_FIRST_CALLS = """
+import time, torch
+c = time.process_time()
+from llfc.metrics import fused
+x = torch.ones(4, 8)
+fused.pair_sq(x, x); fused.interp_sq(x, x, x, 0.5); fused.relu_interp_sq(x, x, x, x, 0.5)
+fused.sign_agreement_rows(x, x)
+print(time.process_time() - c, fused.available())
+"""
+
+
+def compile_cost() -> dict:
+    """CPU seconds of the first float32 call of all four kernels in a fresh process (numba and its
+    compiler loaded, kernels compiled), with an empty numba cache (``NUMBA_CACHE_DIR``, a new
+    folder) and again with that cache filled."""
+    import subprocess
+    import tempfile
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env["NUMBA_CACHE_DIR"] = cache
+        for label in ("empty_cache_s", "filled_cache_s"):
+            r = subprocess.run([sys.executable, "-c", _FIRST_CALLS], env=env, check=True,
+                               capture_output=True, text=True).stdout.split()
+            assert r[1] == "True", "the fused kernels were not available"
+            out[label] = float(r[0])
+    return out
+
+
 def fixed_cost(reps: int) -> dict:
     import engine as E
 
@@ -148,10 +180,13 @@ def main() -> None:
     print(f"\nmeasure_pair on the MLP, K = {f['K']}, batches of 256: 1 batch {f['one_batch_s']:.3f} s, "
           f"8 batches {f['eight_batches_s']:.3f} s -> {f['per_batch_s']:.4f} s per batch "
           f"(floor {f['floor_per_batch_s']:.4f} s) + {f['per_pass_s']:.4f} s per pass")
+    comp = compile_cost()
+    print(f"first call of the four kernels in a fresh process: {comp['empty_cache_s']:.2f} CPU s with an "
+          f"empty numba cache, {comp['filled_cache_s']:.2f} s with it filled")
     from engine import machine
 
     out = {"benchmark": "engine-parts", "machine": machine(), "threads": args.threads, "kernels": k,
-           "fixed_cost": f, "load_before": load0, "load_after": os.getloadavg()[0]}
+           "fixed_cost": f, "compile": comp, "load_before": load0, "load_after": os.getloadavg()[0]}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

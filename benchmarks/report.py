@@ -95,6 +95,12 @@ def engine_parts_section(ep: dict | None) -> list[str]:
             f"{f['eight_batches_s']:.3f} s: **{f['per_batch_s'] * 1e3:.1f} ms per batch** (the floor's "
             f"(K + 2) forward passes: {f['floor_per_batch_s'] * 1e3:.1f} ms) **plus "
             f"{f['per_pass_s'] * 1e3:.1f} ms per pass**.", ""]
+    c = ep.get("compile")
+    if c:
+        out += [f"Compilation: the first call of the four kernels in a fresh process took "
+                f"**{c['empty_cache_s']:.2f} CPU s** with an empty numba cache and "
+                f"**{c['filled_cache_s']:.2f} s** with it filled (both include loading numba and its "
+                "compiler).", ""]
     return out
 
 

@@ -24,11 +24,12 @@ rounding for finite values (tests/test_fused.py). With non-finite or huge values
 which interpolate as b + α(a − b) and sum in float64, can be finite where the torch path gives inf
 or NaN: float32 sums of squares overflow above about 3.4e38, and ``torch.lerp`` computes a −
 (1−α)(a − b) for α ≥ 0.5, which is NaN when a is infinite. Each NaN input element makes its row
-NaN in both paths. Kernels are compiled on first use (about two seconds of CPU for all four at one
-dtype; cached on disk by numba, see :mod:`llfc.metrics._kernels`, then about half a second, most
-of it loading numba's compiler) and run on one thread: numba's parallel loops (``prange``) were
-measured slower in a prototype, because they stop LLVM from vectorising the inner sums
-(8 ms against 1.5 ms for a 256 × 16,384 float32 LLFC row at one thread).
+NaN in both paths. Kernels are compiled on first use (about a CPU second for all four at one
+dtype, numba and its compiler loaded; cached on disk by numba, see :mod:`llfc.metrics._kernels`,
+after which a new process's first call takes about half a second, benchmarks/engine_parts.py) and
+run on one thread: numba's parallel loops (``prange``) were measured slower in a prototype, because
+they stop LLVM from vectorising the inner sums (8 ms against 1.5 ms for a 256 × 16,384 float32
+LLFC row at one thread).
 """
 
 from __future__ import annotations
