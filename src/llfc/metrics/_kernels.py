@@ -1,11 +1,12 @@
 """numba kernels of :mod:`llfc.metrics.fused` (imported only there, lazily: importing this module
 compiles nothing, the first call of each kernel does).
 
-numba caches the machine code on disk: in ``__pycache__`` next to this file when that folder is
-writable, else in ``$NUMBA_CACHE_DIR`` or the user cache folder (``~/.cache/numba``). Where none is
-writable (a read-only install and an unwritable home) numba refuses ``cache=True`` when the
-function is decorated; the kernels are then compiled in memory, once per process (about two
-seconds for all four), instead of being lost to the slower torch path.
+numba caches the machine code on disk: in ``$NUMBA_CACHE_DIR`` when it is set, else in
+``__pycache__`` next to this file when that folder is writable, else in the user cache folder
+(``~/.cache/numba``). Where none is writable (a read-only install and an unwritable home) numba
+refuses ``cache=True`` when the function is decorated; the kernels are then compiled in memory,
+once per process (about a CPU second for all four, benchmarks/engine_parts.py), instead of being
+lost to the slower torch path.
 
 Every kernel takes C-contiguous (n, d) float32 or float64 arrays of one shape and dtype and a
 float64 output array, which :mod:`llfc.metrics.fused` checks; nothing is checked here (numba does
